@@ -1,0 +1,5 @@
+import sys
+
+from qbert.cli import main
+
+sys.exit(main())

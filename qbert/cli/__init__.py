@@ -1,0 +1,52 @@
+"""`qbert` command line: one module per command group, each with a ``register(subparsers)``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from qbert.config import ConfigError
+from qbert.data.errors import DataError
+
+# Each module defines register(subparsers) adding its command(s) with set_defaults(func=...).
+COMMAND_MODULES = (
+    "qbert.cli.data_cmd",  # qbert data prepare|stats
+    "qbert.cli.baseline_cmd",  # qbert baseline, qbert evaluate
+    "qbert.cli.pipeline_cmd",  # qbert pipeline / fuse / quantize / pretrain / finetune
+    "qbert.cli.features_cmd",  # qbert features extract
+    "qbert.cli.sweep_cmd",  # qbert sweep
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qbert", description="Q-BERT4Rec: semantic-ID multimodal sequential recommendation.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:  # a command group not built yet in this checkout
+            if e.name == name:
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        rc = args.func(args)
+    except (DataError, ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""HR@k and NDCG@k from full-ranking scores (one relevant item per user, as in the paper).
+
+Ties are broken pessimistically: the target's rank counts every other item whose score is
+greater *or equal*. A model that outputs constant scores therefore scores zero instead of
+being credited by item order, and the result never depends on the sort algorithm.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+KS_HR = (1, 5, 10)
+KS_NDCG = (5, 10)
+METRIC_NAMES = tuple([f"HR@{k}" for k in KS_HR] + [f"NDCG@{k}" for k in KS_NDCG])
+
+
+def target_ranks(scores: torch.Tensor, targets: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """0-based rank of each target among all items. scores [B, N], targets [B] -> [B] int64.
+
+    ``exclude`` (bool [B, N]) removes items from the ranking (e.g. history items); the target
+    itself is never excluded.
+    """
+    scores = scores.float()
+    if exclude is not None:
+        exclude = exclude.clone()
+        exclude[torch.arange(len(targets), device=scores.device), targets] = False
+        scores = scores.masked_fill(exclude, float("-inf"))
+    target_score = scores.gather(1, targets.view(-1, 1))
+    # >= counts the target itself once, hence the -1
+    return (scores >= target_score).sum(dim=1) - 1
+
+
+def metrics_from_ranks(ranks: np.ndarray | torch.Tensor) -> dict[str, float]:
+    r = torch.as_tensor(ranks).double()
+    out: dict[str, float] = {}
+    for k in KS_HR:
+        out[f"HR@{k}"] = float((r < k).double().mean())
+    gains = 1.0 / torch.log2(r + 2.0)
+    for k in KS_NDCG:
+        out[f"NDCG@{k}"] = float(torch.where(r < k, gains, torch.zeros_like(gains)).mean())
+    return out
+
+
+def ndcg_at(rank: int, k: int) -> float:
+    """Scalar reference used by tests and docs: 1/log2(rank+2) if rank < k else 0."""
+    return 1.0 / math.log2(rank + 2) if rank < k else 0.0

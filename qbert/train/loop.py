@@ -1,0 +1,208 @@
+"""One training loop for every stage.
+
+A stage supplies a model, an optimizer, a function that yields the batches of an epoch, a
+step function (batch -> loss and logged scalars) and optionally an evaluation function.
+The loop owns the rest: epochs, gradient clipping, early stopping on a monitored metric,
+restoring the best weights, checkpoints that allow resuming, progress bars, and callbacks.
+Platform adapters (Ray Train reporting, MLflow logging) are callbacks: the loop itself
+imports neither Ray nor MLflow.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from qbert.config import Config
+from qbert.utils.io import atomic_path
+
+
+class LoopConfig(Config):
+    """How long to train and when to stop."""
+
+    epochs: int = 50
+    patience: int = 10  # epochs without improvement of `monitor` before stopping; 0 disables
+    monitor: str = "NDCG@10"  # a key of the evaluation dict, or "loss" (training loss)
+    mode: str = "max"  # "max" or "min"
+    eval_every: int = 1
+    grad_clip: float | None = 1.0
+    progress: bool = True
+
+
+StepFn = Callable[[nn.Module, Any], "torch.Tensor | tuple[torch.Tensor, dict[str, float]]"]
+
+
+@dataclass
+class LoopState:
+    epoch: int = 0
+    step: int = 0
+    best_value: float | None = None
+    best_epoch: int = -1
+    best_metrics: dict[str, float] = field(default_factory=dict)
+    bad_epochs: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    stopped_early: bool = False
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    best_metrics: dict[str, float]
+    history: list[dict[str, float]]
+    stopped_early: bool
+    train_seconds: float
+    samples_per_second: float
+
+
+class Callback:
+    """Hooks for adapters; every method is optional."""
+
+    def on_fit_start(self, model: nn.Module, state: LoopState) -> None: ...
+
+    def on_epoch_end(self, model: nn.Module, state: LoopState, metrics: dict[str, float],
+                     checkpoint: Path | None) -> None: ...
+
+    def on_fit_end(self, model: nn.Module, state: LoopState, result: FitResult) -> None: ...
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module under a DDP / compile wrapper."""
+    while hasattr(model, "module") and isinstance(getattr(model, "module"), nn.Module):
+        model = model.module
+    return model
+
+
+def _is_better(value: float, best: float | None, mode: str) -> bool:
+    if best is None or math.isnan(best):
+        return True
+    return value > best if mode == "max" else value < best
+
+
+def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: LoopState,
+                    best_state: dict[str, torch.Tensor] | None, scheduler: Any = None) -> None:
+    payload = {
+        "model": unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "loop": state.__dict__,
+        "best_model": best_state,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def fit(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Callable[[int], Iterable[Any]],
+        step: StepFn, cfg: LoopConfig, evaluate: Callable[[nn.Module, int], dict[str, float]] | None = None,
+        scheduler: Any = None, callbacks: Iterable[Callback] = (), checkpoint_dir: str | Path | None = None,
+        resume: bool = True, desc: str = "train", batch_size_of: Callable[[Any], int] | None = None) -> FitResult:
+    """Train ``model``; return the best epoch's metrics with the best weights loaded into ``model``.
+
+    ``batches(epoch)`` yields the batches of one epoch (so samplers can reshuffle per epoch and
+    distributed adapters can shard). ``step(model, batch)`` returns the loss, or the loss and a
+    dict of extra scalars to log. With ``checkpoint_dir`` the loop writes ``last.pt`` after each
+    epoch and, when ``resume`` is set and one exists, continues from it.
+    """
+    callbacks = list(callbacks)
+    state = LoopState()
+    best_state: dict[str, torch.Tensor] | None = None
+    ckpt_path = Path(checkpoint_dir) / "last.pt" if checkpoint_dir else None
+    if ckpt_path is not None and resume and ckpt_path.is_file():
+        payload = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        unwrap(model).load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
+        if scheduler is not None and payload.get("scheduler") is not None:
+            scheduler.load_state_dict(payload["scheduler"])
+        state = LoopState(**payload["loop"])
+        best_state = payload.get("best_model")
+    for cb in callbacks:
+        cb.on_fit_start(model, state)
+
+    size_of = batch_size_of or _default_batch_size
+    samples = 0
+    train_seconds = 0.0
+    while state.epoch < cfg.epochs and not state.stopped_early:
+        epoch = state.epoch
+        model.train()
+        t0 = time.perf_counter()
+        tot_loss, n_steps, extras = 0.0, 0, {}
+        bar = tqdm(batches(epoch), desc=f"{desc} epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False)
+        for batch in bar:
+            out = step(model, batch)
+            loss, logs = out if isinstance(out, tuple) else (out, {})
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{desc}: non-finite loss {loss.item()} at epoch {epoch + 1}, step {state.step}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            state.step += 1
+            n_steps += 1
+            samples += size_of(batch)
+            tot_loss += float(loss.detach())
+            for k, v in logs.items():
+                extras[k] = extras.get(k, 0.0) + float(v)
+            if n_steps % 20 == 0:
+                bar.set_postfix(loss=f"{tot_loss / n_steps:.4f}")
+        epoch_time = time.perf_counter() - t0
+        train_seconds += epoch_time
+        metrics: dict[str, float] = {"loss": tot_loss / max(n_steps, 1), "epoch_time_s": epoch_time}
+        metrics.update({k: v / max(n_steps, 1) for k, v in extras.items()})
+        if evaluate is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+            model.eval()
+            metrics.update(evaluate(model, epoch))
+        metrics["epoch"] = epoch + 1
+        state.history.append(metrics)
+        value = metrics.get(cfg.monitor)
+        if value is not None:
+            if _is_better(value, state.best_value, cfg.mode):
+                state.best_value, state.best_epoch, state.bad_epochs = float(value), epoch + 1, 0
+                state.best_metrics = dict(metrics)
+                best_state = copy.deepcopy({k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()})
+            else:
+                state.bad_epochs += 1
+                if cfg.patience and state.bad_epochs >= cfg.patience:
+                    state.stopped_early = True
+        state.epoch += 1
+        if ckpt_path is not None:
+            save_checkpoint(ckpt_path, model, optimizer, state, best_state, scheduler)
+        for cb in callbacks:
+            cb.on_epoch_end(model, state, metrics, ckpt_path)
+
+    if best_state is not None:
+        unwrap(model).load_state_dict(best_state)
+    elif state.history:
+        state.best_metrics, state.best_epoch = dict(state.history[-1]), len(state.history)
+    result = FitResult(
+        best_epoch=state.best_epoch,
+        best_metrics=state.best_metrics,
+        history=state.history,
+        stopped_early=state.stopped_early,
+        train_seconds=train_seconds,
+        samples_per_second=samples / train_seconds if train_seconds > 0 else 0.0,
+    )
+    for cb in callbacks:
+        cb.on_fit_end(model, state, result)
+    return result
+
+
+def _default_batch_size(batch: Any) -> int:
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0])
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return int(batch[0].shape[0])
+    if isinstance(batch, dict):
+        for v in batch.values():
+            if isinstance(v, torch.Tensor):
+                return int(v.shape[0])
+    return 1
