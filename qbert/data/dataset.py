@@ -110,9 +110,10 @@ class SeqDataset:
         h = hashlib.sha256()
         h.update(self.seq_offsets.tobytes())
         h.update(self.seq_items.tobytes())
+        items = _canonical_table(self.items)
         sink = pa.BufferOutputStream()
-        with pa.ipc.new_stream(sink, self.items.schema) as w:
-            w.write_table(self.items)
+        with pa.ipc.new_stream(sink, items.schema) as w:
+            w.write_table(items)
         h.update(sink.getvalue().to_pybytes())
         return h.hexdigest()[:16]
 
@@ -186,6 +187,20 @@ class SeqDataset:
         meta.setdefault("source", str(directory))
         return cls(meta.get("name", directory.name), items, offsets, flat,
                    seqs.column("orig_user_id").to_numpy(zero_copy_only=False), meta)
+
+
+def _canonical_table(table: pa.Table) -> pa.Table:
+    """One chunk, no schema metadata, default list child names: the same data hashes the same
+    whether built in memory or read back from parquet (which renames list children 'element')."""
+    fields = []
+    for f in table.schema:
+        t = f.type
+        if pa.types.is_fixed_size_list(t):
+            t = pa.list_(t.value_type, t.list_size)
+        elif pa.types.is_list(t):
+            t = pa.list_(t.value_type)
+        fields.append(pa.field(f.name, t))
+    return table.cast(pa.schema(fields)).combine_chunks().replace_schema_metadata(None)
 
 
 def is_canonical_dir(path: str | Path) -> bool:
