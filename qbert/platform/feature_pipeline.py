@@ -1,0 +1,157 @@
+"""Stage 0 on Ray Data: items table -> encoder actor pool -> one committed parquet file per batch.
+
+The planning, encoding and commit logic is :mod:`qbert.features.extract` (pure PyTorch /
+pyarrow); this module only spreads the pending batches over
+``map_batches(..., compute=ActorPoolStrategy(size=n))`` so that each actor loads the model once
+and keeps it for every batch it gets. Actors commit their own part files (atomic per file), so
+an interrupted run loses at most the batches in flight and a re-run skips everything already
+written. The driver consumes one summary row per committed batch to drive a progress bar and
+to report throughput and per-item failure counts.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import pyarrow as pa
+
+from qbert.data.errors import DataError
+from qbert.features.config import FeatureConfig
+from qbert.features.extract import BatchCommitter, FeatureError, batches, merge_into, plan, run_report
+
+log = logging.getLogger("qbert.platform.features")
+
+
+class _EncodeActor:
+    """Stateful ``map_batches`` callable: the encoder is built once per actor."""
+
+    def __init__(self, cfg: dict[str, Any], modality: str, endpoint: str | None):
+        self.committer = BatchCommitter(FeatureConfig.from_dict(cfg), modality, "auto", endpoint)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        s = self.committer.commit(batch)
+        return pa.table({
+            "file": [s["file"]], "items": pa.array([s["items"]], pa.int64()),
+            "missing": pa.array([s["missing"]], pa.int64()),
+            "missing_items": pa.array([s["missing_items"]], pa.list_(pa.int64())),
+            "missing_reasons": pa.array([s["missing_reasons"]], pa.list_(pa.string())),
+            "seconds": pa.array([s["seconds"]], pa.float64()), "worker": [s["worker"]],
+        })
+
+
+def _gpus_per_actor(cfg: FeatureConfig) -> float:
+    import ray
+
+    if cfg.pipeline.num_gpus_per_actor is not None:
+        return cfg.pipeline.num_gpus_per_actor
+    return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0  # CPU fallback
+
+
+def _feature_error(exc: BaseException) -> FeatureError | None:
+    """The FeatureError raised inside an actor, found through Ray's exception wrappers."""
+    seen = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, FeatureError):
+            return e
+        e = e.__cause__ or e.__context__
+    text = str(exc)
+    marker = "FeatureError: "
+    if marker in text:
+        return FeatureError(text.split(marker, 1)[1].strip().splitlines()[0])
+    return None
+
+
+def extract_modality(cfg: FeatureConfig, modality: str) -> dict[str, Any]:
+    """Encode every pending item of ``modality`` on the current Ray cluster; returns the run report."""
+    import ray
+    import ray.data
+
+    p = plan(cfg, modality)
+    if p.pending.num_rows == 0:
+        log.info("%s: all %d items already extracted in %s", modality, p.total, p.dir)
+        return run_report(p, [], 0.0, cfg.pipeline.actors)
+    blocks = batches(p.pending, cfg.pipeline.batch_size)
+    actors = min(cfg.pipeline.actors, len(blocks))
+    gpus = _gpus_per_actor(cfg)
+    ctx = ray.data.DataContext.get_current()
+    saved_wait = ctx.wait_for_min_actors_s
+    ctx.wait_for_min_actors_s = int(cfg.pipeline.wait_for_actors_s) if cfg.pipeline.wait_for_actors_s > 0 else -1
+    ds = ray.data.from_arrow(blocks).map_batches(
+        _EncodeActor,
+        fn_constructor_kwargs={"cfg": cfg.to_dict(), "modality": modality, "endpoint": p.endpoint},
+        batch_size=cfg.pipeline.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=cfg.pipeline.max_tasks_in_flight_per_actor),
+        num_gpus=gpus,
+        num_cpus=cfg.pipeline.num_cpus_per_actor,
+    )
+    bar = _progress(cfg, p, modality)
+    summaries: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    try:
+        for row in ds.iter_rows():
+            summaries.append(dict(row))
+            if bar is not None:
+                bar.update(int(row["items"]))
+                bar.set_postfix(items_s=f"{sum(s['items'] for s in summaries) / (time.perf_counter() - t0):.1f}",
+                                missing=sum(s["missing"] for s in summaries))
+    except ray.exceptions.GetTimeoutError as e:
+        raise RuntimeError(f"{modality}: {actors} encoder actor(s) with {cfg.pipeline.num_cpus_per_actor} CPU and "
+                           f"{gpus} GPU each did not start within {cfg.pipeline.wait_for_actors_s}s; the cluster has "
+                           f"{ray.cluster_resources()} (lower pipeline.actors or num_gpus_per_actor)") from e
+    except Exception as e:  # Ray wraps the actor's exception; surface the item-level cause
+        fe = _feature_error(e)
+        written = sum(s["items"] for s in summaries)
+        if fe is not None:
+            raise FeatureError(f"{fe} [{written} items of this run were committed to {p.dir}; "
+                               "a re-run resumes after fixing the input]") from e
+        raise
+    finally:
+        ctx.wait_for_min_actors_s = saved_wait
+        if bar is not None:
+            bar.close()
+    report = run_report(p, summaries, time.perf_counter() - t0, actors)
+    report["num_gpus_per_actor"] = gpus
+    if report["missing"]:
+        log.warning("%s: %d item(s) had unusable input and got zero vectors + missing_%s (first: %s)",
+                    modality, report["missing"], modality, report["missing_reasons"][:1])
+    log.info("%s: encoded %d items in %.1fs (%.1f items/s, %d actor(s)); %d skipped as done",
+             modality, report["encoded"], report["seconds"], report["items_per_s"], actors, report["skipped_done"])
+    return report
+
+
+def _progress(cfg: FeatureConfig, p: Any, modality: str) -> Any:
+    if not cfg.pipeline.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=p.total, initial=p.done, desc=f"features[{modality}]", unit="item")
+
+
+def extract_features(cfg: FeatureConfig, init_ray: bool = True) -> dict[str, Any]:
+    """Run every configured modality (then optionally merge); connects to Ray when needed.
+
+    ``ray.init()`` with no address joins the cluster of a ``ray job submit`` job (RAY_ADDRESS)
+    or starts a local one.
+    """
+    import ray
+
+    started = init_ray and not ray.is_initialized()
+    if started:
+        ray.init()
+    try:
+        reports = {m: extract_modality(cfg, m) for m in cfg.modalities}
+    finally:
+        if started:  # a Ray this call started (not a job's cluster connection made by the caller)
+            ray.shutdown()
+    result: dict[str, Any] = {"modalities": reports}
+    if cfg.merge_into:
+        incomplete = [m for m, r in reports.items() if r["remaining"]]
+        if incomplete:
+            raise DataError(f"cannot merge: modalities {incomplete} are incomplete (pipeline.limit is set?)")
+        result["merged"] = str(merge_into(cfg.data, cfg.out, list(cfg.modalities), cfg.merge_into, cfg.s3_endpoint_url))
+    return result
