@@ -1,0 +1,179 @@
+"""Stage 2 runner: train the RQ-VAE with the shared loop, assign codes, reallocate
+collisions (Sec. 3.4) and report utilisation, perplexity, reconstruction and collisions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+from qbert.data.errors import DataError
+from qbert.quantize.config import QuantizeConfig, check_capacity
+from qbert.quantize.reallocate import ReallocationInfo, collision_rate, reallocate_collisions
+from qbert.quantize.rqvae import RQVAE
+from qbert.quantize.semantic_ids import write_semantic_ids
+from qbert.train import Callback, FitResult, LoopConfig, fit
+from qbert.utils.io import atomic_path, atomic_write_json
+from qbert.utils.runtime import pick_device, seed_everything
+
+
+@dataclass
+class QuantizeResult:
+    codes: np.ndarray  # [N, K] int64, unique after reallocation
+    report: dict[str, Any]
+    model: RQVAE
+    codes_before: np.ndarray | None = None  # raw RQ-VAE codes before reallocation
+    fit: FitResult | None = None
+    reallocation: ReallocationInfo | None = None
+
+    def save(self, directory: str | Path, item_ids: np.ndarray | None = None) -> Path:
+        """``semantic_ids.parquet``, ``quantize_report.json``, ``rqvae.pt`` (incl. codebooks).
+
+        Uniqueness of the written IDs is enforced unless reallocation was switched off."""
+        d = Path(directory)
+        write_semantic_ids(d / "semantic_ids.parquet", self.codes, item_ids, self.model.cfg.sizes,
+                           require_unique=self.model.cfg.reallocate)
+        atomic_write_json(d / "quantize_report.json", self.report)
+        with atomic_path(d / "rqvae.pt") as tmp:
+            torch.save({"config": self.model.cfg.to_dict(), "in_dim": self.model.in_dim,
+                        "state_dict": self.model.state_dict()}, tmp)
+        return d
+
+
+def validate_embeddings(embeddings: Any) -> np.ndarray:
+    """A finite float32 [N, D] matrix, or a DataError naming what is wrong."""
+    x = np.asarray(embeddings)
+    if x.dtype.kind not in "fiub":
+        raise DataError(f"embeddings must be numeric, got dtype {x.dtype}")
+    if x.ndim != 2 or min(x.shape) == 0:
+        raise DataError(f"embeddings must be a non-empty [items, dim] matrix, got shape {x.shape}")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    finite = np.isfinite(x).all(1)
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        raise DataError(f"embeddings contain NaN/inf for {bad.size} items (first: item {bad[0]})")
+    return x
+
+
+def default_loop_config(cfg: QuantizeConfig) -> LoopConfig:
+    """Train exactly ``cfg.epochs`` and keep the final weights: no validation signal exists at this
+    stage, and the total training loss is no model-selection criterion (its codebook/ponder terms
+    move with the scale of the representation). ``monitor`` names no logged metric, so the loop
+    tracks no best epoch."""
+    return LoopConfig(epochs=cfg.epochs, patience=0, monitor="none", mode="min", progress=False)
+
+
+def train_rqvae(embeddings: np.ndarray, cfg: QuantizeConfig, loop_cfg: LoopConfig | None = None,
+                callbacks: Iterable[Callback] = (), checkpoint_dir: str | Path | None = None) -> QuantizeResult:
+    """Train stage 2 on fused embeddings [N, D] and return unique codes [N, K].
+
+    Fails before training when the codebooks cannot give every item a distinct ID. Codebooks
+    are k-means-initialised on the encoder outputs of all items; codes unused during an epoch
+    are re-seeded from random residuals at the start of the next one.
+    """
+    x_np = validate_embeddings(embeddings)
+    n = x_np.shape[0]
+    if cfg.reallocate:
+        check_capacity(cfg.sizes, n)
+    device = pick_device(cfg.device)
+    seed_everything(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model = RQVAE(x_np.shape[1], cfg).to(device)
+    x = torch.from_numpy(x_np).to(device)
+    if cfg.kmeans_init:
+        model.eval()
+        with torch.no_grad():
+            model.quantizer.init_codebooks(model.encoder(x), cfg.kmeans_iters, cfg.kmeans_seeding, gen)
+        model.train()
+    loop_cfg = loop_cfg or default_loop_config(cfg)
+    fit_result = None
+    if loop_cfg.epochs > 0:
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        bs = min(cfg.batch_size, n)
+        reseeded: list[list[int]] = []
+
+        def batches(epoch: int):
+            if epoch > 0 and cfg.reseed_dead_codes:
+                with torch.no_grad():
+                    reseeded.append(model.quantizer.reseed_dead_codes(model.encoder(x), gen))
+            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+            perm = torch.randperm(n, generator=g)
+            for i in range(0, n, bs):
+                yield perm[i:i + bs].to(device)
+
+        def step(m: RQVAE, idx: torch.Tensor):
+            out = m(x[idx])
+            return out.loss, {"recon": out.recon_loss.detach(), "codebook": out.codebook_loss.detach(),
+                              "commit": out.commit_loss.detach()}
+
+        fit_result = fit(model, opt, batches, step, loop_cfg, callbacks=callbacks,
+                         checkpoint_dir=checkpoint_dir, desc="rqvae")
+    model.eval()
+    raw = assign_codes(model, x, cfg.infer_batch_size)
+    report = quantize_report(model, x, raw, cfg)
+    codes, info = raw, None
+    if cfg.reallocate:
+        codes, info = reallocate_collisions(raw, lambda idx: code_distances(model, x, idx, cfg.infer_batch_size),
+                                            cfg.sizes)
+        report["reallocation"] = info.to_dict()
+        report["collision_rate_after"] = info.collision_rate_after
+        report["utilisation_after"] = utilisation(codes, cfg.sizes)
+    report["unique"] = bool(np.unique(codes, axis=0).shape[0] == n)
+    if fit_result is not None:
+        report["final_losses"] = {k: float(v) for k, v in fit_result.history[-1].items()
+                                  if k not in ("epoch", "epoch_time_s")}
+        report["epochs_run"] = len(fit_result.history)
+        report["train_seconds"] = fit_result.train_seconds
+    return QuantizeResult(codes, report, model, raw, fit_result, info)
+
+
+@torch.no_grad()
+def assign_codes(model: RQVAE, x: torch.Tensor, batch_size: int = 8192) -> np.ndarray:
+    model.eval()
+    return torch.cat([model.codes(x[i:i + batch_size])[0].cpu() for i in range(0, x.shape[0], batch_size)]).numpy()
+
+
+@torch.no_grad()
+def code_distances(model: RQVAE, x: torch.Tensor, idx: np.ndarray, batch_size: int = 8192) -> np.ndarray:
+    """The Sec. 3.4 distance tensor [len(idx), K, C_max] for the given items only."""
+    model.eval()
+    rows = torch.as_tensor(idx, device=x.device)
+    parts = [model.codes(x[rows[i:i + batch_size]], with_distances=True)[1].cpu()
+             for i in range(0, rows.numel(), batch_size)]
+    return torch.cat(parts).numpy()
+
+
+def utilisation(codes: np.ndarray, sizes: list[int]) -> list[float]:
+    """Fraction of each level's codes used by at least one item."""
+    return [float(np.unique(codes[:, l]).size / sizes[l]) for l in range(codes.shape[1])]
+
+
+def perplexity(codes: np.ndarray, sizes: list[int]) -> list[float]:
+    """exp(entropy) of each level's code distribution (= size when perfectly uniform)."""
+    out = []
+    for l in range(codes.shape[1]):
+        p = np.bincount(codes[:, l], minlength=sizes[l]) / codes.shape[0]
+        p = p[p > 0]
+        out.append(float(np.exp(-(p * np.log(p)).sum())))
+    return out
+
+
+@torch.no_grad()
+def quantize_report(model: RQVAE, x: torch.Tensor, codes: np.ndarray, cfg: QuantizeConfig) -> dict[str, Any]:
+    """Reconstruction MSE (through the quantizer), per-level utilisation/perplexity, collisions."""
+    model.eval()
+    sq = 0.0
+    for i in range(0, x.shape[0], cfg.infer_batch_size):
+        xb = x[i:i + cfg.infer_batch_size]
+        sq += float((model(xb).recon - xb).pow(2).sum())
+    return {
+        "num_items": int(x.shape[0]),
+        "codebook_sizes": cfg.sizes,
+        "recon_mse": sq / x.numel(),
+        "utilisation": utilisation(codes, cfg.sizes),
+        "perplexity": perplexity(codes, cfg.sizes),
+        "collision_rate_before": collision_rate(codes),
+    }
