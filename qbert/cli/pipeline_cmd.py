@@ -1,0 +1,100 @@
+"""``qbert pipeline``: stage 1 -> 2 -> 3 -> evaluation from one config; prints the metrics.
+
+Also ``qbert pretrain`` / ``qbert finetune``: run one stage-3 step inside an existing run
+directory (after ``qbert pipeline``, e.g. to try another fine-tuning config on the same
+semantic IDs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from qbert.config import ConfigError
+
+def _add_common(p: argparse.ArgumentParser, out_help: str, config_help: str) -> None:
+    p.add_argument("--config", default=None, help=config_help)
+    p.add_argument("--out", required=True, help=out_help)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, dotted (e.g. --set finetune.epochs=5 --set data.max_len=50); "
+                        "VALUE is parsed as YAML; repeatable")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--progress", action="store_true", help="show progress bars")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pipeline", help="run fusion -> RQ-VAE -> pretrain -> finetune -> evaluation",
+                       description="Run the whole Q-BERT4Rec method and write every artifact under RUN_DIR "
+                                   "(config.yaml, fused_embeddings.parquet, rqvae.pt, semantic_ids.parquet, "
+                                   "checkpoints/, metrics.json, summary.json, plots/).")
+    _add_common(p, "run directory to write (RUN_DIR)",
+                "PipelineConfig YAML (default: the built-in synthetic quick start = configs/synthetic.yaml)")
+    p.set_defaults(func=pipeline_cmd)
+    for stage in ("pretrain", "finetune"):
+        q = sub.add_parser(stage, help=f"run only the stage-3 {stage} step inside an existing run directory",
+                           description=f"Run the {stage} stage with the config given (default: RUN_DIR/config.yaml), "
+                                       "reading the semantic IDs of a previous `qbert pipeline` run in RUN_DIR.")
+        _add_common(q, "existing run directory (holds semantic_ids.parquet)",
+                    "PipelineConfig YAML (default: RUN_DIR/config.yaml)")
+        q.set_defaults(func=stage_cmd, stage=stage)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: value is not valid YAML: {e}") from None
+    return out
+
+
+def load_config(path: str | Path | None, overrides: list[str]):
+    from qbert.pipeline import PipelineConfig, quickstart_config
+
+    cfg = PipelineConfig.from_yaml(path) if path is not None else quickstart_config()
+    return cfg.override(parse_overrides(overrides)) if overrides else cfg
+
+
+def _setup(args: argparse.Namespace) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
+def pipeline_cmd(args: argparse.Namespace) -> int:
+    from qbert.pipeline import run_pipeline
+
+    _setup(args)
+    cfg = load_config(args.config, args.overrides)
+    if args.progress:
+        cfg = cfg.override({"progress": True})
+    metrics = run_pipeline(cfg, args.out)
+    print(json.dumps({"test": metrics["test"], "valid": metrics["valid"], "best_epoch": metrics["best_epoch"],
+                      "run": str(Path(args.out) / "metrics.json")}, indent=2))
+    return 0
+
+
+def stage_cmd(args: argparse.Namespace) -> int:
+    from qbert.pipeline import load_data, run_finetune_stage, run_pretrain_stage
+
+    _setup(args)
+    out = Path(args.out)
+    if not (out / "semantic_ids.parquet").is_file():
+        raise FileNotFoundError(f"{out / 'semantic_ids.parquet'} not found: run `qbert pipeline --out {out}` first")
+    cfg = load_config(args.config or out / "config.yaml", args.overrides)
+    if args.progress:
+        cfg = cfg.override({"progress": True})
+    data = load_data(cfg)
+    fn = run_pretrain_stage if args.stage == "pretrain" else run_finetune_stage
+    report = fn(cfg, data, out)
+    report.pop("history", None)
+    print(json.dumps(report, indent=2, default=str))
+    return 0

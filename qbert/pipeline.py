@@ -1,0 +1,482 @@
+"""End to end: stage 1 (fusion) -> stage 2 (RQ-VAE semantic IDs) -> stage 3 (pretrain, finetune)
+-> full-ranking evaluation, every artifact under one run directory.
+
+Each stage is a function of ``(cfg, data, out_dir, callbacks)`` that reads its inputs from and
+writes its outputs to ``out_dir``, so a platform adapter (Ray Train worker, Tune trial) can run
+one stage alone. ``run_pipeline`` chains them and adds the run summary and plots.
+
+Run directory::
+
+    config.yaml               the exact PipelineConfig
+    fused_embeddings.parquet  item_id, embedding (stage 1; over every domain's items)
+    fusion_report.json        activated-layer distribution, modality-vs-fused MSE
+    rqvae.pt                  RQ-VAE weights and codebooks (stage 2)
+    semantic_ids.parquet      item_id, code_0..code_{K-1}, sid[, domain]
+    quantize_report.json      collisions before/after reallocation, utilisation, perplexity
+    pretrain.pt               encoder after pretraining (absent for strategy "none")
+    model.pt                  fine-tuned model (best valid epoch)
+    checkpoints/<stage>/      last.pt of each stage (resume)
+    metrics.json              test/valid HR@1/5/10, NDCG@5/10 + per-stage reports
+    summary.json              git commit, data fingerprints, machine, timings, config
+    plots/*.png               activated layers, codebook utilisation
+
+Multi-domain: with ``pretrain_sources`` the target and the sources are assembled into one
+item space (target first, so its item ids are unchanged); fusion and the RQ-VAE run over all
+items, so every domain's semantic IDs come from one shared code vocabulary. Pretraining then
+uses the sources' whole sequences plus (``pretrain.include_target``) the target's training
+part; fine-tuning and evaluation use the target alone with its own rows of the table.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from pydantic import Field, model_validator
+
+from qbert.config import Config, ConfigError
+from qbert.data.dataset import SeqDataset
+from qbert.data.errors import DataError
+from qbert.data.split import LeaveOneOutSplit
+from qbert.data.synthetic import SyntheticConfig, make_synthetic
+from qbert.fusion.config import FusionConfig
+from qbert.quantize.config import QuantizeConfig, check_capacity
+from qbert.seqrec.stage import (FinetuneConfig, PretrainConfig, SeqRecConfig, build_model, evaluate_split, finetune,
+                                full_sequences, pretrain)
+from qbert.train.loop import Callback
+from qbert.utils.io import atomic_path, atomic_write_json
+from qbert.utils.runtime import git_commit, machine_info, pick_device, seed_everything
+
+log = logging.getLogger(__name__)
+
+Modality = Literal["text", "image", "id"]
+METRIC_KEYS = ("HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10")
+STAGES = ("fusion", "quantize", "pretrain", "finetune")
+CallbacksFactory = Callable[[str], Iterable[Callback]]
+
+
+class DataSection(Config):
+    """Where the target dataset comes from and which modality inputs feed stage 1."""
+
+    source: str = "synthetic"  # "synthetic", "synthetic:k=v,...", or a path read_source understands
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)  # used when source == "synthetic"
+    options: dict[str, Any] = Field(default_factory=dict)  # reader options (e.g. with_codes: true)
+    max_len: int = Field(50, ge=2)  # history length (the [MASK] takes one slot at inference)
+    modalities: list[Modality] | None = None  # None: fusion.modalities; else it overrides fusion.modalities
+    features: dict[str, str] = Field(default_factory=lambda: {"text": "text", "image": "image"})
+    # modality -> feature column name without "feat_" (e.g. {"text": "lemb_codes"} on Instruments)
+
+
+class EvalSection(Config):
+    exclude_history: bool = False  # RecBole's full-sort default keeps history items in the ranking
+    batch_size: int = Field(1024, ge=1)
+
+
+class PipelineConfig(Config):
+    """Everything one Q-BERT4Rec run needs. The top-level ``seed``/``device`` apply to every stage."""
+
+    data: DataSection = Field(default_factory=DataSection)
+    pretrain_sources: list[str] = Field(default_factory=list)  # extra domains; empty = target's training part
+    fusion: FusionConfig = Field(default_factory=FusionConfig)
+    quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
+    model: SeqRecConfig = Field(default_factory=SeqRecConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    seed: int = 42
+    device: str = "auto"
+    progress: bool = False
+    plots: bool = True
+
+    @model_validator(mode="after")
+    def _sync(self) -> "PipelineConfig":
+        # data.modalities (when set) is the one switch: stage 1 and stage 3 both follow it
+        if self.data.modalities is not None and self.fusion.modalities != self.data.modalities:
+            fusion = FusionConfig.from_dict({**self.fusion.to_dict(), "modalities": list(self.data.modalities)})
+            object.__setattr__(self, "fusion", fusion)
+        for m in self.fusion.feature_modalities:
+            if m not in self.data.features:
+                raise ValueError(f"modality '{m}' is enabled but data.features names no column for it")
+        object.__setattr__(self, "fusion", self.fusion.model_copy(update={"seed": self.seed, "device": self.device}))
+        object.__setattr__(self, "quantize", self.quantize.model_copy(update={"seed": self.seed, "device": self.device}))
+        return self
+
+    @property
+    def use_id(self) -> bool:
+        return "id" in self.fusion.modalities
+
+
+def quickstart_config() -> PipelineConfig:
+    """The embedded default of ``qbert pipeline`` (= ``configs/synthetic.yaml``; a test keeps them
+    equal): synthetic data, sized for a few minutes on 2 CPU cores. Built in, so an installed
+    package without the repository's ``configs/`` still runs the quick start."""
+    return PipelineConfig.from_dict({
+        "data": {"source": "synthetic", "max_len": 20, "modalities": ["text", "image", "id"],
+                 "synthetic": {"seed": 0, "num_users": 1000, "num_items": 400, "num_clusters": 20}},
+        "fusion": {"dim": 64, "epochs": 20, "batch_size": 256},
+        "quantize": {"levels": 3, "codebook_size": 32, "hidden": [128, 64], "code_dim": 16, "epochs": 60,
+                     "batch_size": 256},
+        "model": {"hidden": 64, "layers": 2, "heads": 2, "dropout": 0.1},
+        "pretrain": {"strategy": "multi", "epochs": 10, "batch_size": 128, "lr": 1e-3},
+        "finetune": {"epochs": 40, "batch_size": 64, "lr": 1e-3, "patience": 5},
+        "eval": {"exclude_history": False},
+        "seed": 42, "device": "auto",
+    }, source="quickstart_config")
+
+
+# ------------------------------------------------------------------------------------------ data
+@dataclass
+class PipelineData:
+    """The target, the pretraining sources and their union (one item space, target first)."""
+
+    target: SeqDataset
+    sources: list[SeqDataset] = field(default_factory=list)
+    union: SeqDataset | None = None  # None without sources: the target is the whole item space
+    names: list[str] = field(default_factory=list)
+
+    @property
+    def all_items(self) -> SeqDataset:
+        return self.union if self.union is not None else self.target
+
+    @property
+    def multi_domain(self) -> bool:
+        return bool(self.sources)
+
+    def domain_ranges(self) -> dict[str, tuple[int, int]]:
+        if self.union is None:
+            return {self.names[0] if self.names else self.target.name: (0, self.target.num_items)}
+        return {n: (r["item_start"], r["item_end"]) for n, r in self.union.meta["domains"].items()}
+
+
+def load_source(source: str, cfg: PipelineConfig | None = None) -> SeqDataset:
+    """One dataset: ``synthetic`` (the config's SyntheticConfig), a synthetic spec, or a path."""
+    from qbert.data.readers import read_source
+
+    if source == "synthetic":
+        return make_synthetic(cfg.data.synthetic if cfg is not None else SyntheticConfig())
+    options = cfg.data.options if cfg is not None and not source.startswith("synthetic") else {}
+    return read_source(source, **options)
+
+
+def load_data(cfg: PipelineConfig) -> PipelineData:
+    from qbert.data.multidomain import assemble_domains
+
+    target = load_source(cfg.data.source, cfg)
+    if not cfg.pretrain_sources:
+        return PipelineData(target, names=["target"])
+    sources = [load_source(s, cfg) for s in cfg.pretrain_sources]
+    fp = target.fingerprint()
+    for s, ds in zip(cfg.pretrain_sources, sources):
+        if ds.fingerprint() == fp:
+            raise ConfigError(f"pretrain source '{s}' is the target dataset itself: its valid/test targets would "
+                              "leak into pretraining (leave pretrain_sources empty to pretrain on the target's "
+                              "training part)")
+    names = ["target"] + [f"source{i}" for i in range(len(sources))]
+    renamed = [_only_features(d, cfg) for d in [target, *sources]]
+    union = assemble_domains(renamed, names, name="pipeline")
+    return PipelineData(target, sources, union, names)
+
+
+def _only_features(ds: SeqDataset, cfg: PipelineConfig) -> SeqDataset:
+    """Keep only the feature columns the enabled modalities use (domains must agree on them)."""
+    wanted = {f"feat_{cfg.data.features[m]}" for m in cfg.fusion.feature_modalities}
+    drop = [c for c in ds.items.column_names if c.startswith("feat_") and c not in wanted]
+    if not drop:
+        return ds
+    return SeqDataset(ds.name, ds.items.drop_columns(drop), ds.seq_offsets, ds.seq_items, ds.user_ids, dict(ds.meta))
+
+
+def stage_features(cfg: PipelineConfig, data: PipelineData) -> dict[str, np.ndarray]:
+    """{modality: [N, d]} over every item of every domain, for the enabled feature modalities."""
+    ds = data.all_items
+    out = {}
+    for m in cfg.fusion.feature_modalities:
+        col = cfg.data.features[m]
+        if col not in ds.feature_names:
+            raise DataError(f"modality '{m}' is enabled but dataset '{ds.name}' has no feature column 'feat_{col}' "
+                            f"(has: {ds.feature_names}); set data.features.{m} or disable the modality")
+        out[m] = np.array(ds.feature(col))  # a writable copy (arrow buffers are read-only)
+    return out
+
+
+def check_inputs(cfg: PipelineConfig, data: PipelineData) -> None:
+    """Every check that can fail before training: features, codebook capacity, split lengths."""
+    from qbert.fusion.train import validate_features
+
+    validate_features(stage_features(cfg, data), cfg.fusion, num_items=data.all_items.num_items)
+    check_capacity(cfg.quantize.sizes, data.all_items.num_items)
+    if cfg.data.max_len < 2:
+        raise ConfigError("data.max_len must be >= 2 (one slot holds the [MASK])")
+
+
+# ---------------------------------------------------------------------------------------- stages
+def _cbs(callbacks: Iterable[Callback] | None) -> list[Callback]:
+    return list(callbacks or ())
+
+
+def run_fusion_stage(cfg: PipelineConfig, data: PipelineData, out_dir: str | Path,
+                     callbacks: Iterable[Callback] = ()) -> dict[str, Any]:
+    """Stage 1 -> ``fused_embeddings.parquet``, ``fusion_report.json``, ``fusion_model.pt``."""
+    from qbert.fusion.train import train_fusion, write_fusion_embeddings
+
+    out = Path(out_dir)
+    items = data.all_items
+    res = train_fusion(stage_features(cfg, data), cfg.fusion, callbacks=_cbs(callbacks),
+                       checkpoint_dir=out / "checkpoints" / "fusion", num_items=items.num_items)
+    write_fusion_embeddings(out / "fused_embeddings.parquet", res.embeddings, np.arange(items.num_items))
+    with atomic_path(out / "fusion_model.pt") as tmp:
+        torch.save({"config": cfg.fusion.to_dict(), "num_items": items.num_items,
+                    "state_dict": res.model.state_dict()}, tmp)
+    atomic_write_json(out / "fusion_report.json", res.report)
+    return res.report
+
+
+def run_quantize_stage(cfg: PipelineConfig, data: PipelineData, out_dir: str | Path,
+                       callbacks: Iterable[Callback] = ()) -> dict[str, Any]:
+    """Stage 2: ``fused_embeddings.parquet`` -> ``rqvae.pt``, ``semantic_ids.parquet``, report."""
+    from qbert.fusion.train import read_fusion_embeddings
+    from qbert.quantize import train_rqvae
+    from qbert.quantize.semantic_ids import semantic_id_table
+
+    out = Path(out_dir)
+    ids, emb = read_fusion_embeddings(out / "fused_embeddings.parquet")
+    if len(ids) != data.all_items.num_items:
+        raise DataError(f"{out / 'fused_embeddings.parquet'}: {len(ids)} items, data has {data.all_items.num_items}")
+    res = train_rqvae(emb, cfg.quantize, callbacks=_cbs(callbacks), checkpoint_dir=out / "checkpoints" / "quantize")
+    codes = np.asarray(res.codes, dtype=np.int64)
+    if np.unique(codes, axis=0).shape[0] != len(codes) and cfg.quantize.reallocate:
+        raise DataError("stage 2 returned colliding semantic IDs despite reallocation")
+    table = semantic_id_table(codes, ids)
+    if data.union is not None:
+        table = table.append_column("domain", data.union.items.column("domain"))
+    with atomic_path(out / "semantic_ids.parquet") as tmp:
+        pq.write_table(table, tmp)
+    with atomic_path(out / "rqvae.pt") as tmp:
+        torch.save({"config": cfg.quantize.to_dict(), "state_dict": res.model.state_dict()}, tmp)
+    report = dict(res.report)
+    report["utilisation_per_level"] = codebook_utilisation(codes, cfg.quantize.sizes)
+    atomic_write_json(out / "quantize_report.json", report)
+    return report
+
+
+def read_codes(out_dir: str | Path, num_items: int) -> np.ndarray:
+    """[num_items, K] codes of items 0..num_items-1 of the run's semantic-ID table."""
+    p = Path(out_dir) / "semantic_ids.parquet"
+    if not p.is_file():
+        raise FileNotFoundError(f"semantic-ID table not found: {p} (run the quantize stage first)")
+    t = pq.read_table(p)
+    ids = t.column("item_id").to_numpy()
+    K = sum(1 for c in t.column_names if c.startswith("code_"))
+    codes = np.stack([t.column(f"code_{l}").to_numpy() for l in range(K)], 1).astype(np.int64)
+    codes = codes[np.argsort(ids, kind="stable")]
+    if len(codes) < num_items or not np.array_equal(np.sort(ids)[:num_items], np.arange(num_items)):
+        raise DataError(f"{p}: expected codes for items 0..{num_items - 1}, got {len(ids)} rows")
+    return codes[:num_items]
+
+
+def pretraining_rows(cfg: PipelineConfig, data: PipelineData) -> np.ndarray:
+    """Token rows for pretraining (union item space, +1 shift). Never a target's valid/test item."""
+    L = cfg.data.max_len
+    parts = []
+    if not data.multi_domain or cfg.pretrain.include_target:
+        parts.append(LeaveOneOutSplit(data.target, L).train_sequences(pad=0, shift=1))  # target first: offset 0
+    for name, (start, _) in list(data.domain_ranges().items())[1:]:
+        src = data.sources[data.names.index(name) - 1]
+        rows = full_sequences(src, L)
+        parts.append(np.where(rows > 0, rows + start, 0))
+    return np.concatenate(parts) if parts else np.zeros((0, L), np.int64)
+
+
+def _model_for(cfg: PipelineConfig, codes: np.ndarray):
+    return build_model(cfg.model, codes, cfg.quantize.sizes, cfg.data.max_len, cfg.use_id)
+
+
+def run_pretrain_stage(cfg: PipelineConfig, data: PipelineData, out_dir: str | Path,
+                       callbacks: Iterable[Callback] = (), shard: tuple[int, int] | None = None) -> dict[str, Any]:
+    """Stage 3a: masked pretraining -> ``pretrain.pt``. Strategy ``none`` writes nothing."""
+    out = Path(out_dir)
+    if cfg.pretrain.strategy == "none" or cfg.pretrain.epochs == 0:
+        (out / "pretrain.pt").unlink(missing_ok=True)
+        return {"strategy": cfg.pretrain.strategy, "skipped": True}
+    device = pick_device(cfg.device)
+    seed_everything(cfg.seed)
+    codes = read_codes(out, data.all_items.num_items)
+    rows = pretraining_rows(cfg, data)
+    model = _model_for(cfg, codes)
+    res = pretrain(model, rows, cfg.pretrain, device, seed=cfg.seed, callbacks=_cbs(callbacks),
+                   checkpoint_dir=out / "checkpoints" / "pretrain", shard=shard, progress=cfg.progress)
+    with atomic_path(out / "pretrain.pt") as tmp:
+        torch.save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                    "num_items": model.num_items, "multi_domain": data.multi_domain,
+                    "strategy": cfg.pretrain.strategy}, tmp)
+    assert res is not None
+    return {"strategy": cfg.pretrain.strategy, "rows": int(len(rows)), "epochs": len(res.history),
+            "final_loss": res.history[-1]["loss"] if res.history else None, "train_seconds": res.train_seconds,
+            "samples_per_second": res.samples_per_second, "domains": list(data.domain_ranges())}
+
+
+def run_finetune_stage(cfg: PipelineConfig, data: PipelineData, out_dir: str | Path,
+                       callbacks: Iterable[Callback] = (), shard: tuple[int, int] | None = None) -> dict[str, Any]:
+    """Stage 3b: fine-tune on the target (from ``pretrain.pt`` when present) -> ``model.pt``;
+    returns valid (best epoch) and test metrics."""
+    out = Path(out_dir)
+    device = pick_device(cfg.device)
+    seed_everything(cfg.seed + 1)
+    split = LeaveOneOutSplit(data.target, cfg.data.max_len)
+    model = _model_for(cfg, read_codes(out, data.target.num_items))
+    init = "scratch"
+    pre = out / "pretrain.pt"
+    if cfg.pretrain.strategy != "none" and pre.is_file():
+        payload = torch.load(pre, map_location="cpu", weights_only=False)
+        same_catalogue = not payload.get("multi_domain") and payload.get("num_items") == model.num_items
+        model.load_encoder(payload["model"], with_catalogue=same_catalogue)
+        init = "pretrained" + ("" if same_catalogue else " (shared encoder and code embeddings)")
+    res = finetune(model, split, cfg.finetune, device, seed=cfg.seed, callbacks=_cbs(callbacks),
+                   checkpoint_dir=out / "checkpoints" / "finetune", shard=shard,
+                   exclude_history=cfg.eval.exclude_history, progress=cfg.progress)
+    t0 = time.perf_counter()
+    test = evaluate_split(model, split, "test", cfg.eval.batch_size, device, cfg.eval.exclude_history)
+    test_seconds = time.perf_counter() - t0
+    with atomic_path(out / "model.pt") as tmp:
+        torch.save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                    "config": cfg.to_dict(), "num_items": model.num_items,
+                    "data_fingerprint": data.target.fingerprint()}, tmp)
+    valid = {k: res.best_metrics[k] for k in METRIC_KEYS if k in res.best_metrics}
+    return {"init": init, "valid": valid, "test": {k: test[k] for k in METRIC_KEYS}, "best_epoch": res.best_epoch,
+            "epochs_run": len(res.history), "stopped_early": res.stopped_early, "train_seconds": res.train_seconds,
+            "samples_per_second": res.samples_per_second, "eval_seconds_per_user": test_seconds / split.num_users,
+            "params": sum(p.numel() for p in model.parameters()),
+            "history": [{k: v for k, v in h.items()} for h in res.history]}
+
+
+# ---------------------------------------------------------------------------------------- reports
+def codebook_utilisation(codes: np.ndarray, sizes: list[int]) -> list[dict[str, float]]:
+    """Per level: share of codes used, perplexity of the code distribution."""
+    out = []
+    for level, size in enumerate(sizes):
+        counts = np.bincount(codes[:, level], minlength=size).astype(float)
+        p = counts / counts.sum()
+        nz = p[p > 0]
+        out.append({"used": int((counts > 0).sum()), "size": int(size), "utilisation": float((counts > 0).mean()),
+                    "perplexity": float(np.exp(-(nz * np.log(nz)).sum()))})
+    return out
+
+
+def write_plots(out_dir: str | Path, fusion_report: dict[str, Any], codes: np.ndarray, sizes: list[int]) -> list[str]:
+    """Activated-layer histogram (paper Fig. 7) and per-level codebook usage, as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pdir = Path(out_dir) / "plots"
+    pdir.mkdir(parents=True, exist_ok=True)
+    written = []
+    counts = fusion_report.get("activated_layer_counts")
+    if counts:
+        fig, ax = plt.subplots(figsize=(4, 3))
+        ax.bar(np.arange(1, len(counts) + 1), counts)
+        ax.set_xlabel("activated layers")
+        ax.set_ylabel("items")
+        ax.set_title(f"fusion depth (median {fusion_report.get('activated_layers_median')})")
+        fig.tight_layout()
+        with atomic_path(pdir / "activated_layers.png") as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
+        plt.close(fig)
+        written.append(str(pdir / "activated_layers.png"))
+    fig, axes = plt.subplots(1, len(sizes), figsize=(3 * len(sizes), 2.6), squeeze=False)
+    for level, (ax, size) in enumerate(zip(axes[0], sizes)):
+        c = np.sort(np.bincount(codes[:, level], minlength=size))[::-1]
+        ax.bar(np.arange(size), c, width=1.0)
+        ax.set_title(f"level {level}: {int((c > 0).sum())}/{size} used")
+        ax.set_xlabel("code (by frequency)")
+    axes[0][0].set_ylabel("items")
+    fig.tight_layout()
+    with atomic_path(pdir / "codebook_utilisation.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    written.append(str(pdir / "codebook_utilisation.png"))
+    return written
+
+
+# ---------------------------------------------------------------------------------------- driver
+def _same_config(path: Path, cfg: PipelineConfig) -> bool:
+    try:
+        return PipelineConfig.from_yaml(path) == cfg
+    except ConfigError:
+        return False
+
+
+def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, callbacks_factory: CallbacksFactory | None = None,
+                 resume: bool = True) -> dict[str, Any]:
+    """Run every stage in order; return the metrics dict also written to ``metrics.json``.
+
+    ``callbacks_factory(stage)`` gives the training callbacks of each stage (MLflow, Ray).
+    All inputs are checked before the first stage trains. With ``resume`` an interrupted run
+    of the *same* config continues from its stage checkpoints; a different config (or
+    ``resume=False``) discards them, since their weights belong to another setting.
+    """
+    out = Path(out_dir)
+    started = time.time()
+    seed_everything(cfg.seed)
+    data = load_data(cfg)
+    check_inputs(cfg, data)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpts = out / "checkpoints"
+    if ckpts.exists() and (not resume or not _same_config(out / "config.yaml", cfg)):
+        log.info("discarding checkpoints of %s (%s)", out, "resume off" if not resume else "config changed")
+        shutil.rmtree(ckpts)
+    cfg.to_yaml(out / "config.yaml")
+    cbs = callbacks_factory or (lambda stage: ())
+    timings: dict[str, float] = {}
+    reports: dict[str, Any] = {}
+    stage_fns = {"fusion": run_fusion_stage, "quantize": run_quantize_stage,
+                 "pretrain": run_pretrain_stage, "finetune": run_finetune_stage}
+    for stage in STAGES:
+        t0 = time.perf_counter()
+        log.info("stage %s", stage)
+        reports[stage] = stage_fns[stage](cfg, data, out, cbs(stage))
+        timings[stage] = time.perf_counter() - t0
+    ft = reports["finetune"]
+    history = ft.pop("history")
+    metrics = {
+        "model": "qbert4rec",
+        "test": ft["test"],
+        "valid": ft["valid"],
+        "best_epoch": ft["best_epoch"],
+        "epochs_run": ft["epochs_run"],
+        "params": ft["params"],
+        "stages": reports,
+        "timing": {"stage_seconds": timings, "total_seconds": time.time() - started,
+                   "eval_seconds_per_user": ft["eval_seconds_per_user"],
+                   "finetune_samples_per_s": ft["samples_per_second"]},
+        "history": history,
+    }
+    plots: list[str] = []
+    if cfg.plots:
+        plots = write_plots(out, reports["fusion"], read_codes(out, data.all_items.num_items), cfg.quantize.sizes)
+    summary = {
+        "git_commit": git_commit(),
+        "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "machine": machine_info(),
+        "device": str(pick_device(cfg.device)),
+        "data": {"source": cfg.data.source, "fingerprint": data.target.fingerprint(), "stats": data.target.stats(),
+                 "pretrain_sources": [{"source": s, "fingerprint": d.fingerprint(), "stats": d.stats()}
+                                      for s, d in zip(cfg.pretrain_sources, data.sources)]},
+        "timings": {**timings, "total": time.time() - started},
+        "test": metrics["test"],
+        "valid": metrics["valid"],
+        "plots": plots,
+        "config": cfg.to_dict(),
+    }
+    atomic_write_json(out / "metrics.json", metrics)
+    atomic_write_json(out / "summary.json", summary)
+    return metrics

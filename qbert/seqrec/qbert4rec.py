@@ -1,0 +1,216 @@
+"""Q-BERT4Rec's sequence model: a bidirectional transformer over items given as semantic IDs.
+
+Token convention (shared with the split's ``pad=0, shift=1`` views): 0 = padding,
+1..N = catalogue items, N+1 = [MASK]. The model holds the catalogue's semantic-ID table
+``codes`` [N, K] as a buffer; :meth:`QBert4Rec.set_catalogue` swaps it, which is how one
+encoder is pretrained over several domains (each with its own table, all sharing the code
+embeddings) and then fine-tuned on another.
+
+Input of a position: the sum of its K code embeddings (one 256-entry table per level, plus
+two extra rows per level for padding and [MASK]) -- or, with ``combine="concat"``, their
+concatenation projected to ``hidden`` -- plus a learned position embedding, plus an item-ID
+embedding when the "id" modality is on. Summing keeps the input width independent of K and
+lets items sharing a code prefix share most of their representation.
+
+Output at a position: K code distributions. Each level has its own projection of the hidden
+state (initialised to the identity, so the encoder gets full-strength gradients from the
+start), scored against that level's output code embeddings. These are untied from the input
+ones by default (``tie_codes``): tied, the unpredictable deeper levels pull the shared input
+embeddings towards their mean and training stalls for hundreds of steps before it learns any
+transition (measured on planted data; see tests/test_qbert4rec.py). The loss (Eq. 11) is the
+cross-entropy of the true code tokens at masked positions, averaged over levels; with the
+"id" modality an item-ID softmax (tied to the item embedding) is added.
+
+Ranking: put [MASK] after the history, take the K log-softmaxes there and score each item
+as sum_l log p_l(code_l(item)) (+ log p(item) with the id modality): a gather over the code
+table, [B, N] in one shot.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qbert.seqrec.layers import TransformerEncoder, init_weights, trim_left_padding
+
+PAD = 0
+
+
+class QBert4Rec(nn.Module):
+    """Bidirectional encoder over semantic-ID item sequences."""
+
+    def __init__(self, codes: torch.Tensor, num_codes: int = 256, hidden: int = 128, layers: int = 4,
+                 heads: int = 4, dropout: float = 0.2, max_len: int = 50, use_id: bool = False,
+                 combine: str = "sum", ffn_mult: int = 4, pre_ln: bool = False,
+                 level_sizes: list[int] | None = None, tie_codes: bool = False) -> None:
+        super().__init__()
+        codes = torch.as_tensor(codes, dtype=torch.long)
+        if codes.ndim != 2 or codes.shape[0] < 1 or codes.shape[1] < 1:
+            raise ValueError(f"codes must be a non-empty [num_items, K] table, got shape {tuple(codes.shape)}")
+        if combine not in ("sum", "concat"):
+            raise ValueError(f"combine must be 'sum' or 'concat', got {combine!r}")
+        if hidden % heads:
+            raise ValueError(f"hidden ({hidden}) must be divisible by heads ({heads})")
+        self.K = int(codes.shape[1])
+        self.C = int(num_codes)
+        self.hidden = hidden
+        self.max_len = max_len
+        self.use_id = use_id
+        self.combine = combine
+        self.code_emb = nn.Embedding(self.K * (self.C + 2), hidden)  # level l uses rows [l*(C+2), (l+1)*(C+2))
+        self.register_buffer("level_offset", torch.arange(self.K) * (self.C + 2), persistent=False)
+        self.code_proj = nn.Linear(self.K * hidden, hidden) if combine == "concat" else None
+        self.pos_emb = nn.Embedding(max_len, hidden)
+        self.in_norm = nn.LayerNorm(hidden, eps=1e-12)
+        self.in_drop = nn.Dropout(dropout)
+        self.encoder = TransformerEncoder(layers, hidden, heads, ffn_mult * hidden, dropout, causal=False, pre_ln=pre_ln)
+        self.out_transform = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.LayerNorm(hidden, eps=1e-12))
+        self.level_head = nn.Linear(hidden, self.K * hidden)
+        self.code_bias = nn.Parameter(torch.zeros(self.K, self.C))
+        self.code_out = None if tie_codes else nn.Parameter(torch.zeros(self.K, self.C, hidden))
+        # levels with a smaller codebook than C never predict the codes they lack
+        sizes = torch.as_tensor(level_sizes if level_sizes is not None else [self.C] * self.K)
+        if sizes.shape != (self.K,) or bool((sizes < 1).any()) or bool((sizes > self.C).any()):
+            raise ValueError(f"level_sizes must be {self.K} sizes in [1, {self.C}], got {level_sizes}")
+        self.register_buffer("code_valid", torch.arange(self.C)[None, :] < sizes[:, None], persistent=False)
+        self.item_emb: nn.Embedding | None = None
+        self.item_bias: nn.Parameter | None = None
+        init_weights(self)
+        if self.code_out is not None:
+            nn.init.normal_(self.code_out, std=0.02)
+        with torch.no_grad():  # start every level's query at the shared hidden state: a 0.02-scale
+            # projection here would shrink the gradient reaching the encoder and stall training
+            self.level_head.weight.add_(torch.eye(hidden).repeat(self.K, 1))
+        self.register_buffer("codes", torch.zeros(0, self.K, dtype=torch.long))
+        self.set_catalogue(codes)
+
+    # ------------------------------------------------------------------ catalogue
+    @property
+    def num_items(self) -> int:
+        return int(self.codes.shape[0])
+
+    @property
+    def mask_token(self) -> int:
+        return self.num_items + 1
+
+    def set_catalogue(self, codes: torch.Tensor) -> None:
+        """Use a (new) semantic-ID table; re-creates the item-ID embedding when its size changes."""
+        codes = torch.as_tensor(codes, dtype=torch.long)
+        if codes.ndim != 2 or codes.shape[1] != self.K:
+            raise ValueError(f"codes must be [num_items, {self.K}], got shape {tuple(codes.shape)}")
+        if codes.numel() and (bool((codes < 0).any()) or bool((codes >= self.code_valid.sum(1)).any())):
+            level = int(((codes < 0) | (codes >= self.code_valid.sum(1))).any(0).long().argmax())
+            raise ValueError(f"codes of level {level} must lie in [0, {int(self.code_valid[level].sum())}), "
+                             f"got range [{int(codes[:, level].min())}, {int(codes[:, level].max())}]")
+        device = self.code_emb.weight.device
+        n = codes.shape[0]
+        special = torch.tensor([[self.C] * self.K, [self.C + 1] * self.K], dtype=torch.long)
+        # row 0 = padding codes, rows 1..N = items, row N+1 = [MASK] codes
+        self.codes = codes.to(device)
+        self.register_buffer("token_codes", torch.cat([special[:1], codes, special[1:]]).to(device), persistent=False)
+        if self.use_id and (self.item_emb is None or self.item_emb.num_embeddings != n + 2):
+            self.item_emb = nn.Embedding(n + 2, self.hidden, padding_idx=PAD).to(device)
+            nn.init.normal_(self.item_emb.weight, std=0.02)
+            with torch.no_grad():
+                self.item_emb.weight[PAD].zero_()
+            self.item_bias = nn.Parameter(torch.zeros(n, device=device))
+
+    def catalogue_keys(self) -> set[str]:
+        """State-dict keys that belong to a catalogue (not transferred across domains)."""
+        keys = {"codes"}
+        if self.use_id:
+            keys |= {"item_emb.weight", "item_bias"}
+        return keys
+
+    def load_encoder(self, state: dict[str, torch.Tensor], with_catalogue: bool = False) -> list[str]:
+        """Load pretrained weights; catalogue-specific ones only when ``with_catalogue``.
+
+        Returns the keys left at their fresh initialisation.
+        """
+        own = self.state_dict()
+        skip = set() if with_catalogue else self.catalogue_keys()
+        take = {k: v for k, v in state.items() if k in own and k not in skip and own[k].shape == v.shape}
+        self.load_state_dict(take, strict=False)
+        return sorted(set(own) - set(take))
+
+    # ------------------------------------------------------------------ forward
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        codes = self.token_codes[tokens] + self.level_offset  # [B, L, K]
+        e = self.code_emb(codes)  # [B, L, K, H]
+        x = self.code_proj(e.flatten(2)) if self.code_proj is not None else e.sum(dim=2)
+        if self.item_emb is not None:
+            x = x + self.item_emb(tokens)
+        L = tokens.shape[1]
+        if L > self.max_len:
+            raise ValueError(f"sequence length {L} exceeds max_len {self.max_len}")
+        x = x + self.pos_emb.weight[self.max_len - L :].unsqueeze(0)  # right-aligned positions
+        return self.in_drop(self.in_norm(x))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, L] -> hidden states [B, L, H]."""
+        return self.encoder(self.embed(tokens), tokens == PAD)
+
+    def code_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """hidden [M, H] -> code logits [M, K, C] against the tied code embeddings."""
+        q = self.level_head(self.out_transform(h)).view(-1, self.K, self.hidden)
+        table = (self.code_emb.weight.view(self.K, self.C + 2, self.hidden)[:, : self.C]  # [K, C, H]
+                 if self.code_out is None else self.code_out)
+        logits = torch.einsum("mkh,kch->mkc", q, table) + self.code_bias
+        return logits.masked_fill(~self.code_valid, -1e4)
+
+    def id_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """hidden [M, H] -> item logits [M, N] (tied to the item-ID embedding)."""
+        assert self.item_emb is not None and self.item_bias is not None
+        return self.out_transform(h) @ self.item_emb.weight[1 : self.num_items + 1].T + self.item_bias
+
+    def masked_loss(self, tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Eq. (11): cross-entropy of the semantic-ID tokens of the masked items.
+
+        ``tokens`` [B, L] are the original (unmasked) item tokens, ``mask`` [B, L] bool.
+        """
+        if bool((mask & (tokens == PAD)).any()):
+            raise ValueError("mask covers padding positions")
+        keep = trim_left_padding(tokens).shape[1]  # columns that are padding in every row do no work
+        tokens, mask = tokens[:, tokens.shape[1] - keep :], mask[:, mask.shape[1] - keep :]
+        items = tokens[mask] - 1  # [M] 0-based item ids
+        inp = tokens.masked_fill(mask, self.mask_token)
+        h = self(inp)[mask]  # [M, H]
+        logits = self.code_logits(h)
+        target = self.codes[items]  # [M, K]
+        code_loss = F.cross_entropy(logits.reshape(-1, self.C), target.reshape(-1))
+        loss = code_loss
+        logs = {"code_loss": float(code_loss.detach())}
+        if self.item_emb is not None:
+            id_loss = F.cross_entropy(self.id_logits(h), items)
+            loss = loss + id_loss
+            logs["id_loss"] = float(id_loss.detach())
+        return loss, logs
+
+    # ------------------------------------------------------------------ ranking
+    def append_mask(self, history: torch.Tensor) -> torch.Tensor:
+        """[B, L] history tokens -> [B, L'] with [MASK] last (oldest item dropped if needed)."""
+        hist = trim_left_padding(history)
+        keep = min(hist.shape[1], self.max_len - 1)
+        hist = hist[:, hist.shape[1] - keep :]
+        m = torch.full((len(hist), 1), self.mask_token, dtype=hist.dtype, device=hist.device)
+        return torch.cat([hist, m], dim=1)
+
+    def code_log_probs(self, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(code log-probs [B, K, C], hidden at the [MASK] [B, H]) for the next item."""
+        h = self(self.append_mask(history))[:, -1]
+        return F.log_softmax(self.code_logits(h), dim=-1), h
+
+    def score(self, history: torch.Tensor) -> torch.Tensor:
+        """Full-ranking scores [B, N]: sum over levels of log p(code_l of item) (+ log p(item))."""
+        lp, h = self.code_log_probs(history)
+        scores = lp[:, 0, self.codes[:, 0]]
+        for level in range(1, self.K):
+            scores = scores + lp[:, level, self.codes[:, level]]
+        if self.item_emb is not None:
+            scores = scores + F.log_softmax(self.id_logits(h), dim=-1)
+        return scores
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

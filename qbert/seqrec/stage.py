@@ -1,0 +1,221 @@
+"""Stage 3 runners: multi-mask pretraining and fine-tuning of :class:`QBert4Rec`.
+
+Both train through :func:`qbert.train.fit` (one loop for every stage) and take ``callbacks``,
+``checkpoint_dir`` and an optional ``shard=(rank, world_size)`` so a distributed adapter can
+give each worker a disjoint slice of every epoch's batches without touching this code.
+
+Token matrices are the split's ``pad=0, shift=1`` views: 0 = padding, item i -> i + 1.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Literal
+
+import numpy as np
+import torch
+from pydantic import Field, field_validator
+
+from qbert.config import Config
+from qbert.data.split import LeaveOneOutSplit, windows
+from qbert.eval.evaluator import evaluate_ranking
+from qbert.seqrec import masks
+from qbert.seqrec.qbert4rec import QBert4Rec
+from qbert.train.loop import Callback, FitResult, LoopConfig, fit
+
+MaskFn = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+
+
+class SeqRecConfig(Config):
+    """The bidirectional encoder over semantic IDs (paper: 4 layers, 4 heads, dropout 0.2)."""
+
+    hidden: int = Field(128, gt=0)
+    layers: int = Field(4, ge=1)
+    heads: int = Field(4, ge=1)
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    ffn_mult: int = Field(4, ge=1)
+    combine: Literal["sum", "concat"] = "sum"  # how an item's K code embeddings become one vector
+    pre_ln: bool = False  # post-LN (BERT/RecBole) by default
+    tie_codes: bool = False  # output code embeddings = input ones; untied trains much faster here
+
+
+class PretrainConfig(Config):
+    """Multi-mask pretraining (Sec. 3.6): batch 512, lr 5e-4, span/multi-region/tail masks."""
+
+    strategy: Literal["none", "mlm", "multi"] = "multi"  # Table 4 ablation rows
+    epochs: int = Field(20, ge=0)
+    batch_size: int = Field(512, ge=1)
+    lr: float = Field(5e-4, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    span_ratio: float = Field(0.3, gt=0.0, le=1.0)
+    multi_ratio: float = Field(0.15, gt=0.0, le=1.0)
+    tail_ratio: float = Field(0.1, gt=0.0, le=1.0)
+    strategy_probs: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3)  # span, multi-region, tail
+    mlm_ratio: float = Field(0.3, gt=0.0, le=1.0)  # the single random mask of strategy "mlm"
+    include_target: bool = True  # with pretrain_sources: also use the target's training part
+
+    @field_validator("strategy_probs")
+    @classmethod
+    def _probs(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(p < 0 for p in v) or sum(v) <= 0:
+            raise ValueError(f"strategy_probs must be non-negative with a positive sum, got {v}")
+        return v
+
+
+class FinetuneConfig(Config):
+    """Target-domain fine-tuning: random mask 0.3, batch 256, lr 1e-4, early stop on valid NDCG@10."""
+
+    epochs: int = Field(100, ge=1)
+    batch_size: int = Field(256, ge=1)
+    lr: float = Field(1e-4, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    mask_ratio: float = Field(0.3, gt=0.0, le=1.0)
+    last_prob: float = Field(0.5, ge=0.0, le=1.0)  # share of rows whose last item is also masked
+    prefixes: bool = True  # train on every prefix of the training part (RecBole's augmented rows)
+    patience: int = Field(10, ge=0)
+    monitor: str = "NDCG@10"
+    eval_batch_size: int = Field(1024, ge=1)
+    eval_every: int = Field(1, ge=1)
+
+
+# ---------------------------------------------------------------------------- helpers
+def build_model(cfg: SeqRecConfig, codes: np.ndarray | torch.Tensor, num_codes: int | list[int], max_len: int,
+                use_id: bool) -> QBert4Rec:
+    """``num_codes``: one codebook size, or one per level (the model uses the largest)."""
+    sizes = list(num_codes) if isinstance(num_codes, (list, tuple)) else None
+    return QBert4Rec(torch.as_tensor(np.asarray(codes), dtype=torch.long), num_codes=max(sizes) if sizes else num_codes,
+                     hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads, dropout=cfg.dropout, max_len=max_len,
+                     use_id=use_id, combine=cfg.combine, ffn_mult=cfg.ffn_mult, pre_ln=cfg.pre_ln, level_sizes=sizes,
+                     tie_codes=cfg.tie_codes)
+
+
+def full_sequences(ds, max_len: int) -> np.ndarray:
+    """[U, max_len] token rows of whole sequences (for source domains, which are never evaluated)."""
+    return windows(ds.seq_items, ds.seq_offsets[:-1], ds.seq_offsets[1:], max_len, pad=0, shift=1)
+
+
+def training_rows(split: LeaveOneOutSplit, max_len: int, prefixes: bool) -> np.ndarray:
+    """Token rows of the target's training part only (never a valid or test target).
+
+    ``prefixes``: one row per training-part prefix of length >= 2 (each ending at a training
+    target, as RecBole's ``*.train.inter``), so the last position -- the one inference asks
+    about -- is trained on every item; otherwise one row per user (its whole training part).
+    """
+    if not prefixes:
+        return split.train_sequences(pad=0, shift=1, max_len=max_len)
+    pos = split.train_target_positions()
+    owner = np.searchsorted(split.dataset.seq_offsets, pos, side="right") - 1
+    rows = windows(split.dataset.seq_items, split.user_start[owner], pos + 1, max_len, pad=0, shift=1)
+    single = split.train_end - split.user_start == 1  # users whose training part is one item
+    if single.any():
+        rows = np.concatenate([rows, windows(split.dataset.seq_items, split.user_start[single],
+                                             split.train_end[single], max_len, pad=0, shift=1)])
+    return rows
+
+
+def pretrain_mask_fn(cfg: PretrainConfig) -> MaskFn:
+    if cfg.strategy == "mlm":
+        return lambda valid, g: masks.random_mask(valid, cfg.mlm_ratio, g)
+    if cfg.strategy == "multi":
+        ratios = (cfg.span_ratio, cfg.multi_ratio, cfg.tail_ratio)
+        return lambda valid, g: masks.multi_mask(valid, cfg.strategy_probs, ratios, g)[0]
+    raise ValueError(f"pretraining strategy {cfg.strategy!r} has no mask")
+
+
+def masked_batches(sequences: np.ndarray, batch_size: int, mask_fn: MaskFn, seed: int, device: torch.device,
+                   shard: tuple[int, int] | None = None) -> Callable[[int], Iterator[dict[str, torch.Tensor]]]:
+    """``batches(epoch)``: shuffled rows with fresh masks each epoch; ``shard`` keeps rows rank::world."""
+    rows = np.ascontiguousarray(sequences, dtype=np.int64)
+    rows = rows[(rows != 0).any(axis=1)]
+    if shard is not None:
+        rank, world = shard
+        if not 0 <= rank < world:
+            raise ValueError(f"shard must be (rank, world_size) with 0 <= rank < world_size, got {shard}")
+
+    def batches(epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+        order = np.random.default_rng([seed, epoch]).permutation(len(rows))
+        if shard is not None:
+            order = order[shard[0] :: shard[1]]
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        for lo in range(0, len(order), batch_size):
+            tokens = torch.from_numpy(rows[order[lo : lo + batch_size]])
+            mask = mask_fn(tokens != 0, gen)
+            yield {"tokens": tokens.to(device, non_blocking=True), "mask": mask.to(device, non_blocking=True)}
+
+    return batches
+
+
+def masked_step(model: QBert4Rec, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    return model.masked_loss(batch["tokens"], batch["mask"])
+
+
+def evaluate_split(model: QBert4Rec, split: LeaveOneOutSplit, which: str, batch_size: int = 1024,
+                   device: torch.device | str = "cpu", exclude_history: bool = False) -> dict[str, float]:
+    """Full-ranking metrics of ``which`` in {'valid', 'test'} with the foundation's evaluator."""
+    if model.num_items != split.num_items:
+        raise ValueError(f"model catalogue has {model.num_items} items, split has {split.num_items}")
+    was_training = model.training
+    model.eval()
+    try:
+        return evaluate_ranking(model.score, split.history(which, pad=0, shift=1), split.targets(which), split.num_items,
+                                batch_size=batch_size, exclude_history=exclude_history, history_pad=0,
+                                history_shift=1, device=device)
+    finally:
+        model.train(was_training)
+
+
+def _optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+
+
+# ---------------------------------------------------------------------------- runners
+def pretrain(model: QBert4Rec, sequences: np.ndarray, cfg: PretrainConfig, device: torch.device | str = "cpu",
+             seed: int = 0, callbacks: Iterable[Callback] = (), checkpoint_dir: str | Path | None = None,
+             shard: tuple[int, int] | None = None, progress: bool = True) -> FitResult | None:
+    """Masked-item pretraining on token rows [M, L] (training parts only; the caller guarantees it).
+
+    Returns None for strategy ``none``. The model's catalogue (``set_catalogue``) must cover
+    every item token in ``sequences``.
+    """
+    if cfg.strategy == "none" or cfg.epochs == 0:
+        return None
+    seqs = np.asarray(sequences)
+    if seqs.ndim != 2 or seqs.shape[1] > model.max_len:
+        raise ValueError(f"pretraining sequences must be [rows, <= {model.max_len}], got shape {seqs.shape}")
+    if seqs.size and (seqs.min() < 0 or seqs.max() > model.num_items):
+        raise ValueError(f"pretraining tokens must lie in [0, {model.num_items}] (0 = padding), "
+                         f"got range [{seqs.min()}, {seqs.max()}]")
+    device = torch.device(device)
+    model.to(device)
+    loop = LoopConfig(epochs=cfg.epochs, patience=0, monitor="loss", mode="min", progress=progress)
+    return fit(model, _optimizer(model, cfg.lr, cfg.weight_decay),
+               masked_batches(seqs, cfg.batch_size, pretrain_mask_fn(cfg), seed, device, shard),
+               masked_step, loop, callbacks=callbacks, checkpoint_dir=checkpoint_dir, desc=f"pretrain[{cfg.strategy}]")
+
+
+def finetune(model: QBert4Rec, split: LeaveOneOutSplit, cfg: FinetuneConfig, device: torch.device | str = "cpu",
+             seed: int = 0, callbacks: Iterable[Callback] = (), checkpoint_dir: str | Path | None = None,
+             shard: tuple[int, int] | None = None, exclude_history: bool = False,
+             progress: bool = True) -> FitResult:
+    """Fine-tune on the target's training sequences; early stopping on valid ``cfg.monitor``.
+
+    The best epoch's weights are loaded into ``model`` on return.
+    """
+    if model.num_items != split.num_items:
+        raise ValueError(f"model catalogue has {model.num_items} items, target has {split.num_items}: "
+                         "call set_catalogue with the target's semantic-ID table first")
+    device = torch.device(device)
+    model.to(device)
+    seqs = training_rows(split, model.max_len, cfg.prefixes)
+    mask_fn: MaskFn = lambda valid, g: masks.finetune_mask(valid, cfg.mask_ratio, cfg.last_prob, g)  # noqa: E731
+
+    def evaluate(m: torch.nn.Module, epoch: int) -> dict[str, float]:
+        out = evaluate_split(model, split, "valid", cfg.eval_batch_size, device, exclude_history)
+        out.pop("users", None)
+        return out
+
+    loop = LoopConfig(epochs=cfg.epochs, patience=cfg.patience, monitor=cfg.monitor, mode="max",
+                      eval_every=cfg.eval_every, progress=progress)
+    return fit(model, _optimizer(model, cfg.lr, cfg.weight_decay),
+               masked_batches(seqs, cfg.batch_size, mask_fn, seed, device, shard), masked_step, loop,
+               evaluate=evaluate, callbacks=callbacks, checkpoint_dir=checkpoint_dir, desc="finetune")

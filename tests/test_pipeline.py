@@ -1,0 +1,183 @@
+"""End to end: fusion -> RQ-VAE -> pretrain -> finetune -> evaluation on synthetic data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from qbert.config import ConfigError
+from qbert.data.errors import DataError
+from qbert.data.split import LeaveOneOutSplit
+from qbert.data.synthetic import SyntheticConfig, make_synthetic
+from qbert.eval.evaluator import evaluate_ranking
+from qbert.pipeline import PipelineConfig, load_data, pretraining_rows, quickstart_config, run_pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+METRICS = ("HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10")
+
+
+def tiny(**over) -> PipelineConfig:
+    """A config small enough for CI: 2 cores, well under a minute per run."""
+    base = {
+        "data": {"source": "synthetic", "max_len": 15,
+                 "synthetic": {"seed": 0, "num_users": 500, "num_items": 150, "num_clusters": 10, "max_len": 15}},
+        "fusion": {"dim": 32, "layers": 3, "epochs": 4, "batch_size": 150},
+        "quantize": {"levels": 3, "codebook_size": 16, "hidden": [64, 32], "code_dim": 16, "epochs": 15,
+                     "batch_size": 150},
+        "model": {"hidden": 32, "layers": 2, "heads": 2, "dropout": 0.1},
+        "pretrain": {"strategy": "multi", "epochs": 3, "batch_size": 128, "lr": 2e-3},
+        "finetune": {"epochs": 12, "batch_size": 64, "lr": 3e-3, "patience": 4, "eval_batch_size": 512},
+        "seed": 0, "device": "cpu", "plots": True,
+    }
+    cfg = PipelineConfig.from_dict(base)
+    return cfg.override(over) if over else cfg
+
+
+def popularity_test_metrics(ds) -> dict[str, float]:
+    split = LeaveOneOutSplit(ds, 15)
+    train_items = np.concatenate([ds.seq_items[s:e] for s, e in zip(split.user_start, split.train_end)])
+    counts = torch.as_tensor(np.bincount(train_items, minlength=ds.num_items), dtype=torch.float)
+    return evaluate_ranking(lambda h: counts.expand(len(h), -1), split.history("test"), split.targets("test"),
+                            ds.num_items)
+
+
+def test_end_to_end_beats_popularity_and_writes_every_artifact(tmp_path):
+    cfg = tiny()
+    run = tmp_path / "run"
+    metrics = run_pipeline(cfg, run)
+    for name in ("config.yaml", "fused_embeddings.parquet", "fusion_report.json", "rqvae.pt", "semantic_ids.parquet",
+                 "quantize_report.json", "pretrain.pt", "model.pt", "metrics.json", "summary.json",
+                 "checkpoints/finetune/last.pt", "checkpoints/pretrain/last.pt", "plots/activated_layers.png",
+                 "plots/codebook_utilisation.png"):
+        assert (run / name).is_file(), name
+    on_disk = json.loads((run / "metrics.json").read_text())
+    assert set(on_disk["test"]) == set(METRICS) and set(on_disk["valid"]) == set(METRICS)
+    assert on_disk["test"] == metrics["test"]
+    assert {"fusion", "quantize", "pretrain", "finetune"} <= set(on_disk["stages"])
+    summary = json.loads((run / "summary.json").read_text())
+    assert {"git_commit", "machine", "timings", "config", "data"} <= set(summary)
+    assert summary["data"]["fingerprint"] == make_synthetic(cfg.data.synthetic).fingerprint()
+    assert PipelineConfig.from_yaml(run / "config.yaml") == cfg
+    assert (run / "plots/activated_layers.png").read_bytes()[:4] == b"\x89PNG"
+
+    sid = pq.read_table(run / "semantic_ids.parquet")
+    codes = np.stack([sid.column(f"code_{i}").to_numpy() for i in range(3)], 1)
+    assert len(codes) == 150 and np.unique(codes, axis=0).shape[0] == 150
+    assert metrics["stages"]["finetune"]["init"].startswith("pretrained")
+
+    pop = popularity_test_metrics(make_synthetic(cfg.data.synthetic))
+    assert metrics["test"]["HR@10"] > pop["HR@10"] + 0.08, (metrics["test"], pop)
+    assert metrics["test"]["NDCG@10"] > pop["NDCG@10"] + 0.04
+
+
+def test_multi_domain_pretraining_then_finetune_on_a_third_domain(tmp_path):
+    cfg = tiny(**{"pretrain_sources": ["synthetic:seed=1,users=300,items=120,clusters=10,max_len=15",
+                                       "synthetic:seed=2,users=300,items=100,clusters=10,max_len=15"],
+                  "pretrain.include_target": False, "pretrain.epochs": 2, "finetune.epochs": 8, "plots": False})
+    data = load_data(cfg)
+    assert data.union.num_items == 150 + 120 + 100
+    rows = pretraining_rows(cfg, data)
+    # only the two source domains: every token lies in their item ranges (union ids + 1)
+    real = rows[rows > 0] - 1
+    assert len(rows) == 600 and real.min() >= 150 and real.max() < 370
+
+    metrics = run_pipeline(cfg, tmp_path / "md")
+    sid = pq.read_table(tmp_path / "md" / "semantic_ids.parquet")
+    assert sid.num_rows == 370 and set(sid.column("domain").to_pylist()) == {"target", "source0", "source1"}
+    assert metrics["stages"]["pretrain"]["rows"] == 600
+    assert metrics["stages"]["pretrain"]["domains"] == ["target", "source0", "source1"]
+    assert "shared encoder" in metrics["stages"]["finetune"]["init"]
+    pop = popularity_test_metrics(make_synthetic(cfg.data.synthetic))
+    assert metrics["test"]["HR@10"] > pop["HR@10"]
+
+
+def test_single_domain_pretraining_uses_only_the_training_part():
+    cfg = tiny()
+    data = load_data(cfg)
+    rows = pretraining_rows(cfg, data)
+    assert np.array_equal(rows, LeaveOneOutSplit(data.target, 15).train_sequences(pad=0, shift=1))
+
+
+def test_target_itself_as_pretrain_source_is_refused():
+    cfg = tiny(**{"pretrain_sources": ["synthetic:seed=0,users=500,items=150,clusters=10,max_len=15"]})
+    with pytest.raises(ConfigError, match="leak"):
+        load_data(cfg)
+
+
+def _no_training_outputs(run: Path) -> None:
+    assert not (run / "fused_embeddings.parquet").exists() and not (run / "metrics.json").exists()
+
+
+def test_bad_features_fail_before_training(tmp_path):
+    ds = make_synthetic(SyntheticConfig(num_users=60, num_items=40, num_clusters=4))
+    img = np.array(ds.feature("image"))
+    img[3, 0] = np.nan
+    with pytest.raises(DataError, match="NaN"):  # the dataset itself refuses NaN features
+        ds.with_feature("image", img)
+    text = np.array(ds.feature("text"))
+    text[5] = 0.0  # an item without features for an enabled modality
+    bad = ds.with_feature("text", text)
+    bad.save(tmp_path / "bad")
+    with pytest.raises(DataError, match="item 5"):
+        run_pipeline(tiny(**{"data.source": str(tmp_path / "bad")}), tmp_path / "r1")
+    _no_training_outputs(tmp_path / "r1")
+    with pytest.raises(DataError, match="feat_missing"):
+        run_pipeline(tiny(**{"data.source": str(tmp_path / "bad"), "data.features": {"text": "missing",
+                                                                                     "image": "image"}}),
+                     tmp_path / "r2")
+    _no_training_outputs(tmp_path / "r2")
+
+
+def test_impossible_codebook_fails_before_training(tmp_path):
+    with pytest.raises(ConfigError, match="distinct"):
+        run_pipeline(tiny(**{"quantize.levels": 2, "quantize.codebook_size": 8}), tmp_path / "r")  # 64 < 150
+    _no_training_outputs(tmp_path / "r")
+
+
+def test_config_modalities_and_errors():
+    cfg = tiny(**{"data.modalities": ["image", "id"]})
+    assert cfg.fusion.modalities == ["image", "id"] and cfg.use_id
+    assert not tiny(**{"data.modalities": ["text"]}).use_id
+    assert PipelineConfig.from_dict({"data": {"modalities": ["text"]}}).fusion.modalities == ["text"]
+    assert tiny(**{"data.modalities": None, "fusion.modalities": ["text", "id"]}).use_id
+    with pytest.raises(ConfigError, match="strategy"):
+        tiny(**{"pretrain.strategy": "bogus"})
+    with pytest.raises(ConfigError, match="unknown field"):
+        tiny(**{"finetune.epoch": 3})
+    for name in ("synthetic.yaml", "instruments.yaml"):
+        PipelineConfig.from_yaml(REPO / "configs" / name)
+    assert PipelineConfig.from_yaml(REPO / "configs" / "synthetic.yaml") == quickstart_config()
+
+
+def test_cli_pipeline_reports_bad_override_and_bad_config(tmp_path, capsys):
+    from qbert.cli import main
+
+    assert main(["pipeline", "--out", str(tmp_path / "x"), "--set", "finetune.nope=1"]) == 2
+    assert "unknown field" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("finetune: {lr: -1}\n")
+    assert main(["pipeline", "--config", str(bad), "--out", str(tmp_path / "y")]) == 2
+    assert "finetune.lr" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_cli_pipeline_runs_and_prints_metrics(tmp_path, capsys):
+    from qbert.cli import main
+
+    cfg_path = tmp_path / "tiny.yaml"
+    tiny(**{"plots": False}).to_yaml(cfg_path)
+    rc = main(["pipeline", "--config", str(cfg_path), "--out", str(tmp_path / "run"), "--set", "pretrain.strategy=none",
+               "--set", "finetune.epochs=2", "--set", "fusion.epochs=1", "--set", "quantize.epochs=2"])
+    assert rc == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert set(printed["test"]) == set(METRICS)
+    assert not (tmp_path / "run" / "pretrain.pt").exists()
+    saved = PipelineConfig.from_yaml(tmp_path / "run" / "config.yaml")
+    assert saved.pretrain.strategy == "none" and saved.finetune.epochs == 2
+    # a stage alone, inside the run directory
+    assert main(["finetune", "--out", str(tmp_path / "run"), "--set", "finetune.epochs=1"]) == 0
