@@ -11,6 +11,7 @@ imports neither Ray nor MLflow.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ from tqdm.auto import tqdm
 
 from qbert.config import Config
 from qbert.utils.io import atomic_path
+
+log = logging.getLogger(__name__)
 
 
 class LoopConfig(Config):
@@ -174,6 +177,8 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Callable[[i
                 if cfg.patience and state.bad_epochs >= cfg.patience:
                     state.stopped_early = True
         state.epoch += 1
+        log.info("%s epoch %d/%d: %s", desc, epoch + 1, cfg.epochs,
+                 " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k not in ("epoch",) and isinstance(v, float)))
         if ckpt_path is not None:
             save_checkpoint(ckpt_path, model, optimizer, state, best_state, scheduler)
         for cb in callbacks:
