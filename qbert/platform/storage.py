@@ -1,0 +1,141 @@
+"""Run-directory storage: local paths or ``s3://bucket/prefix`` URIs (AWS or S3-compatible).
+
+The same ``--out`` value works on a laptop (a directory) and on a cluster (an S3 prefix):
+stages always write to a local directory, and this module copies the finished directory to
+its destination. The endpoint of an S3-compatible store comes from ``AWS_ENDPOINT_URL_S3``
+(what Ray/pyarrow read) or ``MLFLOW_S3_ENDPOINT_URL`` (what MLflow reads); set both.
+Every remote call is retried with bounded backoff (:mod:`qbert.platform.retry`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+from qbert.platform.retry import RetryConfig, with_retries
+
+ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")
+
+
+def is_s3(uri: str | os.PathLike) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def parse_s3(uri: str) -> tuple[str, str]:
+    """``s3://bucket/a/b`` -> (``bucket``, ``a/b``); a clear error for anything else."""
+    if not is_s3(uri):
+        raise ValueError(f"not an s3:// URI: {uri!r}")
+    rest = str(uri)[len("s3://"):].split("?", 1)[0]
+    bucket, _, key = rest.partition("/")
+    if not bucket:
+        raise ValueError(f"s3 URI without a bucket: {uri!r}")
+    return bucket, key.strip("/")
+
+
+def join(uri: str | os.PathLike, *parts: str) -> str:
+    """Join path parts onto a local path or an S3 URI."""
+    if is_s3(uri):
+        base = str(uri).rstrip("/")
+        return "/".join([base, *(p.strip("/") for p in parts if p)])
+    return str(Path(uri).joinpath(*parts))
+
+
+def s3_endpoint() -> str | None:
+    for name in ENDPOINT_ENV:
+        if os.environ.get(name):
+            return os.environ[name]
+    return None
+
+
+def s3_client(endpoint: str | None = None, connect_timeout: float = 3.0) -> Any:
+    """A boto3 S3 client; botocore's own retries are off because :func:`with_retries` owns them."""
+    import boto3
+    from botocore.config import Config as BotoConfig
+
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint or s3_endpoint(),
+        region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+        config=BotoConfig(connect_timeout=connect_timeout, read_timeout=30, retries={"max_attempts": 1, "mode": "standard"}),
+    )
+
+
+def ray_storage_path(uri: str | os.PathLike) -> str:
+    """A ``RunConfig.storage_path``: local dirs absolute; S3 with the endpoint as pyarrow query args."""
+    if not is_s3(uri):
+        return str(Path(uri).resolve())
+    endpoint = s3_endpoint()
+    if not endpoint or "?" in str(uri):
+        return str(uri)
+    scheme = "http" if endpoint.startswith("http://") else "https"
+    query = {"endpoint_override": endpoint.split("://", 1)[-1], "scheme": scheme}
+    return f"{str(uri).rstrip('/')}?{urlencode(query)}"
+
+
+def check_reachable(uri: str | os.PathLike, retry: RetryConfig | None = None) -> None:
+    """Fail early (after bounded retries) when the S3 bucket of ``uri`` cannot be reached."""
+    if not is_s3(uri):
+        return
+    bucket, _ = parse_s3(str(uri))
+    client = s3_client()
+    with_retries(lambda: client.head_bucket(Bucket=bucket), f"S3 bucket {bucket!r} at {s3_endpoint() or 'AWS'}", retry)
+
+
+def upload_dir(local_dir: str | os.PathLike, uri: str | os.PathLike, retry: RetryConfig | None = None) -> list[str]:
+    """Copy a finished local directory to ``uri`` (a directory or an S3 prefix); returns the keys/paths."""
+    src = Path(local_dir)
+    if not src.is_dir():
+        raise FileNotFoundError(f"run directory to upload not found: {src}")
+    files = sorted(p for p in src.rglob("*") if p.is_file())
+    if not is_s3(uri):
+        dst = Path(uri)
+        if dst.resolve() == src.resolve():
+            return [str(p) for p in files]
+        shutil.copytree(src, dst, dirs_exist_ok=True)
+        return [str(dst / p.relative_to(src)) for p in files]
+    bucket, prefix = parse_s3(str(uri))
+    client = s3_client()
+    keys = []
+    for p in files:
+        key = "/".join(x for x in (prefix, p.relative_to(src).as_posix()) if x)
+        with_retries(lambda p=p, key=key: client.upload_file(str(p), bucket, key), f"upload s3://{bucket}/{key}", retry)
+        keys.append(key)
+    return keys
+
+
+def download_dir(uri: str | os.PathLike, local_dir: str | os.PathLike, retry: RetryConfig | None = None) -> Path:
+    """Copy a directory or S3 prefix into ``local_dir`` (created); returns ``local_dir``."""
+    dst = Path(local_dir)
+    dst.mkdir(parents=True, exist_ok=True)
+    if not is_s3(uri):
+        src = Path(uri)
+        if not src.is_dir():
+            raise FileNotFoundError(f"run directory not found: {src}")
+        if src.resolve() != dst.resolve():
+            shutil.copytree(src, dst, dirs_exist_ok=True)
+        return dst
+    bucket, prefix = parse_s3(str(uri))
+    client = s3_client()
+
+    def list_keys() -> list[str]:
+        keys, token = [], None
+        while True:
+            kw = {"Bucket": bucket, "Prefix": prefix + "/" if prefix else ""}
+            if token:
+                kw["ContinuationToken"] = token
+            page = client.list_objects_v2(**kw)
+            keys += [o["Key"] for o in page.get("Contents", [])]
+            if not page.get("IsTruncated"):
+                return keys
+            token = page["NextContinuationToken"]
+
+    for key in with_retries(list_keys, f"list s3://{bucket}/{prefix}", retry):
+        rel = key[len(prefix):].lstrip("/") if prefix else key
+        target = dst / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with_retries(lambda key=key, target=target: client.download_file(bucket, key, str(target)),
+                     f"download s3://{bucket}/{key}", retry)
+    return dst

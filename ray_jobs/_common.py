@@ -1,0 +1,221 @@
+"""Shared body of the ``ray job submit`` entrypoints: flags, config, storage, tracking, Ray.
+
+Every entrypoint takes the same flags and the same config file as ``qbert pipeline`` and the
+KubeRay RayJob::
+
+    --config FILE           pipeline config (YAML)
+    --out URI               run directory: a local path or s3://bucket/prefix
+    --workers N             Ray Train workers per stage (0: run in this process, no Ray Train)
+    --gpus-per-worker G     GPUs per worker (0: CPU, gloo; >0: nccl)
+    --set key=value         dotted config override, repeatable (value parsed as YAML)
+
+``ray.init()`` without an address joins the cluster the job was submitted to (the job
+supervisor sets ``RAY_ADDRESS``); run by hand it starts a local Ray. Stages write into a local
+run directory; with an ``s3://`` ``--out`` it is staged under ``/tmp`` and uploaded at the end
+(the S3 endpoint is checked first, with bounded retries). MLflow: ``MLFLOW_TRACKING_URI`` or
+the embedded sqlite store in the run directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+# ``python ray_jobs/x.py`` puts ray_jobs/ (not the repo) on sys.path: make the working dir's qbert win.
+_REPO = Path(__file__).resolve().parents[1]
+if str(_REPO) not in sys.path:
+    sys.path.insert(0, str(_REPO))
+
+from qbert.config import ConfigError  # noqa: E402
+from qbert.data.errors import DataError  # noqa: E402
+
+log = logging.getLogger("qbert.ray_jobs")
+ALL_STAGES = ("fusion", "quantize", "pretrain", "finetune")
+
+
+def build_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config", required=True, help="pipeline config YAML (same file as local runs and KubeRay)")
+    p.add_argument("--out", required=True, help="run directory: local path or s3://bucket/prefix")
+    p.add_argument("--workers", type=int, default=1, help="Ray Train workers per stage; 0 = in-process, no Ray Train")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker (0 = CPU)")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--max-failures", type=int, default=1, help="Ray Train FailureConfig.max_failures per stage")
+    p.add_argument("--trainer-per-stage", action="store_true",
+                   help="pipeline: one TorchTrainer per stage (default: one for all four stages)")
+    p.add_argument("--storage", default=None, help="RunConfig.storage_path (default <run dir>/ray_storage)")
+    p.add_argument("--name", default=None, help="run name (Ray run names and MLflow run name); default from --out")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted config override, e.g. --set finetune.epochs=2 (repeatable)")
+    p.add_argument("--experiment", default=os.environ.get("QBERT_MLFLOW_EXPERIMENT", "qbert"), help="MLflow experiment")
+    p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    p.add_argument("--tracking-retries", type=int, default=5, help="attempts per MLflow/S3 call before failing")
+    p.add_argument("--no-model", action="store_true", help="do not log the fine-tuned model to MLflow")
+    return p
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: value is not valid YAML: {e}") from e
+    return out
+
+
+def load_config(args: argparse.Namespace) -> Any:
+    from qbert.pipeline import PipelineConfig
+
+    cfg = PipelineConfig.from_yaml(args.config)
+    overrides = parse_overrides(args.overrides)
+    return cfg.override(overrides) if overrides else cfg
+
+
+def run_name(args: argparse.Namespace) -> str:
+    if args.name:
+        return args.name
+    base = str(args.out).rstrip("/").rsplit("/", 1)[-1] or "qbert"
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", base)
+
+
+def scaling_from_args(args: argparse.Namespace) -> Any:
+    from qbert.platform.ray_train import RayScalingConfig
+
+    resources = {"CPU": args.cpus_per_worker}
+    if args.gpus_per_worker > 0:
+        resources["GPU"] = args.gpus_per_worker
+    return RayScalingConfig(num_workers=max(args.workers, 1), use_gpu=args.gpus_per_worker > 0,
+                            resources_per_worker=resources, max_failures=args.max_failures, storage_path=args.storage)
+
+
+def run_job(args: argparse.Namespace, stages: Sequence[str]) -> dict[str, Any]:
+    """Run ``stages`` (all four = the pipeline) under tracking; return the metrics / stage reports."""
+    from qbert.platform import storage
+    from qbert.platform.retry import RetryConfig
+    from qbert.platform.tracking import TrackingConfig, start_run
+
+    retry = RetryConfig(attempts=max(args.tracking_retries, 1))
+    cfg = load_config(args)
+    name = run_name(args)
+    remote = storage.is_s3(args.out)
+    if remote:
+        storage.check_reachable(args.out, retry)
+        local = Path(tempfile.mkdtemp(prefix=f"qbert-{name}-"))
+        if tuple(stages) != ALL_STAGES:  # a single stage reads earlier stages' outputs
+            storage.download_dir(args.out, local, retry)
+    else:
+        local = Path(args.out).resolve()
+        local.mkdir(parents=True, exist_ok=True)
+
+    run = None
+    if not args.no_tracking:
+        from qbert.pipeline import load_data
+
+        fingerprint = load_data(cfg).target.fingerprint()
+        run = start_run(TrackingConfig(experiment=args.experiment, retry=retry), local, name, config=cfg,
+                        dataset_fingerprint=fingerprint,
+                        tags={"qbert.stages": ",".join(stages), "qbert.out": str(args.out), "qbert.workers": args.workers})
+    try:
+        result = _execute(cfg, local, stages, args, name, run)
+    except BaseException:
+        if run is not None:
+            try:
+                run.end("FAILED")
+            except Exception:  # noqa: BLE001 - the original error matters more
+                log.exception("could not mark the MLflow run failed")
+        raise
+    if run is not None:
+        final = {f"{split}/{k}": v for split in ("valid", "test") for k, v in (result.get(split) or {}).items()}
+        run.log_metrics(final, step=0, prefix="final/")
+        run.log_run_dir(local)
+        run.end()
+    if remote:
+        storage.upload_dir(local, args.out, retry)
+    return result
+
+
+def _execute(cfg: Any, local: Path, stages: Sequence[str], args: argparse.Namespace, name: str, run: Any) -> dict[str, Any]:
+    from qbert import pipeline as P
+
+    if args.workers == 0:  # in-process: the local pipeline with MLflow callbacks
+        from qbert.platform.tracking import MLflowCallback
+
+        def callbacks(stage: str) -> list:
+            if run is None:
+                return []
+            model = "finetune" if stage == "finetune" and not args.no_model else None
+            return [MLflowCallback(run, prefix=f"{stage}/", model_name=model)]
+
+        if tuple(stages) == ALL_STAGES:
+            return P.run_pipeline(cfg, local, callbacks_factory=callbacks)
+        data = P.load_data(cfg)
+        P.check_inputs(cfg, data)
+        fns = {"fusion": P.run_fusion_stage, "quantize": P.run_quantize_stage,
+               "pretrain": P.run_pretrain_stage, "finetune": P.run_finetune_stage}
+        return {s: fns[s](cfg, data, local, callbacks(s)) for s in stages}
+
+    import ray
+
+    from qbert.platform.ray_train import (PIPELINE_BATCH_KEYS, PIPELINE_STAGE_INPUTS, run_pipeline_on_ray,
+                                          run_stage_on_ray, tracking_handle)
+
+    if not ray.is_initialized():
+        ray.init()
+    scaling = scaling_from_args(args)
+    if tuple(stages) == ALL_STAGES:
+        return run_pipeline_on_ray(cfg, local, scaling=scaling, name=name, tracked_run=run, log_model=not args.no_model,
+                                   trainer_per_stage=args.trainer_per_stage)
+    import functools
+
+    data = P.load_data(cfg)
+    P.check_inputs(cfg, data)
+    fns = {"fusion": P.run_fusion_stage, "quantize": P.run_quantize_stage,
+           "pretrain": P.run_pretrain_stage, "finetune": P.run_finetune_stage}
+    out = {}
+    for s in stages:
+        res = run_stage_on_ray(fns[s], cfg, functools.partial(P.load_data, cfg), local, scaling=scaling,
+                               name=f"{name}-{s}", stage=s, tracking=tracking_handle(run) if run else None,
+                               log_model=s == "finetune" and not args.no_model, input_files=PIPELINE_STAGE_INPUTS[s],
+                               per_rank_batch_keys=PIPELINE_BATCH_KEYS.get(s, ()))
+        out[s] = res.value
+    if len(stages) == 1 and isinstance(out[stages[0]], dict):
+        return out[stages[0]]
+    return out
+
+
+def main(stages: Sequence[str], description: str, argv: list[str] | None = None) -> int:
+    args = build_parser(description).parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        result = run_job(args, stages)
+    except (DataError, ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    summary = {k: result[k] for k in ("valid", "test") if k in result} or result
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def guarded_main(stages: Sequence[str], description: str) -> None:
+    """Exit codes: 0 ok, 2 bad input/config, 3 a remote service (MLflow/S3) stayed unreachable."""
+    from qbert.platform.retry import RemoteUnavailableError
+
+    try:
+        code = main(stages, description)
+    except RemoteUnavailableError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 3
+    sys.exit(code)
