@@ -87,6 +87,23 @@ class Config(BaseModel):
         return type(self).from_dict(data, source="overrides")
 
 
+def parse_overrides(items: "list[str] | tuple[str, ...]") -> dict[str, Any]:
+    """``["a.b=3", "c=[x, y]"]`` (the CLI's repeatable ``--set``) -> ``{"a.b": 3, "c": ["x", "y"]}``.
+
+    Values are parsed as YAML so numbers, booleans and lists keep their types.
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: value is not valid YAML: {e}") from None
+    return out
+
+
 def flatten_dict(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():

@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Literal
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from pydantic import Field, model_validator

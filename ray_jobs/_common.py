@@ -28,14 +28,13 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-import yaml
 
 # ``python ray_jobs/x.py`` puts ray_jobs/ (not the repo) on sys.path: make the working dir's qbert win.
 _REPO = Path(__file__).resolve().parents[1]
 if str(_REPO) not in sys.path:
     sys.path.insert(0, str(_REPO))
 
-from qbert.config import ConfigError  # noqa: E402
+from qbert.config import ConfigError, parse_overrides  # noqa: E402
 from qbert.data.errors import DataError  # noqa: E402
 
 log = logging.getLogger("qbert.ray_jobs")
@@ -61,19 +60,6 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--tracking-retries", type=int, default=5, help="attempts per MLflow/S3 call before failing")
     p.add_argument("--no-model", action="store_true", help="do not log the fine-tuned model to MLflow")
     return p
-
-
-def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set expects key=value, got {item!r}")
-        try:
-            out[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--set {item!r}: value is not valid YAML: {e}") from e
-    return out
 
 
 def load_config(args: argparse.Namespace) -> Any:

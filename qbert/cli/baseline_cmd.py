@@ -7,9 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from qbert.config import ConfigError
+from qbert.config import ConfigError, parse_overrides
 
 DATA_HELP = "a dataset dir or source readable by qbert.data.readers.read_source, or 'synthetic[:k=v,...]'"
 
@@ -59,11 +58,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
             ov[field] = getattr(args, key)
     if args.no_progress:
         ov["progress"] = False
-    for item in args.set:
-        if "=" not in item:
-            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        ov[k.strip()] = yaml.safe_load(v)
+    ov.update(parse_overrides(args.set))
     return ov
 
 

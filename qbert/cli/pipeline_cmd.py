@@ -10,12 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
 
 import torch
-import yaml
 
-from qbert.config import ConfigError
+from qbert.config import parse_overrides
 
 def _add_common(p: argparse.ArgumentParser, out_help: str, config_help: str) -> None:
     p.add_argument("--config", default=None, help=config_help)
@@ -42,19 +40,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         _add_common(q, "existing run directory (holds semantic_ids.parquet)",
                     "PipelineConfig YAML (default: RUN_DIR/config.yaml)")
         q.set_defaults(func=stage_cmd, stage=stage)
-
-
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip():
-            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        try:
-            out[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--set {item!r}: value is not valid YAML: {e}") from None
-    return out
 
 
 def load_config(path: str | Path | None, overrides: list[str]):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from qbert.config import parse_overrides
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sweep", help="run a Ray Tune sweep of pipeline configs (figures / ablation tables)")
@@ -16,20 +18,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-concurrent", type=int, default=None, help="override the sweep's max_concurrent_trials")
     p.add_argument("--no-tracking", action="store_true", help="do not log parent/child runs to MLflow")
     p.set_defaults(func=run)
-
-
-def parse_overrides(items: list[str]) -> dict:
-    import yaml
-
-    from qbert.config import ConfigError
-
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set expects key=value, got {item!r}")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
 
 
 def run(args: argparse.Namespace) -> int:
