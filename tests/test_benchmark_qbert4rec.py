@@ -1,0 +1,150 @@
+"""benchmarks/qbert4rec.py in smoke mode: tables, dedupe of rows equal to the main run, resume,
+and the cost table measured on the real saved model; plus the profiling helpers."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qbert.seqrec.profile import (
+    parameter_count,
+    ranking_latency_per_user,
+    score_flops_per_sample,
+    train_flops_per_sample,
+    training_throughput,
+)
+from qbert.seqrec.qbert4rec import QBert4Rec
+
+REPO = Path(__file__).resolve().parents[1]
+METRICS = ("HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10")
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_qbert4rec", REPO / "benchmarks" / "qbert4rec.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up while the class is created
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # OMP_WAIT_POLICY=PASSIVE (set by the script) comes too late once torch is imported, and
+    # spinning OpenMP workers on the shared CI cores made these tests 5-20x slower
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return _bench()
+
+
+def _mtimes(runs: Path) -> dict[str, int]:
+    return {str(p.relative_to(runs)): p.stat().st_mtime_ns for p in runs.rglob("*") if p.is_file()
+            and not p.name.startswith("qbert4rec.")}
+
+
+def test_quick_benchmark_tables_dedupe_resume_and_cost(bench, tmp_path):
+    runs, out_json, out_md = tmp_path / "runs", tmp_path / "q.json", tmp_path / "q.md"
+    argv = ["--quick", "--runs-dir", str(runs), "--tables", "main,pretraining,cost",
+            "--out-json", str(out_json), "--out-md", str(out_md)]
+    assert bench.main(argv) == 0
+    res = json.loads(out_json.read_text())
+    rows = {r["name"]: r for r in res["rows"]}
+    assert list(rows) == ["main", "pretraining-none", "pretraining-mlm", "pretraining-multi"]
+    for r in rows.values():
+        assert set(r["test"]) == set(METRICS) and all(0.0 <= r["test"][k] <= 1.0 for k in METRICS)
+        assert r["valid NDCG@10"] is not None and r["best_epoch"] >= 1
+        assert r["collision_rate_after"] == 0.0 and r["data_fingerprint"] and r["git_commit"]
+        assert r["activated_layers_median"] is not None
+    assert {rows[n]["status"] for n in ("main", "pretraining-none", "pretraining-mlm")} == {"ran"}
+    # the multi row has the main row's config: it shares that run instead of training again
+    assert rows["pretraining-multi"]["status"] == "shared"
+    assert rows["pretraining-multi"]["run_dir"] == rows["main"]["run_dir"] == str(runs / "main")
+    assert rows["pretraining-multi"]["test"] == rows["main"]["test"]
+    assert not (runs / "pretraining-multi").exists()
+    assert not (runs / "pretraining-none" / "pretrain.pt").exists() and rows["pretraining-none"]["init"] == "scratch"
+    assert (runs / "main" / "pretrain.pt").is_file()
+    assert rows["pretraining-none"]["overrides"] == {"pretrain.strategy": "none"}
+    meta = res["meta"]
+    assert meta["quick"] and meta["seed"] == 0 and "--quick" in meta["command"] and meta["machine"]["cpu_count"]
+
+    md = out_md.read_text()
+    for needle in ("Table 2", "Table 4", "Table 6", "Q-BERT4Rec (paper)", "0.1418", "no pretraining", "multi-mask",
+                   meta["command"]):
+        assert needle in md, needle
+    assert "Table 3" not in md and "Table 5" not in md
+
+    # cost: measured on the main run's saved model
+    cost = res["cost"]
+    model, _ = bench.load_run_model(runs / "main")
+    assert cost["params"] == sum(p.numel() for p in model.parameters()) > 0
+    for k in ("train_flops_per_sample", "score_flops_per_sample", "latency_ms_per_user", "train_samples_per_s"):
+        assert cost[k] > 0, k
+
+    # resume: a second call trains nothing and leaves every run file as it was
+    before = _mtimes(runs)
+    assert bench.main(argv) == 0
+    again = {r["name"]: r for r in json.loads(out_json.read_text())["rows"]}
+    assert [again[n]["status"] for n in rows] == ["resumed", "resumed", "resumed", "shared"]
+    assert _mtimes(runs) == before
+    assert {n: again[n]["test"] for n in rows} == {n: r["test"] for n, r in rows.items()}
+
+    # a finished run of another config in the same directory is an error, never silently reported
+    assert bench.main(argv + ["--seed", "7"]) == 2
+    assert _mtimes(runs) == before
+
+
+def test_bad_table_name_is_rejected(bench, tmp_path, capsys):
+    assert bench.main(["--quick", "--runs-dir", str(tmp_path), "--tables", "main,tabel9"]) == 2
+    assert "tabel9" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_plan_rows_covers_every_ablation(bench):
+    rows = bench.plan_rows(list(bench.TABLES))
+    names = [r.name for r in rows]
+    assert names[0] == "main" and len(set(names)) == len(names)
+    assert {tuple(r.overrides.get("data.modalities", [])) for r in rows if r.table == "modalities"} == {
+        ("image",), ("text",), ("id",), ("text", "image", "id")}
+    assert {r.overrides["pretrain.strategy"] for r in rows if r.table == "pretraining"} == {"none", "mlm", "multi"}
+    assert {r.overrides["fusion.variant"] for r in rows if r.table == "fusion"} == {"fixed", "dynamic"}
+
+
+def test_profile_helpers_measure_without_touching_the_model():
+    torch.manual_seed(0)
+    codes = torch.randint(0, 8, (30, 2))
+    model = QBert4Rec(codes, num_codes=8, hidden=16, layers=1, heads=2, max_len=8, use_id=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tokens = torch.randint(1, 31, (12, 8))
+    tokens[:3, :4] = 0  # some left padding
+    mask = torch.zeros_like(tokens, dtype=torch.bool)
+    mask[:, -1] = True
+    train = train_flops_per_sample(model, tokens, mask)
+    score = score_flops_per_sample(model, tokens[:, :-1])
+    assert train > score > 0  # forward + backward over every position costs more than one ranking forward
+    last = lambda valid, g: valid & (torch.arange(valid.shape[1]) == valid.shape[1] - 1)
+    assert training_throughput(model, tokens, last, batch_size=4, steps=2) > 0
+    assert ranking_latency_per_user(model, tokens[:, :-1], batch_size=5) > 0
+    assert parameter_count(model) == sum(p.numel() for p in model.parameters())
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert model.training  # restored
+
+
+def test_dry_run_prints_the_plan_and_runs_nothing(bench, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    assert bench.main(["--quick", "--runs-dir", str(runs), "--tables", "main,fusion", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    status = {ln.split()[0] + ":" + ln.split()[1]: ln for ln in lines}
+    assert len(lines) == 3 and " todo " in status["fusion:fixed"] and " shared " in status["fusion:dynamic"]
+    assert str(runs / "main") in status["fusion:dynamic"]
+    assert not runs.exists()
