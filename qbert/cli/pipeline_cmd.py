@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -22,7 +23,8 @@ def _add_common(p: argparse.ArgumentParser, out_help: str, config_help: str) -> 
                    help="override a config field, dotted (e.g. --set finetune.epochs=5 --set data.max_len=50); "
                         "VALUE is parsed as YAML; repeatable")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--progress", action="store_true", help="show progress bars")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bars (default: on when stderr is a terminal)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -54,13 +56,17 @@ def _setup(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
+def _with_progress(cfg, args: argparse.Namespace):
+    show = (cfg.progress or sys.stderr.isatty()) if args.progress is None else args.progress
+    return cfg.override({"progress": show}) if show != cfg.progress else cfg
+
+
 def pipeline_cmd(args: argparse.Namespace) -> int:
     from qbert.pipeline import run_pipeline
 
     _setup(args)
     cfg = load_config(args.config, args.overrides)
-    if args.progress:
-        cfg = cfg.override({"progress": True})
+    cfg = _with_progress(cfg, args)
     metrics = run_pipeline(cfg, args.out)
     print(json.dumps({"test": metrics["test"], "valid": metrics["valid"], "best_epoch": metrics["best_epoch"],
                       "run": str(Path(args.out) / "metrics.json")}, indent=2))
@@ -75,8 +81,7 @@ def stage_cmd(args: argparse.Namespace) -> int:
     if not (out / "semantic_ids.parquet").is_file():
         raise FileNotFoundError(f"{out / 'semantic_ids.parquet'} not found: run `qbert pipeline --out {out}` first")
     cfg = load_config(args.config or out / "config.yaml", args.overrides)
-    if args.progress:
-        cfg = cfg.override({"progress": True})
+    cfg = _with_progress(cfg, args)
     data = load_data(cfg)
     fn = run_pretrain_stage if args.stage == "pretrain" else run_finetune_stage
     report = fn(cfg, data, out)
