@@ -283,7 +283,8 @@ def _restore_files(out_dir: Path) -> dict[str, Any] | None:
         return meta
 
 
-def _worker(spec: _Spec) -> Any:
+def _worker_setup(spec: Any) -> tuple[int, int, Path]:
+    """Rank, world size and this rank's run directory (rank 0 writes the real one)."""
     import ray.train
 
     ctx = ray.train.get_context()
@@ -295,6 +296,13 @@ def _worker(spec: _Spec) -> Any:
     out_dir = Path(spec.out_dir) if rank == 0 else Path(tempfile.mkdtemp(prefix=f"qbert-rank{rank}-"))
     out_dir.mkdir(parents=True, exist_ok=True)
     _drop_stale_checkpoints(out_dir)
+    return rank, world, out_dir
+
+
+def _worker(spec: _Spec) -> Any:
+    import ray.train
+
+    rank, world, out_dir = _worker_setup(spec)
     for rel, blob in spec.inputs.items():  # ranks on other nodes (and rank > 0) need the stage's inputs
         target = out_dir / rel
         if not target.is_file():
@@ -471,15 +479,7 @@ def _pipeline_worker(spec: _Spec) -> Any:
 
     from qbert import pipeline as P
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if spec.use_gpu and torch.cuda.is_available():
-        import ray.train.torch as rtt
-
-        torch.cuda.set_device(rtt.get_device())
-    out_dir = Path(spec.out_dir) if rank == 0 else Path(tempfile.mkdtemp(prefix=f"qbert-rank{rank}-"))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _drop_stale_checkpoints(out_dir)
+    rank, world, out_dir = _worker_setup(spec)
     meta = _restore_files(out_dir) or {}
     reports: dict[str, Any] = dict(meta.get("reports", {}))
     done_files: list[str] = list(meta.get("files", []))
