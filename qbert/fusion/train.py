@@ -104,11 +104,7 @@ def _check_array(m: str, value: Any) -> np.ndarray:
 
 
 def default_loop_config(cfg: FusionConfig) -> LoopConfig:
-    """Train exactly ``cfg.epochs`` and keep the final weights: no validation signal exists at this
-    stage, and the total training loss is no model-selection criterion (its codebook/ponder terms
-    move with the scale of the representation). ``monitor`` names no logged metric, so the loop
-    tracks no best epoch."""
-    return LoopConfig(epochs=cfg.epochs, patience=0, monitor="none", mode="min", progress=False)
+    return LoopConfig.fixed_epochs(cfg.epochs)
 
 
 def train_fusion(features: Mapping[str, Any], cfg: FusionConfig, loop_cfg: LoopConfig | None = None,

@@ -300,7 +300,6 @@ def _worker_setup(spec: Any) -> tuple[int, int, Path]:
 
 
 def _worker(spec: _Spec) -> Any:
-    import ray.train
 
     rank, world, out_dir = _worker_setup(spec)
     for rel, blob in spec.inputs.items():  # ranks on other nodes (and rank > 0) need the stage's inputs
@@ -333,6 +332,14 @@ def _worker(spec: _Spec) -> Any:
 
     # Final report: rank 0's outputs become the last checkpoint so they reach storage_path from any node.
     final = {"stage": spec.stage, "done": True, "resumed_from_epoch": -1 if resumed is None else resumed}
+    _report_final(rank, out_dir, final)
+    return value if rank == 0 else None
+
+
+def _report_final(rank: int, out_dir: Path, final: dict[str, Any]) -> None:
+    """Rank 0's outputs become the last checkpoint, so they reach storage_path from any node."""
+    import ray.train
+
     if rank == 0:
         (out_dir / FINAL_MARK).write_text(json.dumps(final))
         with tempfile.TemporaryDirectory(prefix="qbert-out-") as tmp:
@@ -341,7 +348,6 @@ def _worker(spec: _Spec) -> Any:
     else:
         ray.train.report(final)
         shutil.rmtree(out_dir, ignore_errors=True)
-    return value if rank == 0 else None
 
 
 def per_rank_config(cfg: Any, keys: tuple[str, ...], world: int) -> Any:
@@ -475,7 +481,6 @@ def _pipeline_worker(spec: _Spec) -> Any:
     Checkpoints carry the finished stages' outputs and reports, so a restart skips them and
     resumes the current stage from its ``last.pt``.
     """
-    import ray.train
 
     from qbert import pipeline as P
 
@@ -517,14 +522,7 @@ def _pipeline_worker(spec: _Spec) -> Any:
         if rank == 0:
             done_files += [f for f in STAGE_OUTPUTS[stage] if (out_dir / f).is_file()]
     final = {"stage": "pipeline", "done": True, "resumed": json.dumps(resumed)}
-    if rank == 0:
-        (out_dir / FINAL_MARK).write_text(json.dumps(final))
-        with tempfile.TemporaryDirectory(prefix="qbert-out-") as tmp:
-            shutil.copytree(out_dir, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*NOT_SHIPPED))
-            ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-    else:
-        ray.train.report(final)
-        shutil.rmtree(out_dir, ignore_errors=True)
+    _report_final(rank, out_dir, final)
     return reports if rank == 0 else None
 
 

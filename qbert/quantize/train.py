@@ -59,11 +59,7 @@ def validate_embeddings(embeddings: Any) -> np.ndarray:
 
 
 def default_loop_config(cfg: QuantizeConfig) -> LoopConfig:
-    """Train exactly ``cfg.epochs`` and keep the final weights: no validation signal exists at this
-    stage, and the total training loss is no model-selection criterion (its codebook/ponder terms
-    move with the scale of the representation). ``monitor`` names no logged metric, so the loop
-    tracks no best epoch."""
-    return LoopConfig(epochs=cfg.epochs, patience=0, monitor="none", mode="min", progress=False)
+    return LoopConfig.fixed_epochs(cfg.epochs)
 
 
 def train_rqvae(embeddings: np.ndarray, cfg: QuantizeConfig, loop_cfg: LoopConfig | None = None,

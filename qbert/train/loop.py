@@ -39,6 +39,16 @@ class LoopConfig(Config):
     grad_clip: float | None = 1.0
     progress: bool = True
 
+    @classmethod
+    def fixed_epochs(cls, epochs: int) -> "LoopConfig":
+        """Train exactly ``epochs`` and keep the final weights.
+
+        For stages with no validation signal (fusion, RQ-VAE): their total training loss is no
+        model-selection criterion (its codebook/ponder terms move with the scale of the
+        representation), so ``monitor`` names no logged metric and no best epoch is tracked.
+        """
+        return cls(epochs=epochs, patience=0, monitor="none", mode="min", progress=False)
+
 
 StepFn = Callable[[nn.Module, Any], "torch.Tensor | tuple[torch.Tensor, dict[str, float]]"]
 
