@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from qbert.seqrec.layers import SequenceEmbedding, TransformerEncoder, init_weights, trim_left_padding
+from qbert.seqrec.layers import ItemSequenceModel, SequenceEmbedding, TransformerEncoder, init_weights, trim_left_padding
 
 
-class BERT4Rec(nn.Module):
+class BERT4Rec(ItemSequenceModel):
     def __init__(self, num_items: int, max_len: int = 50, hidden: int = 64, layers: int = 2, heads: int = 2,
                  inner: int = 256, dropout: float = 0.2, attn_dropout: float | None = None, pre_ln: bool = False):
         super().__init__()
@@ -33,17 +32,8 @@ class BERT4Rec(nn.Module):
         with torch.no_grad():
             self.embed.tokens.weight[0].zero_()
 
-    def encode(self, seq: torch.Tensor) -> torch.Tensor:
-        return self.encoder(self.embed(seq), seq == 0)
-
     def item_logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.head(h) @ self.embed.tokens.weight[1 : self.num_items + 1].T + self.out_bias
-
-    def loss(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean CE over masked positions (``labels`` 0-based item, -1 where not masked)."""
-        h = self.encode(inputs)
-        sel = labels >= 0
-        return F.cross_entropy(self.item_logits(h[sel]), labels[sel])
 
     @torch.no_grad()
     def score(self, history: torch.Tensor) -> torch.Tensor:

@@ -147,3 +147,21 @@ def _activation(name: str) -> nn.Module:
     if name not in acts:
         raise ValueError(f"unknown activation {name!r}; choose from {sorted(acts)}")
     return acts[name]()
+
+
+class ItemSequenceModel(nn.Module):
+    """Shared by the ID-only baselines: embed + encode a token sequence, full-softmax item CE.
+
+    Subclasses set ``self.embed`` (a :class:`SequenceEmbedding`), ``self.encoder`` and
+    ``item_logits``; the loss over every labelled position is the same for both.
+    """
+
+    def encode(self, seq: torch.Tensor) -> torch.Tensor:
+        """[B, L] token ids (left-padded, L <= max_len) -> [B, L, H] hidden states."""
+        return self.encoder(self.embed(seq), seq == 0)
+
+    def loss(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over labelled positions (``labels`` 0-based item, -1 = none)."""
+        h = self.encode(inputs)
+        sel = labels >= 0
+        return F.cross_entropy(self.item_logits(h[sel]), labels[sel])

@@ -8,13 +8,11 @@ baseline row. Token ids: 0 = padding, item ``i`` -> ``i + 1``.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from qbert.seqrec.layers import SequenceEmbedding, TransformerEncoder, init_weights, trim_left_padding
+from qbert.seqrec.layers import ItemSequenceModel, SequenceEmbedding, TransformerEncoder, init_weights, trim_left_padding
 
 
-class SASRec(nn.Module):
+class SASRec(ItemSequenceModel):
     def __init__(self, num_items: int, max_len: int = 50, hidden: int = 64, layers: int = 2, heads: int = 2,
                  inner: int = 256, dropout: float = 0.5, attn_dropout: float | None = None, pre_ln: bool = False):
         super().__init__()
@@ -26,19 +24,9 @@ class SASRec(nn.Module):
         with torch.no_grad():
             self.embed.tokens.weight[0].zero_()
 
-    def encode(self, seq: torch.Tensor) -> torch.Tensor:
-        """[B, L] token ids (left-padded, L <= max_len) -> [B, L, H] causal states."""
-        return self.encoder(self.embed(seq), seq == 0)
-
     def item_logits(self, h: torch.Tensor) -> torch.Tensor:
         """[..., H] -> [..., num_items] scores of every item (0-based item order)."""
         return h @ self.embed.tokens.weight[1:].T
-
-    def loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean CE over every column with a target (``targets`` 0-based, -1 = none)."""
-        h = self.encode(inputs)
-        sel = targets >= 0
-        return F.cross_entropy(self.item_logits(h[sel]), targets[sel])
 
     @torch.no_grad()
     def score(self, history: torch.Tensor) -> torch.Tensor:
