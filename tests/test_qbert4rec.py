@@ -133,6 +133,30 @@ def test_sharded_batches_partition_each_epoch():
     assert not set(torch.cat(parts[0])[:, 0].tolist()) & set(torch.cat(parts[1])[:, 0].tolist())
 
 
+def test_masked_batches_bucket_and_trim_rows():
+    """Every row once per epoch; a batch holds rows of similar length, trimmed to the longest;
+    two shards at half the batch size together give exactly the one-worker batches."""
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 11, 300)
+    rows = np.zeros((300, 10), dtype=np.int64)
+    for i, n in enumerate(lengths):
+        rows[i, 10 - n:] = i * 10 + np.arange(1, n + 1)  # left-padded, row id recoverable
+    fn = lambda valid, g: masks.random_mask(valid, 0.5, g)  # noqa: E731
+    full = list(masked_batches(rows, 16, fn, 0, torch.device("cpu"), bucket=True)(3))
+    seen = sorted(int(r[r > 0][0]) // 10 for b in full for r in b["tokens"])
+    assert seen == list(range(300))
+    widths = [b["tokens"].shape[1] for b in full]
+    assert all(((b["tokens"] != 0).sum(1).max() == b["tokens"].shape[1]) for b in full)
+    assert sum(w * len(b["tokens"]) for w, b in zip(widths, full)) < 0.7 * rows.size  # padding mostly gone
+    unbucketed = list(masked_batches(rows, 16, fn, 0, torch.device("cpu"), bucket=False)(3))
+    assert sum(b["tokens"].numel() for b in full) < sum(b["tokens"].numel() for b in unbucketed)
+    halves = [list(masked_batches(rows, 8, fn, 0, torch.device("cpu"), shard=(r, 2))(3)) for r in range(2)]
+    assert len(halves[0]) == len(full)
+    for b, h0, h1 in zip(full, *halves):
+        ids = lambda t: sorted(int(r[r > 0][0]) // 10 for r in t)  # noqa: E731
+        assert ids(b["tokens"]) == sorted(ids(h0["tokens"]) + ids(h1["tokens"]))
+
+
 def _planted(num_users: int = 300, n: int = 40, seed: int = 0):
     """Items in 8 groups; each user walks group g -> g+1; codes carry the group at level 0."""
     rng = np.random.default_rng(seed)

@@ -20,6 +20,7 @@ from qbert.config import Config
 from qbert.data.split import LeaveOneOutSplit, windows
 from qbert.eval.evaluator import evaluate_ranking
 from qbert.seqrec import masks
+from qbert.seqrec.batching import batch_indices
 from qbert.seqrec.qbert4rec import QBert4Rec
 from qbert.train.loop import Callback, FitResult, LoopConfig, fit
 
@@ -123,22 +124,33 @@ def pretrain_mask_fn(cfg: PretrainConfig) -> MaskFn:
 
 
 def masked_batches(sequences: np.ndarray, batch_size: int, mask_fn: MaskFn, seed: int, device: torch.device,
-                   shard: tuple[int, int] | None = None) -> Callable[[int], Iterator[dict[str, torch.Tensor]]]:
-    """``batches(epoch)``: shuffled rows with fresh masks each epoch; ``shard`` keeps rows rank::world."""
+                   shard: tuple[int, int] | None = None, bucket: bool = True
+                   ) -> Callable[[int], Iterator[dict[str, torch.Tensor]]]:
+    """``batches(epoch)``: shuffled rows with fresh masks each epoch, each batch trimmed to its
+    longest row.
+
+    ``bucket`` groups rows of similar length (:func:`batching.batch_indices`), so trimming
+    removes most padding: Instruments' fine-tuning rows are mostly short prefixes. ``shard``
+    (rank, world): the epoch is cut into global batches of ``batch_size * world`` rows and rank
+    ``r`` takes rows ``r::world`` of each, so the ranks together see exactly the batches one
+    worker would see at that global batch size.
+    """
     rows = np.ascontiguousarray(sequences, dtype=np.int64)
     rows = rows[(rows != 0).any(axis=1)]
-    if shard is not None:
-        rank, world = shard
-        if not 0 <= rank < world:
-            raise ValueError(f"shard must be (rank, world_size) with 0 <= rank < world_size, got {shard}")
+    lengths = (rows != 0).sum(axis=1)
+    rank, world = shard if shard is not None else (0, 1)
+    if not 0 <= rank < world:
+        raise ValueError(f"shard must be (rank, world_size) with 0 <= rank < world_size, got {shard}")
 
     def batches(epoch: int) -> Iterator[dict[str, torch.Tensor]]:
-        order = np.random.default_rng([seed, epoch]).permutation(len(rows))
-        if shard is not None:
-            order = order[shard[0] :: shard[1]]
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        for lo in range(0, len(order), batch_size):
-            tokens = torch.from_numpy(rows[order[lo : lo + batch_size]])
+        rng = np.random.default_rng([seed, epoch])
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + rank * 7919 + epoch)
+        for idx in batch_indices(lengths, batch_size * world, rng, bucket=bucket):
+            idx = idx[rank::world]
+            if idx.size == 0:
+                continue
+            keep = int(lengths[idx].max())
+            tokens = torch.from_numpy(rows[idx, rows.shape[1] - keep :])
             mask = mask_fn(tokens != 0, gen)
             yield {"tokens": tokens.to(device, non_blocking=True), "mask": mask.to(device, non_blocking=True)}
 
