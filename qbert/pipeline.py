@@ -29,6 +29,7 @@ part; fine-tuning and evaluation use the target alone with its own rows of the t
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -41,7 +42,7 @@ import pyarrow.parquet as pq
 import torch
 from pydantic import Field, model_validator
 
-from qbert.config import Config, ConfigError
+from qbert.config import Config, ConfigError, flatten_dict
 from qbert.data.dataset import SeqDataset
 from qbert.data.errors import DataError
 from qbert.data.split import LeaveOneOutSplit
@@ -79,6 +80,26 @@ class EvalSection(Config):
     batch_size: int = Field(1024, ge=1)
 
 
+class ReuseSection(Config):
+    """Take the first stages' outputs from a finished run instead of training them again.
+
+    For sweeps over later-stage settings (Fig. 5's fine-tuning mask probability needs neither a
+    new fusion, nor new semantic IDs, nor a new pretraining): the run copies those stages'
+    artifacts from ``from_run`` after checking that every setting they depend on is the same.
+    """
+
+    from_run: str | None = None  # a run directory of an earlier `qbert pipeline`
+    stages: list[Literal["fusion", "quantize", "pretrain"]] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _prefix(self) -> "ReuseSection":
+        if self.stages and self.stages != list(STAGES[: len(self.stages)]):
+            raise ValueError(f"reuse.stages must be the first stages in order {list(STAGES[:3])}, got {self.stages}")
+        if self.stages and not self.from_run:
+            raise ValueError("reuse.stages is set but reuse.from_run names no run directory")
+        return self
+
+
 class PipelineConfig(Config):
     """Everything one Q-BERT4Rec run needs. The top-level ``seed``/``device`` apply to every stage."""
 
@@ -90,6 +111,7 @@ class PipelineConfig(Config):
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     eval: EvalSection = Field(default_factory=EvalSection)
+    reuse: ReuseSection = Field(default_factory=ReuseSection)
     seed: int = 42
     device: str = "auto"
     progress: bool = False
@@ -406,6 +428,74 @@ def write_plots(out_dir: str | Path, fusion_report: dict[str, Any], codes: np.nd
     return written
 
 
+# ---------------------------------------------------------------------------------------- reuse
+# What each stage's output depends on (config sections, dotted) and the files it leaves.
+STAGE_INPUTS = {
+    "fusion": ("data", "pretrain_sources", "fusion", "seed"),
+    "quantize": ("quantize",),
+    "pretrain": ("model", "pretrain"),
+}
+STAGE_ARTIFACTS = {
+    "fusion": ("fused_embeddings.parquet", "fusion_model.pt", "fusion_report.json"),
+    "quantize": ("rqvae.pt", "semantic_ids.parquet", "quantize_report.json"),
+    "pretrain": ("pretrain.pt",),
+}
+_RUNTIME_KEYS = {"device", "progress"}  # where a stage ran, not what it computed
+
+
+def _stage_inputs(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
+    d = cfg.to_dict()
+    deps = [k for s in STAGES[: STAGES.index(stage) + 1] for k in STAGE_INPUTS.get(s, ())]
+
+    def clean(v: Any) -> Any:
+        return {k: clean(x) for k, x in v.items() if k not in _RUNTIME_KEYS} if isinstance(v, dict) else v
+
+    return {k: clean(d[k]) for k in deps}
+
+
+def check_reuse(cfg: PipelineConfig) -> None:
+    """Before anything runs: every reused stage's source was made with the same settings (for it
+    and every stage before it) and has its artifacts. ConfigError names the first difference."""
+    if not cfg.reuse.stages:
+        return
+    src = Path(cfg.reuse.from_run or "")
+    src_cfg_path = src / "config.yaml"
+    if not src_cfg_path.is_file():
+        raise ConfigError(f"reuse.from_run: no finished run at {src} (missing {src_cfg_path})")
+    src_cfg = PipelineConfig.from_yaml(src_cfg_path)
+    for stage in cfg.reuse.stages:
+        mine, theirs = _stage_inputs(cfg, stage), _stage_inputs(src_cfg, stage)
+        if mine != theirs:
+            a, b = flatten_dict(mine), flatten_dict(theirs)
+            diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            raise ConfigError(f"reuse.from_run {src}: its {stage} stage was made with other settings "
+                              f"({', '.join(f'{k}: {b.get(k)!r} there, {a.get(k)!r} here' for k in diff[:3])})")
+        if stage == "pretrain" and cfg.pretrain.strategy == "none":
+            continue
+        missing = [n for n in STAGE_ARTIFACTS[stage] if not (src / n).is_file()]
+        if missing:
+            raise ConfigError(f"reuse.from_run {src}: missing {', '.join(missing)} of the {stage} stage")
+
+
+def reuse_stage(cfg: PipelineConfig, stage: str, out_dir: str | Path) -> dict[str, Any]:
+    """Copy ``stage``'s artifacts from ``cfg.reuse.from_run`` into ``out_dir``; return its report
+    (the source's, plus ``reused_from``). :func:`check_reuse` must have passed."""
+    src = Path(cfg.reuse.from_run or "")
+    if stage == "pretrain" and cfg.pretrain.strategy == "none":
+        return {"strategy": "none", "skipped": True}
+    out = Path(out_dir)
+    for name in STAGE_ARTIFACTS[stage]:
+        with atomic_path(out / name) as tmp:
+            shutil.copyfile(src / name, tmp)
+    report: dict[str, Any] = {}
+    metrics = src / "metrics.json"
+    if metrics.is_file():
+        report = json.loads(metrics.read_text()).get("stages", {}).get(stage, {})
+    elif (src / f"{stage}_report.json").is_file():
+        report = json.loads((src / f"{stage}_report.json").read_text())
+    return {**report, "reused_from": str(src.resolve())}
+
+
 # ---------------------------------------------------------------------------------------- driver
 def _same_config(path: Path, cfg: PipelineConfig) -> bool:
     try:
@@ -428,6 +518,7 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, callbacks_factory: Ca
     seed_everything(cfg.seed)
     data = load_data(cfg)
     check_inputs(cfg, data)
+    check_reuse(cfg)
     out.mkdir(parents=True, exist_ok=True)
     ckpts = out / "checkpoints"
     if ckpts.exists() and (not resume or not _same_config(out / "config.yaml", cfg)):
@@ -441,8 +532,12 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, callbacks_factory: Ca
                  "pretrain": run_pretrain_stage, "finetune": run_finetune_stage}
     for stage in STAGES:
         t0 = time.perf_counter()
-        log.info("stage %s", stage)
-        reports[stage] = stage_fns[stage](cfg, data, out, cbs(stage))
+        if stage in cfg.reuse.stages:
+            log.info("stage %s: reused from %s", stage, cfg.reuse.from_run)
+            reports[stage] = reuse_stage(cfg, stage, out)
+        else:
+            log.info("stage %s", stage)
+            reports[stage] = stage_fns[stage](cfg, data, out, cbs(stage))
         timings[stage] = time.perf_counter() - t0
     ft = reports["finetune"]
     history = ft.pop("history")

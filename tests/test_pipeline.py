@@ -181,3 +181,30 @@ def test_cli_pipeline_runs_and_prints_metrics(tmp_path, capsys):
     assert saved.pretrain.strategy == "none" and saved.finetune.epochs == 2
     # a stage alone, inside the run directory
     assert main(["finetune", "--out", str(tmp_path / "run"), "--set", "finetune.epochs=1"]) == 0
+
+
+def test_reuse_takes_earlier_stages_from_a_finished_run_only_when_their_settings_match(tmp_path):
+    fast = {"fusion.epochs": 1, "quantize.epochs": 2, "pretrain.epochs": 1, "finetune.epochs": 2, "plots": False}
+    src = tmp_path / "src"
+    run_pipeline(tiny(**fast), src)
+    reuse = {"reuse.from_run": str(src), "reuse.stages": ["fusion", "quantize", "pretrain"]}
+    cfg = tiny(**fast, **reuse, **{"finetune.mask_ratio": 0.15})  # a fine-tuning-only change (Fig. 5)
+    metrics = run_pipeline(cfg, tmp_path / "dst")
+    for name in ("fused_embeddings.parquet", "semantic_ids.parquet", "pretrain.pt"):
+        assert (tmp_path / "dst" / name).read_bytes() == (src / name).read_bytes(), name
+    assert not (tmp_path / "dst" / "checkpoints" / "pretrain").exists()  # nothing upstream was retrained
+    assert metrics["stages"]["quantize"]["reused_from"] == str(src.resolve())
+    assert metrics["stages"]["finetune"]["init"].startswith("pretrained") and metrics["epochs_run"] == 2
+    # a setting the pretrained encoder depends on differs: refused, naming it, before any training
+    with pytest.raises(ConfigError, match="model.layers"):
+        run_pipeline(tiny(**fast, **reuse, **{"model.layers": 1}), tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+    # reusing only fusion + quantize is fine with another encoder depth
+    ok = run_pipeline(tiny(**fast, **{"reuse.from_run": str(src), "reuse.stages": ["fusion", "quantize"],
+                                      "model.layers": 1}), tmp_path / "layers1")
+    assert "reused_from" not in ok["stages"]["pretrain"]
+    with pytest.raises(ConfigError, match="first stages"):
+        tiny(**{"reuse.from_run": str(src), "reuse.stages": ["quantize"]})
+    with pytest.raises(ConfigError, match="no finished run"):
+        run_pipeline(tiny(**fast, **{"reuse.from_run": str(tmp_path / "nowhere"), "reuse.stages": ["fusion"]}),
+                     tmp_path / "none")

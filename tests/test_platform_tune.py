@@ -14,7 +14,7 @@ ray = pytest.importorskip("ray")
 from qbert.cli import main as qbert_main  # noqa: E402
 from qbert.config import ConfigError  # noqa: E402
 from qbert.pipeline import PipelineConfig  # noqa: E402
-from qbert.platform.tune import SweepConfig, expand_trials, pipeline_trial, run_sweep  # noqa: E402
+from qbert.platform.tune import SweepConfig, expand_trials, pipeline_trial, run_sweep, trial_config  # noqa: E402
 
 TINY = {
     "data": {"source": "synthetic", "max_len": 8,
@@ -46,14 +46,20 @@ def test_grids_expand_and_bad_keys_fail_before_training(tmp_path):
     trials = expand_trials(sweep)
     assert [t["overrides"]["model.layers"] for t in trials[:4]] == [1, 2, 3, 4]
     assert len(trials) == 4 + 4  # the second grid is a product
+    per_grid = _sweep_file(tmp_path, [{"name": "m", "params": {"finetune.mask_ratio": [0.15, 0.2]},
+                                       "overrides": {"finetune.epochs": 2, "model.dropout": 0.3}}])
+    t = expand_trials(SweepConfig.load(per_grid))[1]
+    cfg = trial_config(PipelineConfig.from_dict(TINY), {"finetune.epochs": 5, "seed": 7}, t)
+    assert (cfg.finetune.mask_ratio, cfg.finetune.epochs, cfg.model.dropout, cfg.seed) == (0.2, 2, 0.3, 7)
+    assert t["label"] == "mask_ratio=0.2"  # grid-wide overrides stay out of the row labels
     bad = _sweep_file(tmp_path, [{"name": "typo", "params": {"model.layerz": [1, 2]}}])
     with pytest.raises(ConfigError, match="layerz"):
         run_sweep(SweepConfig.load(bad), tmp_path / "out", pipeline_trial, PipelineConfig)
-    for name in ("hyperparams", "ablations"):  # the shipped sweep files are valid against the base config
+    for name in ("hyperparams", "ablations", "instruments-hparams"):  # shipped sweeps are valid against their base
         shipped = SweepConfig.load(Path(__file__).parents[1] / "configs" / "sweeps" / f"{name}.yaml")
         base = PipelineConfig.from_yaml(shipped.base_config)
         for t in expand_trials(shipped):
-            base.override(t["overrides"])
+            trial_config(base, shipped.overrides, t)
 
 
 @pytest.fixture(scope="module")

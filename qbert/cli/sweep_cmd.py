@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from qbert.config import parse_overrides
+from qbert.config import ConfigError, parse_overrides
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,6 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="dotted override of the base pipeline config for every trial (repeatable)")
     p.add_argument("--base", default=None, help="base pipeline config, instead of the sweep file's base_config")
     p.add_argument("--max-concurrent", type=int, default=None, help="override the sweep's max_concurrent_trials")
+    p.add_argument("--grids", default=None, help="comma-separated subset of the sweep's grids, in the file's order")
     p.add_argument("--no-tracking", action="store_true", help="do not log parent/child runs to MLflow")
     p.set_defaults(func=run)
 
@@ -32,6 +33,12 @@ def run(args: argparse.Namespace) -> int:
         updates["max_concurrent_trials"] = args.max_concurrent
     if args.no_tracking:
         updates["tracking"] = sweep.tracking.model_copy(update={"enabled": False})
+    if args.grids:
+        wanted = [g.strip() for g in args.grids.split(",") if g.strip()]
+        unknown = sorted(set(wanted) - {g.name for g in sweep.grids})
+        if unknown:
+            raise ConfigError(f"--grids: {unknown} not in {args.config} (has {[g.name for g in sweep.grids]})")
+        updates["grids"] = [g for g in sweep.grids if g.name in wanted]
     if updates:
         sweep = sweep.model_copy(update=updates)
     rows = run_sweep(sweep, args.out, pipeline_trial, PipelineConfig, base_override=parse_overrides(args.overrides))

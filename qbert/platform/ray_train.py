@@ -486,7 +486,7 @@ def _pipeline_worker(spec: _Spec) -> Any:
 
     rank, world, out_dir = _worker_setup(spec)
     meta = _restore_files(out_dir) or {}
-    reports: dict[str, Any] = dict(meta.get("reports", {}))
+    reports: dict[str, Any] = {**spec.stage_kwargs.get("reused", {}), **meta.get("reports", {})}
     done_files: list[str] = list(meta.get("files", []))
     resumed = {"stage": meta.get("stage"), "epoch": meta.get("epoch")} if meta else None
     data = spec.dataset() if callable(spec.dataset) else spec.dataset
@@ -547,21 +547,27 @@ def run_pipeline_on_ray(cfg: Any, out_dir: str | os.PathLike, *, scaling: RaySca
     seed_everything(cfg.seed)
     data = P.load_data(cfg)
     P.check_inputs(cfg, data)  # every input problem surfaces before a worker starts
+    P.check_reuse(cfg)
     out.mkdir(parents=True, exist_ok=True)
     cfg.to_yaml(out / "config.yaml")
     stage_fns = {"fusion": P.run_fusion_stage, "quantize": P.run_quantize_stage,
                  "pretrain": P.run_pretrain_stage, "finetune": P.run_finetune_stage}
     handle = tracking_handle(tracked_run) if tracked_run is not None else None
-    reports: dict[str, Any] = {}
+    # reused stages: the driver copies their artifacts in, and every worker gets them as inputs
+    reused = {stage: P.reuse_stage(cfg, stage, out) for stage in cfg.reuse.stages}
+    reused_files = tuple(f for stage in reused for f in STAGE_OUTPUTS[stage] if (out / f).is_file())
+    reports: dict[str, Any] = dict(reused)
     timings: dict[str, float] = {}
     if not trainer_per_stage:
         t0 = time.perf_counter()
         res = run_stage_on_ray(_PipelineStage(), cfg, functools.partial(P.load_data, cfg), out, scaling=scaling,
                                name=name, stage="pipeline", tracking=handle, log_model=log_model,
-                               worker=_pipeline_worker)
+                               worker=_pipeline_worker, stage_kwargs={"reused": reused}, input_files=reused_files)
         reports = dict(res.value)
         timings["pipeline"] = time.perf_counter() - t0
     for stage in P.STAGES if trainer_per_stage else ():
+        if stage in reused:
+            continue
         t0 = time.perf_counter()
         log.info("stage %s on Ray (%d workers)", stage, (scaling or RayScalingConfig()).num_workers)
         res = run_stage_on_ray(stage_fns[stage], cfg, functools.partial(P.load_data, cfg), out, scaling=scaling,

@@ -46,6 +46,7 @@ class GridConfig(Config):
     title: str | None = None
     params: dict[str, list[Any]] | None = None
     cases: list[dict[str, Any]] | None = None
+    overrides: dict[str, Any] = Field(default_factory=dict)  # every trial of this grid (after the sweep's)
 
     @model_validator(mode="after")
     def _one_form(self) -> "GridConfig":
@@ -89,13 +90,20 @@ def expand_trials(sweep: SweepConfig) -> list[dict[str, Any]]:
         if grid.cases is not None:
             for i, case in enumerate(grid.cases):
                 ov = {k: v for k, v in case.items() if k != "label"}
-                trials.append({"grid": grid.name, "index": i, "overrides": ov, "label": case.get("label") or trial_label(ov)})
+                trials.append({"grid": grid.name, "index": i, "overrides": ov, "grid_overrides": grid.overrides,
+                               "label": case.get("label") or trial_label(ov)})
             continue
         keys = list(grid.params)
         for i, values in enumerate(itertools.product(*(grid.params[k] for k in keys))):
             ov = dict(zip(keys, values))
-            trials.append({"grid": grid.name, "index": i, "overrides": ov, "label": trial_label(ov)})
+            trials.append({"grid": grid.name, "index": i, "overrides": ov, "grid_overrides": grid.overrides,
+                           "label": trial_label(ov)})
     return trials
+
+
+def trial_config(base: Config, sweep_overrides: dict[str, Any], trial: dict[str, Any]) -> Config:
+    """A trial's config: base, then the sweep's overrides, the grid's, and the trial's own values."""
+    return base.override(sweep_overrides).override(trial.get("grid_overrides") or {}).override(trial["overrides"])
 
 
 def trial_label(overrides: dict[str, Any]) -> str:
@@ -134,7 +142,7 @@ def _trainable(trial_fn: TrialFn, config_cls: type[Config], base: dict[str, Any]
 
         os.chdir(cwd)  # Tune may start trials in their own dir; config paths are relative to the launch dir
         t = config["trial"]
-        cfg = config_cls.from_dict(base, source="sweep base").override(fixed).override(t["overrides"])
+        cfg = trial_config(config_cls.from_dict(base, source="sweep base"), fixed, t)
         out = Path(sweep_dir) / "trials" / f"{t['grid']}-{t['index']:02d}"
         out.mkdir(parents=True, exist_ok=True)
         cfg.to_yaml(out / "config.yaml")
@@ -189,7 +197,7 @@ def run_sweep(sweep: SweepConfig, out_dir: str | os.PathLike, trial_fn: TrialFn,
         base_cfg = base_cfg.override(base_override)
     trials = expand_trials(sweep)
     for t in trials:  # fail before any training when a grid names a wrong key or value
-        base_cfg.override(sweep.overrides).override(t["overrides"])
+        trial_config(base_cfg, sweep.overrides, t)
     sweep.to_yaml(out / "sweep.yaml")
     base_cfg.to_yaml(out / "base_config.yaml")
 
