@@ -167,3 +167,21 @@ def test_real_pipeline_on_two_workers_survives_a_killed_worker(local_ray, tmp_pa
     assert metrics["epochs_run"] == 3
     assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3]  # no epoch repeated from 0
     assert 0.0 <= metrics["test"]["NDCG@10"] <= 1.0
+
+
+def test_pipeline_on_ray_reuses_finished_stages_on_every_worker(local_ray, tmp_path):
+    """reuse.stages on the Ray path: the driver copies the artifacts in and ships them to both
+    workers, which fine-tune from the reused pretraining without running the earlier stages."""
+    from qbert.pipeline import PipelineConfig, run_pipeline
+    from qbert.platform.ray_train import run_pipeline_on_ray
+
+    cfg = PipelineConfig.from_yaml(Path(__file__).parents[1] / "configs" / "synthetic.yaml").override(TINY_PIPELINE)
+    run_pipeline(cfg, tmp_path / "src")
+    reuse = cfg.override({"reuse.from_run": str(tmp_path / "src"), "reuse.stages": ["fusion", "quantize", "pretrain"],
+                          "finetune.mask_ratio": 0.2})
+    metrics = run_pipeline_on_ray(reuse, tmp_path / "dst", scaling=RayScalingConfig(num_workers=2, use_gpu=False),
+                                  name="reuse")
+    for name in ("semantic_ids.parquet", "pretrain.pt"):
+        assert (tmp_path / "dst" / name).read_bytes() == (tmp_path / "src" / name).read_bytes()
+    assert {s for s, r in metrics["stages"].items() if "reused_from" in r} == {"fusion", "quantize", "pretrain"}
+    assert metrics["stages"]["finetune"]["init"].startswith("pretrained") and metrics["epochs_run"] == 3
