@@ -227,9 +227,11 @@ def profile_run(run_dir: Path, quick: bool = False, latency_users: int = 4096, t
     latency = ranking_latency_per_user(model, hist, batch_size=cfg.eval.batch_size)
     steps = 2 if quick else throughput_steps
     throughput = training_throughput(model, rows, mask_fn, batch_size=ft.batch_size, steps=steps, lr=ft.lr, seed=seed)
+    unbucketed = training_throughput(model, rows, mask_fn, batch_size=ft.batch_size, steps=steps, lr=ft.lr, seed=seed,
+                                     bucket=False)
     return {"run_dir": str(run_dir), "params": parameter_count(model), "train_flops_per_sample": train_flops,
             "score_flops_per_sample": score_flops, "latency_ms_per_user": 1000 * latency,
-            "train_samples_per_s": throughput, "latency_users": len(hist), "throughput_steps": steps,
+            "train_samples_per_s": throughput, "train_samples_per_s_unbucketed": unbucketed, "latency_users": len(hist), "throughput_steps": steps,
             "batch_size": ft.batch_size, "eval_batch_size": cfg.eval.batch_size, "device": str(device),
             "torch_threads": torch.get_num_threads(), "num_items": model.num_items,
             "flops_note": "torch FlopCounterMode: matmul/attention/linear FLOPs; embedding look-ups count 0"}
@@ -298,7 +300,10 @@ def markdown(result: dict[str, Any]) -> str:
                      f"FLOPs of one training step (batch {c['batch_size']}, forward + backward) and of one full-ranking "
                      f"forward, per sample ({c['flops_note']}); latency = scoring the whole catalogue + top-10 for "
                      f"{c['latency_users']} test users in batches of {c['eval_batch_size']}; throughput over "
-                     f"{c['throughput_steps']} AdamW steps. Baseline rows: their own training/eval timings.")
+                     f"{c['throughput_steps']} AdamW steps on the fine-tuning batches training uses (length-bucketed"
+                     + (f"; without bucketing: {c['train_samples_per_s_unbucketed']:.0f} samples/s"
+                        if c.get("train_samples_per_s_unbucketed") else "")
+                     + "). Baseline rows: their own training/eval timings.")
     m = result["meta"]
     shared = [f"{r['label']} ({r['table']})" for r in rows if r["status"] == "shared"]
     tail = (f"Command: `{m['command']}`; seed {m['seed']}; {m['date']}; git {m['git_commit']}; data fingerprint "

@@ -79,29 +79,41 @@ def ranking_latency_per_user(model: nn.Module, histories: torch.Tensor, batch_si
 
 
 def training_throughput(model: nn.Module, rows: torch.Tensor, mask_fn: MaskFn, batch_size: int = 256,
-                        steps: int = 10, lr: float = 1e-4, warmup: int = 1, seed: int = 0) -> float:
-    """Training samples (rows) per second of AdamW steps on a copy of ``model``."""
+                        steps: int = 10, lr: float = 1e-4, warmup: int = 1, seed: int = 0,
+                        bucket: bool = True) -> float:
+    """Training samples (rows) per second of AdamW steps on a copy of ``model``, over the batches
+    training itself uses (:func:`qbert.seqrec.stage.masked_batches`: shuffled, length-bucketed
+    unless ``bucket`` is False, trimmed to each batch's longest row)."""
+    from qbert.seqrec.stage import masked_batches
+
     if len(rows) == 0:
         raise ValueError("training_throughput needs at least one row")
     m = copy.deepcopy(model).train()
     dev = _device(m)
     opt = torch.optim.AdamW(m.parameters(), lr=lr)
-    gen = torch.Generator().manual_seed(seed)
+    rows_np = rows.cpu().numpy() if isinstance(rows, torch.Tensor) else rows
+    epoch = masked_batches(rows_np, batch_size, mask_fn, seed, dev, bucket=bucket)
 
-    def step(i: int) -> int:
-        lo = (i * batch_size) % len(rows)
-        tokens = rows[lo : lo + batch_size]
-        mask = mask_fn(tokens != 0, gen)
-        loss, _ = m.masked_loss(tokens.to(dev), mask.to(dev))
+    def batches():
+        e = 0
+        while True:
+            yield from epoch(e)
+            e += 1
+
+    it = batches()
+
+    def step() -> int:
+        b = next(it)
+        loss, _ = m.masked_loss(b["tokens"], b["mask"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        return len(tokens)
+        return len(b["tokens"])
 
-    for i in range(warmup):
-        step(i)
+    for _ in range(warmup):
+        step()
     _sync(dev)
     t0 = time.perf_counter()
-    samples = sum(step(warmup + i) for i in range(steps))
+    samples = sum(step() for _ in range(steps))
     _sync(dev)
     return samples / (time.perf_counter() - t0)
