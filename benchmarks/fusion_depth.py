@@ -47,11 +47,12 @@ def run_setting(base: PipelineConfig, overrides: dict) -> dict:
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
-    lines = ["| settings | items exiting after layer 1 / 2 / ... | median | fused/text InfoNCE |", "|---|---|---|---|"]
+    lines = ["| id_init_std | ponder_weight | items exiting after layer 1 / 2 / ... | median | fused/text InfoNCE |",
+             "|---|---|---|---|---|"]
     for r in rows:
-        label = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in r["overrides"].items()) or "config as is"
         nce = r["final_losses"].get("nce_fused_text")
-        lines.append(f"| {label} | {' / '.join(f'{c:,}' for c in r['activated_layer_counts'])} | {r['median']:g} | "
+        lines.append(f"| {r['id_init_std']:g} | {r['ponder_weight']:g} | "
+                     f"{' / '.join(f'{c:,}' for c in r['activated_layer_counts'])} | {r['median']:g} | "
                      + (f"{nce:.3f}" if nce is not None else "—") + " |")
     lines += ["", f"Command: `{meta['command']}`; seed {meta['seed']}; git {meta['git_commit']}; {meta['date']}; "
               f"{meta['machine'].get('cpu_count')} CPUs, {meta['threads']} torch thread(s)."]
