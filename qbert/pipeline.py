@@ -439,6 +439,7 @@ STAGE_ARTIFACTS = {
     "fusion": ("fused_embeddings.parquet", "fusion_model.pt", "fusion_report.json"),
     "quantize": ("rqvae.pt", "semantic_ids.parquet", "quantize_report.json"),
     "pretrain": ("pretrain.pt",),
+    "finetune": ("model.pt",),
 }
 _RUNTIME_KEYS = {"device", "progress"}  # where a stage ran, not what it computed
 

@@ -300,7 +300,6 @@ def _worker_setup(spec: Any) -> tuple[int, int, Path]:
 
 
 def _worker(spec: _Spec) -> Any:
-
     rank, world, out_dir = _worker_setup(spec)
     for rel, blob in spec.inputs.items():  # ranks on other nodes (and rank > 0) need the stage's inputs
         target = out_dir / rel
@@ -467,14 +466,6 @@ def _broadcast_files(out_dir: Path, rels: tuple[str, ...], rank: int) -> None:
             (out_dir / rel).write_bytes(blob)
 
 
-STAGE_OUTPUTS = {
-    "fusion": ("fused_embeddings.parquet", "fusion_report.json", "fusion_model.pt"),
-    "quantize": ("semantic_ids.parquet", "quantize_report.json", "rqvae.pt"),
-    "pretrain": ("pretrain.pt",),
-    "finetune": ("model.pt",),
-}
-
-
 def _pipeline_worker(spec: _Spec) -> Any:
     """All four stages in one worker group: one Ray Train start-up instead of four.
 
@@ -520,7 +511,7 @@ def _pipeline_worker(spec: _Spec) -> Any:
             cfg = per_rank_config(spec.cfg, PIPELINE_BATCH_KEYS.get(stage, ()), world)
         reports[stage] = fn(cfg, data, out_dir, callbacks=callbacks, **kwargs)
         if rank == 0:
-            done_files += [f for f in STAGE_OUTPUTS[stage] if (out_dir / f).is_file()]
+            done_files += [f for f in P.STAGE_ARTIFACTS[stage] if (out_dir / f).is_file()]
     final = {"stage": "pipeline", "done": True, "resumed": json.dumps(resumed)}
     _report_final(rank, out_dir, final)
     return reports if rank == 0 else None
@@ -555,7 +546,7 @@ def run_pipeline_on_ray(cfg: Any, out_dir: str | os.PathLike, *, scaling: RaySca
     handle = tracking_handle(tracked_run) if tracked_run is not None else None
     # reused stages: the driver copies their artifacts in, and every worker gets them as inputs
     reused = {stage: P.reuse_stage(cfg, stage, out) for stage in cfg.reuse.stages}
-    reused_files = tuple(f for stage in reused for f in STAGE_OUTPUTS[stage] if (out / f).is_file())
+    reused_files = tuple(f for stage in reused for f in P.STAGE_ARTIFACTS[stage] if (out / f).is_file())
     reports: dict[str, Any] = dict(reused)
     timings: dict[str, float] = {}
     if not trainer_per_stage:
