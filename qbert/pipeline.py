@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterable, Literal
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from qbert.config import Config, ConfigError, flatten_dict
 from qbert.data.dataset import SeqDataset
@@ -71,8 +71,23 @@ class DataSection(Config):
     options: dict[str, Any] = Field(default_factory=dict)  # reader options (e.g. with_codes: true)
     max_len: int = Field(50, ge=2)  # history length (the [MASK] takes one slot at inference)
     modalities: list[Modality] | None = None  # None: fusion.modalities; else it overrides fusion.modalities
-    features: dict[str, str] = Field(default_factory=lambda: {"text": "text", "image": "image"})
-    # modality -> feature column name without "feat_" (e.g. {"text": "lemb_codes"} on Instruments)
+    features: dict[str, str | list[str]] = Field(default_factory=lambda: {"text": "text", "image": "image"})
+    # modality -> feature column name without "feat_" (e.g. {"text": "lemb_codes"} on Instruments),
+    # or a list of columns: each is L2-normalised, then they are concatenated into one vector, so
+    # two views of one modality (real title embeddings and the LLaMA code file) weigh equally
+
+    def columns(self, modality: str) -> list[str]:
+        col = self.features[modality]
+        return [col] if isinstance(col, str) else list(col)
+
+    @field_validator("features")
+    @classmethod
+    def _columns(cls, v: dict[str, str | list[str]]) -> dict[str, str | list[str]]:
+        for m, col in v.items():
+            if not isinstance(col, str) and (not col or len(set(col)) != len(col)):
+                raise ValueError(f"data.features.{m} must be a column name or a non-empty list of distinct "
+                                 f"column names, got {col!r}")
+        return v
 
 
 class EvalSection(Config):
@@ -208,7 +223,7 @@ def load_data(cfg: PipelineConfig) -> PipelineData:
 
 def _only_features(ds: SeqDataset, cfg: PipelineConfig) -> SeqDataset:
     """Keep only the feature columns the enabled modalities use (domains must agree on them)."""
-    wanted = {f"feat_{cfg.data.features[m]}" for m in cfg.fusion.feature_modalities}
+    wanted = {f"feat_{c}" for m in cfg.fusion.feature_modalities for c in cfg.data.columns(m)}
     drop = [c for c in ds.items.column_names if c.startswith("feat_") and c not in wanted]
     if not drop:
         return ds
@@ -220,11 +235,27 @@ def stage_features(cfg: PipelineConfig, data: PipelineData) -> dict[str, np.ndar
     ds = data.all_items
     out = {}
     for m in cfg.fusion.feature_modalities:
-        col = cfg.data.features[m]
-        if col not in ds.feature_names:
-            raise DataError(f"modality '{m}' is enabled but dataset '{ds.name}' has no feature column 'feat_{col}' "
-                            f"(has: {ds.feature_names}); set data.features.{m} or disable the modality")
-        out[m] = np.array(ds.feature(col))  # a writable copy (arrow buffers are read-only)
+        cols = cfg.data.columns(m)
+        for col in cols:
+            if col not in ds.feature_names:
+                raise DataError(f"modality '{m}' is enabled but dataset '{ds.name}' has no feature column "
+                                f"'feat_{col}' (has: {ds.feature_names}); set data.features.{m} or disable the modality")
+        if len(cols) == 1:
+            out[m] = np.array(ds.feature(cols[0]))  # a writable copy (arrow buffers are read-only)
+            continue
+        parts = []
+        for col in cols:
+            x = np.asarray(ds.feature(col), dtype=np.float32)
+            if x.ndim != 2:
+                raise DataError(f"feature column 'feat_{col}' of modality '{m}' must be one vector per item to be "
+                                f"concatenated with {cols}, got shape {x.shape}")
+            norm = np.linalg.norm(x, axis=1, keepdims=True)
+            if not (norm > 0).all():  # NaN/inf never reach here: the dataset refuses them
+                bad = np.flatnonzero(~(norm[:, 0] > 0))
+                raise DataError(f"{bad.size} items have no features (all zeros) in column 'feat_{col}' of enabled "
+                                f"modality '{m}' (first: item {bad[0]})")
+            parts.append(x / norm)
+        out[m] = np.concatenate(parts, axis=1)
     return out
 
 

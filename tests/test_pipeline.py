@@ -15,7 +15,8 @@ from qbert.data.errors import DataError
 from qbert.data.split import LeaveOneOutSplit
 from qbert.data.synthetic import SyntheticConfig, make_synthetic
 from qbert.eval.evaluator import evaluate_ranking
-from qbert.pipeline import PipelineConfig, load_data, pretraining_rows, quickstart_config, run_pipeline
+from qbert.pipeline import (PipelineConfig, load_data, pretraining_rows, quickstart_config, run_pipeline,
+                            stage_features)
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS = ("HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10")
@@ -131,6 +132,30 @@ def test_bad_features_fail_before_training(tmp_path):
                                                                                      "image": "image"}}),
                      tmp_path / "r2")
     _no_training_outputs(tmp_path / "r2")
+
+
+def test_a_modality_can_concatenate_several_feature_columns(tmp_path):
+    """data.features.text as a list: each column L2-normalised, then concatenated (two views of
+    one modality weigh equally whatever their scale); a column missing for an item is an error."""
+    ds = make_synthetic(SyntheticConfig(num_users=60, num_items=40, num_clusters=4))
+    title = np.array(ds.feature("text"))[:, :8] * 10.0  # a second, differently scaled text view
+    ds2 = ds.with_feature("title", title)
+    ds2.save(tmp_path / "two")
+    cfg = tiny(**{"data.source": str(tmp_path / "two"), "data.features": {"text": ["text", "title"], "image": "image"}})
+    feats = stage_features(cfg, load_data(cfg))
+    text = np.array(ds.feature("text"))
+    assert feats["text"].shape == (40, text.shape[1] + 8)
+    np.testing.assert_allclose(feats["text"][:, : text.shape[1]], text / np.linalg.norm(text, axis=1, keepdims=True),
+                               rtol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(feats["text"][:, text.shape[1]:], axis=1), 1.0, rtol=1e-5)
+    assert "feat_image" in load_data(cfg).target.items.column_names
+    title[7] = 0.0
+    ds.with_feature("title", title).save(tmp_path / "hole")
+    with pytest.raises(DataError, match="feat_title.*item 7"):
+        run_pipeline(cfg.override({"data.source": str(tmp_path / "hole")}), tmp_path / "r")
+    _no_training_outputs(tmp_path / "r")
+    with pytest.raises(ValueError, match="distinct"):
+        tiny(**{"data.features": {"text": ["text", "text"], "image": "image"}})
 
 
 def test_impossible_codebook_fails_before_training(tmp_path):
