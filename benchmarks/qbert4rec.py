@@ -203,6 +203,7 @@ def load_run_model(run_dir: str | Path, device: str | torch.device = "cpu"):
     codes = read_codes(run_dir, int(payload["num_items"]))
     model = build_model(cfg.model, codes, cfg.quantize.sizes, cfg.data.max_len, cfg.use_id)
     model.load_state_dict(payload["model"])
+    model.code_score_weight = float(payload.get("code_score_weight", cfg.model.code_score_weight))  # chosen on valid
     return model.to(device).eval(), cfg
 
 

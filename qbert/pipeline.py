@@ -50,7 +50,7 @@ from qbert.data.synthetic import SyntheticConfig, make_synthetic
 from qbert.fusion.config import FusionConfig
 from qbert.quantize.config import QuantizeConfig, check_capacity
 from qbert.seqrec.stage import (FinetuneConfig, PretrainConfig, SeqRecConfig, build_model, evaluate_split, finetune,
-                                full_sequences, pretrain)
+                                full_sequences, pretrain, select_code_weight)
 from qbert.train.loop import Callback
 from qbert.utils.io import atomic_path, atomic_write_json
 from qbert.utils.runtime import git_commit, machine_info, pick_device, seed_everything
@@ -394,15 +394,26 @@ def run_finetune_stage(cfg: PipelineConfig, data: PipelineData, out_dir: str | P
     res = finetune(model, split, cfg.finetune, device, seed=cfg.seed, callbacks=_cbs(callbacks),
                    checkpoint_dir=out / "checkpoints" / "finetune", shard=shard,
                    exclude_history=cfg.eval.exclude_history, progress=cfg.progress)
+    valid = {k: res.best_metrics[k] for k in METRIC_KEYS if k in res.best_metrics}
+    weights: dict[str, Any] = {}
+    if cfg.finetune.select_code_weight and cfg.use_id:  # on valid only, before test is looked at
+        best, table = select_code_weight(model, split, cfg.finetune.select_code_weight, cfg.finetune.monitor,
+                                         cfg.eval.batch_size, device, cfg.eval.exclude_history)
+        valid = {k: table[best][k] for k in METRIC_KEYS}
+        weights = {"code_score_weight": best, "code_weight_valid": {str(w): m for w, m in table.items()}}
+        log.info("ranking weight of the semantic-ID term chosen on valid: %g (%s %.4f)", best,
+                 cfg.finetune.monitor, table[best][cfg.finetune.monitor])
+    elif cfg.finetune.select_code_weight:
+        log.info("finetune.select_code_weight ignored: without the 'id' modality the weight does not change the ranking")
     t0 = time.perf_counter()
     test = evaluate_split(model, split, "test", cfg.eval.batch_size, device, cfg.eval.exclude_history)
     test_seconds = time.perf_counter() - t0
     with atomic_path(out / "model.pt") as tmp:
         torch.save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                     "config": cfg.to_dict(), "num_items": model.num_items,
+                    "code_score_weight": model.code_score_weight,
                     "data_fingerprint": data.target.fingerprint()}, tmp)
-    valid = {k: res.best_metrics[k] for k in METRIC_KEYS if k in res.best_metrics}
-    return {"init": init, "valid": valid, "test": {k: test[k] for k in METRIC_KEYS}, "best_epoch": res.best_epoch,
+    return {"init": init, "valid": valid, "test": {k: test[k] for k in METRIC_KEYS}, **weights, "best_epoch": res.best_epoch,
             "epochs_run": len(res.history), "stopped_early": res.stopped_early, "train_seconds": res.train_seconds,
             "samples_per_second": res.samples_per_second, "eval_seconds_per_user": test_seconds / split.num_users,
             "params": sum(p.numel() for p in model.parameters()),

@@ -213,8 +213,14 @@ def test_reuse_takes_earlier_stages_from_a_finished_run_only_when_their_settings
     src = tmp_path / "src"
     run_pipeline(tiny(**fast), src)
     reuse = {"reuse.from_run": str(src), "reuse.stages": ["fusion", "quantize", "pretrain"]}
-    cfg = tiny(**fast, **reuse, **{"finetune.mask_ratio": 0.15})  # a fine-tuning-only change (Fig. 5)
+    cfg = tiny(**fast, **reuse, **{"finetune.mask_ratio": 0.15,  # a fine-tuning-only change (Fig. 5)
+                                   "finetune.select_code_weight": [0.0, 1.0]})
     metrics = run_pipeline(cfg, tmp_path / "dst")
+    ft = metrics["stages"]["finetune"]  # the ranking weight is chosen on valid and kept with the model
+    assert ft["code_score_weight"] in (0.0, 1.0) and set(ft["code_weight_valid"]) == {"0.0", "1.0"}
+    assert metrics["valid"] == {k: ft["code_weight_valid"][str(ft["code_score_weight"])][k] for k in metrics["valid"]}
+    payload = torch.load(tmp_path / "dst" / "model.pt", weights_only=False)
+    assert payload["code_score_weight"] == ft["code_score_weight"]
     for name in ("fused_embeddings.parquet", "semantic_ids.parquet", "pretrain.pt"):
         assert (tmp_path / "dst" / name).read_bytes() == (src / name).read_bytes(), name
     assert not (tmp_path / "dst" / "checkpoints" / "pretrain").exists()  # nothing upstream was retrained

@@ -11,7 +11,7 @@ from qbert.data.split import LeaveOneOutSplit
 from qbert.seqrec import masks
 from qbert.seqrec.qbert4rec import QBert4Rec
 from qbert.seqrec.stage import (FinetuneConfig, PretrainConfig, SeqRecConfig, build_model, evaluate_split, finetune,
-                                masked_batches, pretrain, training_rows)
+                                masked_batches, pretrain, select_code_weight, training_rows)
 
 
 def _codes(n: int = 30, K: int = 3, C: int = 8, seed: int = 0) -> torch.Tensor:
@@ -71,6 +71,18 @@ def test_score_equals_brute_force_sum_of_level_log_probs():
                 if use_id:
                     expect += float(lid[b, item])
                 assert abs(float(scores[b, item]) - expect) < 1e-4
+
+
+def test_code_score_weight_scales_only_the_semantic_id_term():
+    m = _model(True).eval()
+    hist = _tokens(B=4, L=9)
+    with torch.no_grad():
+        codes, ids = m.score_parts(hist)
+        for w in (0.0, 0.25, 2.0):
+            m.code_score_weight = w
+            torch.testing.assert_close(m.score(hist), w * codes + ids)
+    with pytest.raises(ValueError, match="code_score_weight"):
+        _model(True, code_score_weight=-1.0)
 
 
 def test_padding_does_not_change_real_outputs():
@@ -206,6 +218,28 @@ def test_pretrain_then_finetune_learns_planted_transitions():
     # the next group is determined (5 candidate items): HR@10 near 1 once learned; random ~0.25
     assert after["HR@10"] > 0.8 and after["HR@10"] > before["HR@10"] + 0.4
     assert res.best_metrics["NDCG@10"] == max(h["NDCG@10"] for h in res.history)
+
+
+def test_select_code_weight_picks_the_best_valid_weight_and_matches_evaluate_split():
+    torch.manual_seed(0)
+    ds, codes = _planted(num_users=120)
+    split = LeaveOneOutSplit(ds, 12)
+    model = build_model(SeqRecConfig(hidden=16, layers=1, heads=2, dropout=0.0), codes, 16, 12, use_id=True)
+    finetune(model, split, FinetuneConfig(epochs=2, batch_size=64, lr=3e-3, patience=0), seed=0, progress=False)
+    weights = [0.0, 0.5, 1.0, 3.0]
+    for exclude in (False, True):
+        best, table = select_code_weight(model, split, weights, batch_size=50, exclude_history=exclude)
+        assert set(table) == set(weights) and model.code_score_weight == best
+        assert table[best]["NDCG@10"] == max(m["NDCG@10"] for m in table.values())
+        for w in (0.0, 3.0):  # every row equals a plain evaluation of valid at that weight
+            model.code_score_weight = w
+            plain = evaluate_split(model, split, "valid", exclude_history=exclude)
+            assert all(abs(plain[k] - table[w][k]) < 1e-9 for k in table[w])
+    no_id = build_model(SeqRecConfig(hidden=16, layers=1, heads=2), codes, 16, 12, use_id=False)
+    with pytest.raises(ValueError, match="'id' modality"):
+        select_code_weight(no_id, split, weights)
+    with pytest.raises(ValueError, match=">= 0"):
+        FinetuneConfig(select_code_weight=[-1.0])
 
 
 def test_pretrain_rejects_out_of_catalogue_tokens_and_none_skips():

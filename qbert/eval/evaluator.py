@@ -13,6 +13,15 @@ from qbert.eval.metrics import metrics_from_ranks, target_ranks
 ScoreFn = Callable[[torch.Tensor], torch.Tensor]
 
 
+def history_mask(hist: torch.Tensor, num_items: int, pad: int = 0, shift: int = 0) -> torch.Tensor:
+    """bool [B, num_items]: True for the items in each history row (stored as item + ``shift``)."""
+    out = torch.zeros(len(hist), num_items, dtype=torch.bool, device=hist.device)
+    real = hist != pad
+    rows = torch.arange(len(hist), device=hist.device).unsqueeze(1).expand_as(hist)
+    out[rows[real], hist[real] - shift] = True
+    return out
+
+
 @torch.no_grad()
 def evaluate_ranking(score_fn: ScoreFn, histories: np.ndarray, targets: np.ndarray, num_items: int,
                      batch_size: int = 1024, exclude_history: bool = False, history_pad: int = 0,
@@ -34,12 +43,7 @@ def evaluate_ranking(score_fn: ScoreFn, histories: np.ndarray, targets: np.ndarr
         scores = score_fn(hist)
         if scores.shape != (len(tgt), num_items):
             raise ValueError(f"score_fn returned shape {tuple(scores.shape)}, expected {(len(tgt), num_items)}")
-        exclude = None
-        if exclude_history:
-            exclude = torch.zeros_like(scores, dtype=torch.bool)
-            real = hist != history_pad
-            rows = torch.arange(len(tgt), device=device).unsqueeze(1).expand_as(hist)
-            exclude[rows[real], hist[real] - history_shift] = True
+        exclude = history_mask(hist, num_items, history_pad, history_shift) if exclude_history else None
         ranks.append(target_ranks(scores, tgt, exclude).cpu())
     r = torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)
     out = metrics_from_ranks(r)

@@ -22,8 +22,11 @@ cross-entropy of the true code tokens at masked positions, averaged over levels;
 "id" modality an item-ID softmax (tied to the item embedding) is added.
 
 Ranking: put [MASK] after the history, take the K log-softmaxes there and score each item
-as sum_l log p_l(code_l(item)) (+ log p(item) with the id modality): a gather over the code
-table, [B, N] in one shot.
+as w * sum_l log p_l(code_l(item)) (+ log p(item) with the id modality): a gather over the code
+table, [B, N] in one shot. ``code_score_weight`` w is 1 (the paper's plain sum) unless chosen on
+valid; the per-level distributions are independent, so their product is a smoothing prior
+over items that share codes, and how much of it helps next to the item softmax is an empirical
+question (on Instruments less than 1; see docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -43,7 +46,8 @@ class QBert4Rec(nn.Module):
     def __init__(self, codes: torch.Tensor, num_codes: int = 256, hidden: int = 128, layers: int = 4,
                  heads: int = 4, dropout: float = 0.2, max_len: int = 50, use_id: bool = False,
                  combine: str = "sum", ffn_mult: int = 4, pre_ln: bool = False,
-                 level_sizes: list[int] | None = None, tie_codes: bool = False) -> None:
+                 level_sizes: list[int] | None = None, tie_codes: bool = False,
+                 code_score_weight: float = 1.0) -> None:
         super().__init__()
         codes = torch.as_tensor(codes, dtype=torch.long)
         if codes.ndim != 2 or codes.shape[0] < 1 or codes.shape[1] < 1:
@@ -58,6 +62,9 @@ class QBert4Rec(nn.Module):
         self.max_len = max_len
         self.use_id = use_id
         self.combine = combine
+        if code_score_weight < 0:
+            raise ValueError(f"code_score_weight must be >= 0, got {code_score_weight}")
+        self.code_score_weight = float(code_score_weight)  # ranking only; not a parameter
         self.code_emb = nn.Embedding(self.K * (self.C + 2), hidden)  # level l uses rows [l*(C+2), (l+1)*(C+2))
         self.register_buffer("level_offset", torch.arange(self.K) * (self.C + 2), persistent=False)
         self.code_proj = nn.Linear(self.K * hidden, hidden) if combine == "concat" else None
@@ -201,15 +208,19 @@ class QBert4Rec(nn.Module):
         h = self(self.append_mask(history))[:, -1]
         return F.log_softmax(self.code_logits(h), dim=-1), h
 
-    def score(self, history: torch.Tensor) -> torch.Tensor:
-        """Full-ranking scores [B, N]: sum over levels of log p(code_l of item) (+ log p(item))."""
+    def score_parts(self, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(sum over levels of log p(code_l of item) [B, N], log p(item) [B, N] or None without id)."""
         lp, h = self.code_log_probs(history)
-        scores = lp[:, 0, self.codes[:, 0]]
+        codes = lp[:, 0, self.codes[:, 0]]
         for level in range(1, self.K):
-            scores = scores + lp[:, level, self.codes[:, level]]
-        if self.item_emb is not None:
-            scores = scores + F.log_softmax(self.id_logits(h), dim=-1)
-        return scores
+            codes = codes + lp[:, level, self.codes[:, level]]
+        ids = F.log_softmax(self.id_logits(h), dim=-1) if self.item_emb is not None else None
+        return codes, ids
+
+    def score(self, history: torch.Tensor) -> torch.Tensor:
+        """Full-ranking scores [B, N]: code_score_weight * sum_l log p(code_l) (+ log p(item))."""
+        codes, ids = self.score_parts(history)
+        return codes if ids is None else self.code_score_weight * codes + ids
 
 
 def count_parameters(model: nn.Module) -> int:

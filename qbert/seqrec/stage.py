@@ -10,7 +10,7 @@ Token matrices are the split's ``pad=0, shift=1`` views: 0 = padding, item i -> 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Literal
+from typing import Callable, Iterable, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
@@ -18,7 +18,8 @@ from pydantic import Field, field_validator
 
 from qbert.config import Config
 from qbert.data.split import LeaveOneOutSplit, windows
-from qbert.eval.evaluator import evaluate_ranking
+from qbert.eval.evaluator import evaluate_ranking, history_mask
+from qbert.eval.metrics import metrics_from_ranks, target_ranks
 from qbert.seqrec import masks
 from qbert.seqrec.batching import batch_indices
 from qbert.seqrec.qbert4rec import QBert4Rec
@@ -38,6 +39,8 @@ class SeqRecConfig(Config):
     combine: Literal["sum", "concat"] = "sum"  # how an item's K code embeddings become one vector
     pre_ln: bool = False  # post-LN (BERT/RecBole) by default
     tie_codes: bool = False  # output code embeddings = input ones; untied trains much faster here
+    code_score_weight: float = Field(1.0, ge=0.0)  # ranking weight of the semantic-ID term next to
+    # the item-ID term (with the id modality); 1 = the paper's plain sum of log-probabilities
 
 
 class PretrainConfig(Config):
@@ -77,6 +80,16 @@ class FinetuneConfig(Config):
     monitor: str = "NDCG@10"
     eval_batch_size: int = Field(1024, ge=1)
     eval_every: int = Field(1, ge=1)
+    select_code_weight: list[float] = Field(default_factory=list)  # after training, re-rank valid
+    # with each ranking weight of the semantic-ID term and keep the best (id modality only; cheap:
+    # the model runs once per user). Empty: keep model.code_score_weight
+
+    @field_validator("select_code_weight")
+    @classmethod
+    def _weights(cls, v: list[float]) -> list[float]:
+        if any(w < 0 for w in v):
+            raise ValueError(f"select_code_weight must hold weights >= 0, got {v}")
+        return v
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -87,7 +100,7 @@ def build_model(cfg: SeqRecConfig, codes: np.ndarray | torch.Tensor, num_codes: 
     return QBert4Rec(torch.as_tensor(np.asarray(codes), dtype=torch.long), num_codes=max(sizes) if sizes else num_codes,
                      hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads, dropout=cfg.dropout, max_len=max_len,
                      use_id=use_id, combine=cfg.combine, ffn_mult=cfg.ffn_mult, pre_ln=cfg.pre_ln, level_sizes=sizes,
-                     tie_codes=cfg.tie_codes)
+                     tie_codes=cfg.tie_codes, code_score_weight=cfg.code_score_weight)
 
 
 def full_sequences(ds, max_len: int) -> np.ndarray:
@@ -174,6 +187,43 @@ def evaluate_split(model: QBert4Rec, split: LeaveOneOutSplit, which: str, batch_
                                 history_shift=1, device=device)
     finally:
         model.train(was_training)
+
+
+@torch.no_grad()
+def select_code_weight(model: QBert4Rec, split: LeaveOneOutSplit, weights: Sequence[float], monitor: str = "NDCG@10",
+                       batch_size: int = 1024, device: torch.device | str = "cpu",
+                       exclude_history: bool = False) -> tuple[float, dict[float, dict[str, float]]]:
+    """Choose the ranking weight of the semantic-ID term on **valid** (never test).
+
+    Runs the model once per valid user and re-combines its two score parts for every weight.
+    Sets ``model.code_score_weight`` to the best one (ties: the earlier in ``weights``) and
+    returns it with the valid metrics of every weight.
+    """
+    if not weights:
+        raise ValueError("select_code_weight needs at least one weight")
+    if model.item_emb is None:
+        raise ValueError("select_code_weight needs the 'id' modality: without it the weight does not change the ranking")
+    was_training = model.training
+    model.eval()
+    hist, tgt = split.history("valid", pad=0, shift=1), split.targets("valid")
+    ranks: dict[float, list[torch.Tensor]] = {float(w): [] for w in weights}
+    try:
+        for lo in range(0, len(tgt), batch_size):
+            h = torch.as_tensor(hist[lo : lo + batch_size], device=device)
+            t = torch.as_tensor(tgt[lo : lo + batch_size], device=device)
+            codes, ids = model.score_parts(h)
+            assert ids is not None
+            exclude = history_mask(h, split.num_items, pad=0, shift=1) if exclude_history else None
+            for w in ranks:
+                ranks[w].append(target_ranks(w * codes + ids, t, exclude).cpu())
+    finally:
+        model.train(was_training)
+    table = {w: metrics_from_ranks(torch.cat(r)) for w, r in ranks.items()}
+    if monitor not in next(iter(table.values())):
+        raise ValueError(f"unknown monitor {monitor!r}; expected one of {sorted(next(iter(table.values())))}")
+    best = max(table, key=lambda w: table[w][monitor])  # max keeps the first of equal values
+    model.code_score_weight = best
+    return best, table
 
 
 def _optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
