@@ -483,7 +483,8 @@ STAGE_ARTIFACTS = {
     "pretrain": ("pretrain.pt",),
     "finetune": ("model.pt",),
 }
-_RUNTIME_KEYS = {"device", "progress"}  # where a stage ran, not what it computed
+# where a stage ran, not what it computed; and settings only ranking reads (no stage output depends on them)
+_RUNTIME_KEYS = {"device", "progress", "code_score_weight"}
 
 
 def _stage_inputs(cfg: PipelineConfig, stage: str) -> dict[str, Any]:

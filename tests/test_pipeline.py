@@ -15,7 +15,7 @@ from qbert.data.errors import DataError
 from qbert.data.split import LeaveOneOutSplit
 from qbert.data.synthetic import SyntheticConfig, make_synthetic
 from qbert.eval.evaluator import evaluate_ranking
-from qbert.pipeline import (PipelineConfig, load_data, pretraining_rows, quickstart_config, run_pipeline,
+from qbert.pipeline import (PipelineConfig, check_reuse, load_data, pretraining_rows, quickstart_config, run_pipeline,
                             stage_features)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -234,6 +234,7 @@ def test_reuse_takes_earlier_stages_from_a_finished_run_only_when_their_settings
     ok = run_pipeline(tiny(**fast, **{"reuse.from_run": str(src), "reuse.stages": ["fusion", "quantize"],
                                       "model.layers": 1}), tmp_path / "layers1")
     assert "reused_from" not in ok["stages"]["pretrain"]
+    check_reuse(tiny(**fast, **reuse, **{"model.code_score_weight": 0.5}))  # ranking-only: no stage depends on it
     with pytest.raises(ConfigError, match="first stages"):
         tiny(**{"reuse.from_run": str(src), "reuse.stages": ["quantize"]})
     with pytest.raises(ConfigError, match="no finished run"):
