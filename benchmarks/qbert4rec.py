@@ -55,7 +55,7 @@ from qbert.pipeline import (  # noqa: E402
     METRIC_KEYS,
     PipelineConfig,
     load_data,
-    read_codes,
+    load_run_model,
     run_pipeline,
 )
 from qbert.seqrec import masks  # noqa: E402
@@ -66,7 +66,7 @@ from qbert.seqrec.profile import (  # noqa: E402
     train_flops_per_sample,
     training_throughput,
 )
-from qbert.seqrec.stage import build_model, training_rows  # noqa: E402
+from qbert.seqrec.stage import training_rows  # noqa: E402
 from qbert.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
 from qbert.utils.runtime import git_commit, machine_info, pick_device  # noqa: E402
 
@@ -192,21 +192,6 @@ def record_of(row: Row, run_dir: Path, status: str) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------- cost
-def load_run_model(run_dir: str | Path, device: str | torch.device = "cpu"):
-    """(model, config) of a finished pipeline run, rebuilt from ``model.pt`` and its semantic IDs."""
-    run_dir = Path(run_dir)
-    path = run_dir / "model.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"no fine-tuned model in {run_dir} (model.pt missing)")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
-    cfg = PipelineConfig.from_dict(payload["config"], source=str(path))
-    codes = read_codes(run_dir, int(payload["num_items"]))
-    model = build_model(cfg.model, codes, cfg.quantize.sizes, cfg.data.max_len, cfg.use_id)
-    model.load_state_dict(payload["model"])
-    model.code_score_weight = float(payload.get("code_score_weight", cfg.model.code_score_weight))  # chosen on valid
-    return model.to(device).eval(), cfg
-
-
 def profile_run(run_dir: Path, quick: bool = False, latency_users: int = 4096, throughput_steps: int = 20,
                 seed: int = 0) -> dict[str, Any]:
     """Table 6 for the model of ``run_dir`` on its own data (training rows, test histories)."""

@@ -540,6 +540,21 @@ def reuse_stage(cfg: PipelineConfig, stage: str, out_dir: str | Path) -> dict[st
     return {**report, "reused_from": str(src.resolve())}
 
 
+def load_run_model(run_dir: str | Path, device: str | torch.device = "cpu"):
+    """(model, config) of a finished pipeline run, rebuilt from ``model.pt`` and its semantic IDs."""
+    run_dir = Path(run_dir)
+    path = run_dir / "model.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"no fine-tuned model in {run_dir} (model.pt missing)")
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    cfg = PipelineConfig.from_dict(payload["config"], source=str(path))
+    codes = read_codes(run_dir, int(payload["num_items"]))
+    model = build_model(cfg.model, codes, cfg.quantize.sizes, cfg.data.max_len, cfg.use_id)
+    model.load_state_dict(payload["model"])
+    model.code_score_weight = float(payload.get("code_score_weight", cfg.model.code_score_weight))  # chosen on valid
+    return model.to(device).eval(), cfg
+
+
 # ---------------------------------------------------------------------------------------- driver
 def _same_config(path: Path, cfg: PipelineConfig) -> bool:
     try:

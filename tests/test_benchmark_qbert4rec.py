@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from qbert.pipeline import load_run_model
 from qbert.seqrec.profile import (
     parameter_count,
     ranking_latency_per_user,
@@ -24,8 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 METRICS = ("HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10")
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_qbert4rec", REPO / "benchmarks" / "qbert4rec.py")
+def _bench(name: str = "qbert4rec"):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses look their module up while the class is created
     spec.loader.exec_module(mod)
@@ -85,10 +86,25 @@ def test_quick_benchmark_tables_dedupe_resume_and_cost(bench, tmp_path):
 
     # cost: measured on the main run's saved model
     cost = res["cost"]
-    model, _ = bench.load_run_model(runs / "main")
+    model, _ = load_run_model(runs / "main")
     assert cost["params"] == sum(p.numel() for p in model.parameters()) > 0
     for k in ("train_flops_per_sample", "score_flops_per_sample", "latency_ms_per_user", "train_samples_per_s"):
         assert cost[k] > 0, k
+
+    # the ranking weight of the semantic-ID term, chosen on valid for the finished main run
+    cw, cw_json = _bench("code_weight"), tmp_path / "cw.json"
+    assert cw.main(["--run", str(runs / "main"), "--weights", "0,1", "--out-json", str(cw_json),
+                    "--out-md", str(tmp_path / "cw.md")]) == 0
+    row = json.loads(cw_json.read_text())["rows"][0]
+    assert set(row["valid"]) == {"0.0", "1.0"} and row["chosen_weight"] in (0.0, 1.0)
+    assert row["valid"][str(row["chosen_weight"])]["NDCG@10"] == max(v["NDCG@10"] for v in row["valid"].values())
+    assert row["valid"]["1.0"]["NDCG@10"] == pytest.approx(rows["main"]["valid NDCG@10"], abs=1e-9)
+    assert row["run_test_w1"] == rows["main"]["test"]
+    if row["chosen_weight"] == 1.0:
+        assert row["test"] == pytest.approx(rows["main"]["test"], abs=1e-9)
+    assert "chosen w" in (tmp_path / "cw.md").read_text()
+    with pytest.raises(SystemExit):
+        cw.main(["--run", str(tmp_path / "nowhere")])
 
     # resume: a second call trains nothing and leaves every run file as it was
     before = _mtimes(runs)
