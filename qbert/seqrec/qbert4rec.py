@@ -26,7 +26,7 @@ as w * sum_l log p_l(code_l(item)) (+ log p(item) with the id modality): a gathe
 table, [B, N] in one shot. ``code_score_weight`` w is 1 (the paper's plain sum) unless chosen on
 valid; the per-level distributions are independent, so their product is a smoothing prior
 over items that share codes, and how much of it helps next to the item softmax is an empirical
-question (on Instruments less than 1; see docs/benchmarks.md).
+question (``finetune.select_code_weight`` answers it on valid; docs/benchmarks.md has Instruments).
 """
 
 from __future__ import annotations
