@@ -99,7 +99,7 @@ def test_quick_benchmark_tables_dedupe_resume_and_cost(bench, tmp_path):
     assert set(row["valid"]) == {"0.0", "1.0"} and row["chosen_weight"] in (0.0, 1.0)
     assert row["valid"][str(row["chosen_weight"])]["NDCG@10"] == max(v["NDCG@10"] for v in row["valid"].values())
     assert row["valid"]["1.0"]["NDCG@10"] == pytest.approx(rows["main"]["valid NDCG@10"], abs=1e-9)
-    assert row["run_test_w1"] == rows["main"]["test"]
+    assert row["run_test"] == rows["main"]["test"] and row["run_weight"] == 1.0
     if row["chosen_weight"] == 1.0:
         assert row["test"] == pytest.approx(rows["main"]["test"], abs=1e-9)
     assert "chosen w" in (tmp_path / "cw.md").read_text()
