@@ -24,11 +24,9 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
-import datetime as dt  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import platform  # noqa: E402
-import shlex  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -43,7 +41,7 @@ from qbert.baselines import BaselineConfig, Trainer, build_model, make_adam, run
 from qbert.data.readers import read_source  # noqa: E402
 from qbert.data.split import LeaveOneOutSplit  # noqa: E402
 from qbert.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
-from qbert.utils.runtime import git_commit, machine_info  # noqa: E402
+from qbert.utils.runtime import benchmark_meta, machine_info  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "amazon-instruments"
 RECBOLE_EPOCH_S = 203.0
@@ -178,9 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "rows": rows, "speed": speed, "threads": args.threads,
         "reference": {"paper": PAPER, "recbole_sasrec_measured": RECBOLE},
-        "meta": {"command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
-                 "seed": args.seed, "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                 "git_commit": git_commit(REPO), "machine": info, "host": platform.node(),
+        "meta": {**benchmark_meta(sys.argv[0], argv, REPO), "seed": args.seed, "machine": info, "host": platform.node(),
                  "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                  "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
                  "data": str(data), "data_fingerprint": dataset.fingerprint()},

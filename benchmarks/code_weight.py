@@ -16,9 +16,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
-import datetime as dt  # noqa: E402
 import json  # noqa: E402
-import shlex  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -31,7 +29,7 @@ from qbert.data.split import LeaveOneOutSplit  # noqa: E402
 from qbert.pipeline import METRIC_KEYS, load_data, load_run_model  # noqa: E402
 from qbert.seqrec.stage import evaluate_split, select_code_weight  # noqa: E402
 from qbert.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
-from qbert.utils.runtime import git_commit, machine_info  # noqa: E402
+from qbert.utils.runtime import benchmark_meta  # noqa: E402
 
 
 def choose(run_dir: Path, weights: list[float], monitor: str = "NDCG@10") -> dict:
@@ -82,9 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--run {run}: no finished run there (model.pt missing)")
         rows.append(choose(Path(run), weights))
         print(json.dumps({k: rows[-1][k] for k in ("run", "chosen_weight", "test")}), flush=True)
-    meta = {"command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
-            "git_commit": git_commit(REPO), "machine": machine_info(), "threads": args.threads,
-            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    meta = benchmark_meta(sys.argv[0], argv, REPO, threads=args.threads)
     atomic_write_json(args.out_json, {"rows": rows, "meta": meta})
     atomic_write_text(args.out_md, markdown(rows, meta))
     return 0

@@ -16,8 +16,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
-import datetime as dt  # noqa: E402
-import shlex  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -31,7 +29,7 @@ from qbert.config import parse_overrides  # noqa: E402
 from qbert.fusion.train import train_fusion  # noqa: E402
 from qbert.pipeline import PipelineConfig, load_data, stage_features  # noqa: E402
 from qbert.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
-from qbert.utils.runtime import git_commit, machine_info  # noqa: E402
+from qbert.utils.runtime import benchmark_meta  # noqa: E402
 
 
 def run_setting(base: PipelineConfig, overrides: dict) -> dict:
@@ -74,9 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     for ov in settings:
         rows.append(run_setting(base, ov))
         print(rows[-1], flush=True)
-    meta = {"command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
-            "seed": base.seed, "git_commit": git_commit(REPO), "machine": machine_info(), "threads": args.threads,
-            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    meta = benchmark_meta(sys.argv[0], argv, REPO, seed=base.seed, threads=args.threads)
     atomic_write_json(args.out_json, {"rows": rows, "meta": meta})
     atomic_write_text(args.out_md, markdown(rows, meta))
     return 0

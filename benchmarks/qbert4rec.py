@@ -31,11 +31,9 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
-import datetime as dt  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import platform  # noqa: E402
-import shlex  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
@@ -68,7 +66,7 @@ from qbert.seqrec.profile import (  # noqa: E402
 )
 from qbert.seqrec.stage import training_rows  # noqa: E402
 from qbert.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
-from qbert.utils.runtime import git_commit, machine_info, pick_device  # noqa: E402
+from qbert.utils.runtime import benchmark_meta, machine_info, pick_device  # noqa: E402
 
 log = logging.getLogger("bench.qbert4rec")
 
@@ -363,13 +361,9 @@ def main(argv: list[str] | None = None) -> int:
         "cost": cost,
         "paper": {"Q-BERT4Rec": PAPER},
         "baselines": load_baselines(),
-        "meta": {"command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0] if argv is None else
-                                                                        "benchmarks/qbert4rec.py",
-                                                                        *(sys.argv[1:] if argv is None else argv)]),
+        "meta": {**benchmark_meta(sys.argv[0] if argv is None else "benchmarks/qbert4rec.py", argv, REPO),
                  "seed": base.seed, "quick": args.quick, "config": None if args.quick else str(args.config),
-                 "base_config": base.to_dict(),
-                 "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                 "git_commit": git_commit(REPO), "machine": info, "host": platform.node(),
+                 "base_config": base.to_dict(), "machine": info, "host": platform.node(),
                  "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                  "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
                  "data_source": base.data.source, "data_fingerprint": main_rec["data_fingerprint"]},

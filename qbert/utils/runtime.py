@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import platform
 import random
+import shlex
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -52,3 +55,15 @@ def machine_info() -> dict[str, Any]:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def benchmark_meta(script: str, argv: list[str] | None, repo: str | os.PathLike, **extra: Any) -> dict[str, Any]:
+    """What a benchmark writes beside its numbers: the command that reproduces them, the git
+    commit, the machine and the UTC date (plus ``extra``, e.g. the seed and torch threads).
+
+    ``argv`` is the argument list given to the script's ``main`` (None: the process's own).
+    """
+    args = sys.argv[1:] if argv is None else argv
+    return {"command": "python " + " ".join(shlex.quote(a) for a in [script, *args]),
+            "git_commit": git_commit(repo), "machine": machine_info(),
+            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), **extra}
