@@ -9,6 +9,7 @@ Token matrices are the split's ``pad=0, shift=1`` views: 0 = padding, item i -> 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Literal, Sequence
 
@@ -24,6 +25,7 @@ from qbert.seqrec import masks
 from qbert.seqrec.batching import batch_indices
 from qbert.seqrec.qbert4rec import QBert4Rec
 from qbert.train.loop import Callback, FitResult, LoopConfig, fit
+from qbert.train.schedule import build_scheduler
 
 MaskFn = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
@@ -43,7 +45,15 @@ class SeqRecConfig(Config):
     # the item-ID term (with the id modality); 1 = the paper's plain sum of log-probabilities
 
 
-class PretrainConfig(Config):
+class ScheduleConfig(Config):
+    """Learning-rate schedule of a training stage (``qbert.train.schedule``); constant = the paper's."""
+
+    schedule: Literal["constant", "cosine"] = "constant"  # cosine: decay to min_lr_ratio * lr over `epochs`
+    warmup_epochs: float = Field(0.0, ge=0.0)  # linear warm-up from 0, in epochs (fractions allowed)
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+
+
+class PretrainConfig(ScheduleConfig):
     """Multi-mask pretraining (Sec. 3.6): batch 512, lr 5e-4, span/multi-region/tail masks."""
 
     strategy: Literal["none", "mlm", "multi"] = "multi"  # Table 4 ablation rows
@@ -66,7 +76,7 @@ class PretrainConfig(Config):
         return v
 
 
-class FinetuneConfig(Config):
+class FinetuneConfig(ScheduleConfig):
     """Target-domain fine-tuning: random mask 0.3, batch 256, lr 1e-4, early stop on valid NDCG@10."""
 
     epochs: int = Field(100, ge=1)
@@ -230,6 +240,17 @@ def _optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
 
 
+def _scheduler(optimizer: torch.optim.Optimizer, cfg: PretrainConfig | FinetuneConfig, sequences: np.ndarray,
+               shard: tuple[int, int] | None):
+    """Per-step schedule over the whole epoch budget; a step is one global batch (all ranks), as
+    in :func:`masked_batches`, which drops all-padding rows."""
+    world = shard[1] if shard is not None else 1
+    rows = int((np.asarray(sequences) != 0).any(axis=1).sum())
+    steps = max(math.ceil(rows / (cfg.batch_size * world)), 1)
+    return build_scheduler(optimizer, cfg.schedule, cfg.epochs * steps, round(cfg.warmup_epochs * steps),
+                           cfg.min_lr_ratio)
+
+
 # ---------------------------------------------------------------------------- runners
 def pretrain(model: QBert4Rec, sequences: np.ndarray, cfg: PretrainConfig, device: torch.device | str = "cpu",
              seed: int = 0, callbacks: Iterable[Callback] = (), checkpoint_dir: str | Path | None = None,
@@ -250,9 +271,10 @@ def pretrain(model: QBert4Rec, sequences: np.ndarray, cfg: PretrainConfig, devic
     device = torch.device(device)
     model.to(device)
     loop = LoopConfig(epochs=cfg.epochs, patience=0, monitor="loss", mode="min", progress=progress)
-    return fit(model, _optimizer(model, cfg.lr, cfg.weight_decay),
-               masked_batches(seqs, cfg.batch_size, pretrain_mask_fn(cfg), seed, device, shard),
-               masked_step, loop, callbacks=callbacks, checkpoint_dir=checkpoint_dir, desc=f"pretrain[{cfg.strategy}]")
+    opt = _optimizer(model, cfg.lr, cfg.weight_decay)
+    batches = masked_batches(seqs, cfg.batch_size, pretrain_mask_fn(cfg), seed, device, shard)
+    return fit(model, opt, batches, masked_step, loop, scheduler=_scheduler(opt, cfg, seqs, shard), callbacks=callbacks,
+               checkpoint_dir=checkpoint_dir, desc=f"pretrain[{cfg.strategy}]")
 
 
 def finetune(model: QBert4Rec, split: LeaveOneOutSplit, cfg: FinetuneConfig, device: torch.device | str = "cpu",
@@ -278,6 +300,7 @@ def finetune(model: QBert4Rec, split: LeaveOneOutSplit, cfg: FinetuneConfig, dev
 
     loop = LoopConfig(epochs=cfg.epochs, patience=cfg.patience, monitor=cfg.monitor, mode="max",
                       eval_every=cfg.eval_every, progress=progress)
-    return fit(model, _optimizer(model, cfg.lr, cfg.weight_decay),
-               masked_batches(seqs, cfg.batch_size, mask_fn, seed, device, shard), masked_step, loop,
-               evaluate=evaluate, callbacks=callbacks, checkpoint_dir=checkpoint_dir, desc="finetune")
+    opt = _optimizer(model, cfg.lr, cfg.weight_decay)
+    batches = masked_batches(seqs, cfg.batch_size, mask_fn, seed, device, shard)
+    return fit(model, opt, batches, masked_step, loop, evaluate=evaluate, scheduler=_scheduler(opt, cfg, seqs, shard),
+               callbacks=callbacks, checkpoint_dir=checkpoint_dir, desc="finetune")
