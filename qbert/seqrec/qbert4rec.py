@@ -21,6 +21,10 @@ transition (measured on planted data; see tests/test_qbert4rec.py). The loss (Eq
 cross-entropy of the true code tokens at masked positions, averaged over levels; with the
 "id" modality an item-ID softmax (tied to the item embedding) is added.
 
+With ``item_head="composed"`` the item softmax scores each item against its whole input
+representation (code embeddings + item-ID embedding) instead of the item-ID embedding alone,
+so items that share codes share part of their output vector, as they share their input one.
+
 Ranking: put [MASK] after the history, take the K log-softmaxes there and score each item
 as w * sum_l log p_l(code_l(item)) (+ log p(item) with the id modality): a gather over the code
 table, [B, N] in one shot. ``code_score_weight`` w is 1 (the paper's plain sum) unless chosen on
@@ -47,13 +51,18 @@ class QBert4Rec(nn.Module):
                  heads: int = 4, dropout: float = 0.2, max_len: int = 50, use_id: bool = False,
                  combine: str = "sum", ffn_mult: int = 4, pre_ln: bool = False,
                  level_sizes: list[int] | None = None, tie_codes: bool = False,
-                 code_score_weight: float = 1.0) -> None:
+                 code_score_weight: float = 1.0, item_head: str = "id") -> None:
         super().__init__()
         codes = torch.as_tensor(codes, dtype=torch.long)
         if codes.ndim != 2 or codes.shape[0] < 1 or codes.shape[1] < 1:
             raise ValueError(f"codes must be a non-empty [num_items, K] table, got shape {tuple(codes.shape)}")
         if combine not in ("sum", "concat"):
             raise ValueError(f"combine must be 'sum' or 'concat', got {combine!r}")
+        if item_head not in ("id", "composed"):
+            raise ValueError(f"item_head must be 'id' or 'composed', got {item_head!r}")
+        if item_head == "composed" and not use_id:
+            raise ValueError("item_head='composed' needs the 'id' modality (it adds the item-ID embedding to the codes)")
+        self.item_head = item_head
         if hidden % heads:
             raise ValueError(f"hidden ({hidden}) must be divisible by heads ({heads})")
         self.K = int(codes.shape[1])
@@ -142,12 +151,15 @@ class QBert4Rec(nn.Module):
         return sorted(set(own) - set(take))
 
     # ------------------------------------------------------------------ forward
+    def item_vectors(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [...] -> the input representation of each item [..., H]: its combined code
+        embeddings (+ its item-ID embedding)."""
+        e = self.code_emb(self.token_codes[tokens] + self.level_offset)  # [..., K, H]
+        x = self.code_proj(e.flatten(-2)) if self.code_proj is not None else e.sum(dim=-2)
+        return x + self.item_emb(tokens) if self.item_emb is not None else x
+
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        codes = self.token_codes[tokens] + self.level_offset  # [B, L, K]
-        e = self.code_emb(codes)  # [B, L, K, H]
-        x = self.code_proj(e.flatten(2)) if self.code_proj is not None else e.sum(dim=2)
-        if self.item_emb is not None:
-            x = x + self.item_emb(tokens)
+        x = self.item_vectors(tokens)
         L = tokens.shape[1]
         if L > self.max_len:
             raise ValueError(f"sequence length {L} exceeds max_len {self.max_len}")
@@ -167,9 +179,12 @@ class QBert4Rec(nn.Module):
         return logits.masked_fill(~self.code_valid, -1e4)
 
     def id_logits(self, h: torch.Tensor) -> torch.Tensor:
-        """hidden [M, H] -> item logits [M, N] (tied to the item-ID embedding)."""
+        """hidden [M, H] -> item logits [M, N], tied to the item-ID embedding (``item_head="id"``) or
+        to the whole input representation of each item, codes included (``"composed"``)."""
         assert self.item_emb is not None and self.item_bias is not None
-        return self.out_transform(h) @ self.item_emb.weight[1 : self.num_items + 1].T + self.item_bias
+        items = torch.arange(1, self.num_items + 1, device=h.device)
+        table = self.item_vectors(items) if self.item_head == "composed" else self.item_emb(items)
+        return self.out_transform(h) @ table.T + self.item_bias
 
     def masked_loss(self, tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """Eq. (11): cross-entropy of the semantic-ID tokens of the masked items.
