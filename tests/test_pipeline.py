@@ -15,7 +15,7 @@ from qbert.data.errors import DataError
 from qbert.data.split import LeaveOneOutSplit
 from qbert.data.synthetic import SyntheticConfig, make_synthetic
 from qbert.eval.evaluator import evaluate_ranking
-from qbert.pipeline import (PipelineConfig, check_reuse, load_data, pretraining_rows, quickstart_config, run_pipeline,
+from qbert.pipeline import (PipelineConfig, check_reuse, load_data, load_run_model, pretraining_rows, quickstart_config, run_pipeline,
                             stage_features)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -230,10 +230,13 @@ def test_reuse_takes_earlier_stages_from_a_finished_run_only_when_their_settings
     with pytest.raises(ConfigError, match="model.layers"):
         run_pipeline(tiny(**fast, **reuse, **{"model.layers": 1}), tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
-    # reusing only fusion + quantize is fine with another encoder depth
+    # reusing only fusion + quantize is fine with another encoder (one layer, a learned repeat bias)
     ok = run_pipeline(tiny(**fast, **{"reuse.from_run": str(src), "reuse.stages": ["fusion", "quantize"],
-                                      "model.layers": 1}), tmp_path / "layers1")
+                                      "model.layers": 1, "model.repeat_bias": True}), tmp_path / "layers1")
     assert "reused_from" not in ok["stages"]["pretrain"]
+    model, _ = load_run_model(tmp_path / "layers1")  # the learned shift is recorded and reloads with the model
+    assert ok["stages"]["finetune"]["repeat_weight"] == pytest.approx(float(model.repeat_weight.detach()))
+    assert "repeat_weight" not in metrics["stages"]["finetune"]
     check_reuse(tiny(**fast, **reuse, **{"model.code_score_weight": 0.5}))  # ranking-only: no stage depends on it
     with pytest.raises(ConfigError, match="first stages"):
         tiny(**{"reuse.from_run": str(src), "reuse.stages": ["quantize"]})

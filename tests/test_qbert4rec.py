@@ -104,6 +104,49 @@ def test_composed_item_head_scores_items_against_their_whole_input_vector():
         _model(True, item_head="tied")
 
 
+def test_repeat_bias_shifts_exactly_the_items_in_the_sequence():
+    m = _model(True, repeat_bias=True).eval()
+    with torch.no_grad():
+        m.repeat_weight.fill_(-3.0)
+    hist = _tokens(B=4, L=9)
+    h = torch.randn(4, 16)
+    inp = m.append_mask(hist)
+    shift = m.id_logits(h, inp) - m.id_logits(h)
+    for b in range(4):
+        seen = set(int(t) - 1 for t in inp[b] if 0 < int(t) <= m.num_items)
+        expect = torch.tensor([-3.0 if i in seen else 0.0 for i in range(m.num_items)])
+        torch.testing.assert_close(shift[b], expect)
+    with torch.no_grad():  # ranking applies it to the history: a seen item drops by exactly 3 in logit
+        _, ids = m.score_parts(hist)
+        m.repeat_weight.zero_()
+        _, ids0 = m.score_parts(hist)
+    b, item = 0, int(hist[0, -1]) - 1
+    assert float((ids0[b] - ids[b])[item] - (ids0[b] - ids[b]).min()) == pytest.approx(3.0, abs=1e-4)
+    loss, _ = m.train().masked_loss(_tokens(), _tokens() > 15)
+    loss.backward()
+    assert m.repeat_weight.grad is not None and float(m.repeat_weight.grad) != 0.0
+    with pytest.raises(ValueError, match="repeat_bias needs the 'id' modality"):
+        _model(False, repeat_bias=True)
+
+
+@pytest.mark.parametrize("repeats", [True, False])
+def test_repeat_bias_learns_the_sign_of_repeats_from_training_data(repeats):
+    rng = np.random.default_rng(0)
+    n = 40
+    if repeats:  # every user alternates two items: the next item is always in the history
+        seqs = [[int(x) for x in np.resize(rng.choice(n, 2, replace=False), int(rng.integers(6, 12)))]
+                for _ in range(200)]
+    else:  # a permutation prefix: the next item is never in the history
+        seqs = [[int(x) for x in rng.permutation(n)[: int(rng.integers(6, 12))]] for _ in range(200)]
+    split = LeaveOneOutSplit(from_sequences("rep", seqs, n), 12)
+    torch.manual_seed(0)
+    model = build_model(SeqRecConfig(hidden=16, layers=1, heads=2, dropout=0.0, repeat_bias=True),
+                        rng.integers(0, 8, (n, 2)), 8, 12, use_id=True)
+    finetune(model, split, FinetuneConfig(epochs=2, batch_size=64, lr=1e-2, patience=0), seed=0, progress=False)
+    weight = float(model.repeat_weight.detach())
+    assert weight > 0.1 if repeats else weight < -0.1
+
+
 def test_padding_does_not_change_real_outputs():
     m = _model().eval()
     tok = _tokens(B=2, L=6)

@@ -25,6 +25,12 @@ With ``item_head="composed"`` the item softmax scores each item against its whol
 representation (code embeddings + item-ID embedding) instead of the item-ID embedding alone,
 so items that share codes share part of their output vector, as they share their input one.
 
+With ``repeat_bias`` a learned scalar is added to the item logit of every item already visible
+in the sequence, in training (the unmasked items of the row) and at ranking (the history): the
+model learns from the training data how likely a repeat is, which a bidirectional encoder with
+tied item embeddings otherwise gets wrong (the [MASK] state resembles its context items, so
+history items score high). The evaluation protocol is unchanged: history items are still ranked.
+
 Ranking: put [MASK] after the history, take the K log-softmaxes there and score each item
 as w * sum_l log p_l(code_l(item)) (+ log p(item) with the id modality): a gather over the code
 table, [B, N] in one shot. ``code_score_weight`` w is 1 (the paper's plain sum) unless chosen on
@@ -51,7 +57,7 @@ class QBert4Rec(nn.Module):
                  heads: int = 4, dropout: float = 0.2, max_len: int = 50, use_id: bool = False,
                  combine: str = "sum", ffn_mult: int = 4, pre_ln: bool = False,
                  level_sizes: list[int] | None = None, tie_codes: bool = False,
-                 code_score_weight: float = 1.0, item_head: str = "id") -> None:
+                 code_score_weight: float = 1.0, item_head: str = "id", repeat_bias: bool = False) -> None:
         super().__init__()
         codes = torch.as_tensor(codes, dtype=torch.long)
         if codes.ndim != 2 or codes.shape[0] < 1 or codes.shape[1] < 1:
@@ -63,6 +69,8 @@ class QBert4Rec(nn.Module):
         if item_head == "composed" and not use_id:
             raise ValueError("item_head='composed' needs the 'id' modality (it adds the item-ID embedding to the codes)")
         self.item_head = item_head
+        if repeat_bias and not use_id:
+            raise ValueError("repeat_bias needs the 'id' modality (it shifts the item softmax)")
         if hidden % heads:
             raise ValueError(f"hidden ({hidden}) must be divisible by heads ({heads})")
         self.K = int(codes.shape[1])
@@ -95,6 +103,8 @@ class QBert4Rec(nn.Module):
         init_weights(self)
         if self.code_out is not None:
             nn.init.normal_(self.code_out, std=0.02)
+        # learned logit shift of items already in the visible sequence (0 at start: no prior)
+        self.repeat_weight = nn.Parameter(torch.zeros(())) if repeat_bias else None
         with torch.no_grad():  # start every level's query at the shared hidden state: a 0.02-scale
             # projection here would shrink the gradient reaching the encoder and stall training
             self.level_head.weight.add_(torch.eye(hidden).repeat(self.K, 1))
@@ -178,13 +188,26 @@ class QBert4Rec(nn.Module):
         logits = torch.einsum("mkh,kch->mkc", q, table) + self.code_bias
         return logits.masked_fill(~self.code_valid, -1e4)
 
-    def id_logits(self, h: torch.Tensor) -> torch.Tensor:
+    def id_logits(self, h: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
         """hidden [M, H] -> item logits [M, N], tied to the item-ID embedding (``item_head="id"``) or
-        to the whole input representation of each item, codes included (``"composed"``)."""
+        to the whole input representation of each item, codes included (``"composed"``).
+
+        ``visible`` [M, L]: the input tokens each row sees; with ``repeat_bias`` the items among
+        them get the learned shift ``repeat_weight``.
+        """
         assert self.item_emb is not None and self.item_bias is not None
         items = torch.arange(1, self.num_items + 1, device=h.device)
         table = self.item_vectors(items) if self.item_head == "composed" else self.item_emb(items)
-        return self.out_transform(h) @ table.T + self.item_bias
+        logits = self.out_transform(h) @ table.T + self.item_bias
+        if self.repeat_weight is not None and visible is not None:
+            logits = logits + self.repeat_weight * self.seen_items(visible)
+        return logits
+
+    def seen_items(self, visible: torch.Tensor) -> torch.Tensor:
+        """[M, L] tokens -> [M, N] float indicator of the catalogue items among them."""
+        seen = torch.zeros(len(visible), self.num_items + 2, device=visible.device)
+        seen.scatter_(1, visible, 1.0)
+        return seen[:, 1 : self.num_items + 1]  # drops padding (0) and [MASK] (N+1)
 
     def masked_loss(self, tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """Eq. (11): cross-entropy of the semantic-ID tokens of the masked items.
@@ -198,13 +221,14 @@ class QBert4Rec(nn.Module):
         items = tokens[mask] - 1  # [M] 0-based item ids
         inp = tokens.masked_fill(mask, self.mask_token)
         h = self(inp)[mask]  # [M, H]
+        rows = mask.nonzero()[:, 0]  # the row of each masked position
         logits = self.code_logits(h)
         target = self.codes[items]  # [M, K]
         code_loss = F.cross_entropy(logits.reshape(-1, self.C), target.reshape(-1))
         loss = code_loss
         logs = {"code_loss": float(code_loss.detach())}
         if self.item_emb is not None:
-            id_loss = F.cross_entropy(self.id_logits(h), items)
+            id_loss = F.cross_entropy(self.id_logits(h, inp[rows] if self.repeat_weight is not None else None), items)
             loss = loss + id_loss
             logs["id_loss"] = float(id_loss.detach())
         return loss, logs
@@ -218,18 +242,19 @@ class QBert4Rec(nn.Module):
         m = torch.full((len(hist), 1), self.mask_token, dtype=hist.dtype, device=hist.device)
         return torch.cat([hist, m], dim=1)
 
-    def code_log_probs(self, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(code log-probs [B, K, C], hidden at the [MASK] [B, H]) for the next item."""
-        h = self(self.append_mask(history))[:, -1]
-        return F.log_softmax(self.code_logits(h), dim=-1), h
+    def code_log_probs(self, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(code log-probs [B, K, C], hidden at the [MASK] [B, H], the model's input [B, L'])."""
+        inp = self.append_mask(history)
+        h = self(inp)[:, -1]
+        return F.log_softmax(self.code_logits(h), dim=-1), h, inp
 
     def score_parts(self, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(sum over levels of log p(code_l of item) [B, N], log p(item) [B, N] or None without id)."""
-        lp, h = self.code_log_probs(history)
+        lp, h, inp = self.code_log_probs(history)
         codes = lp[:, 0, self.codes[:, 0]]
         for level in range(1, self.K):
             codes = codes + lp[:, level, self.codes[:, level]]
-        ids = F.log_softmax(self.id_logits(h), dim=-1) if self.item_emb is not None else None
+        ids = F.log_softmax(self.id_logits(h, inp), dim=-1) if self.item_emb is not None else None
         return codes, ids
 
     def score(self, history: torch.Tensor) -> torch.Tensor:
