@@ -107,7 +107,7 @@ def test_composed_item_head_scores_items_against_their_whole_input_vector():
 def test_repeat_bias_shifts_exactly_the_items_in_the_sequence():
     m = _model(True, repeat_bias=True).eval()
     with torch.no_grad():
-        m.repeat_weight.fill_(-3.0)
+        m.repeat_raw.fill_(-0.3)  # repeat_weight = 10 * raw = -3
     hist = _tokens(B=4, L=9)
     h = torch.randn(4, 16)
     inp = m.append_mask(hist)
@@ -118,13 +118,13 @@ def test_repeat_bias_shifts_exactly_the_items_in_the_sequence():
         torch.testing.assert_close(shift[b], expect)
     with torch.no_grad():  # ranking applies it to the history: a seen item drops by exactly 3 in logit
         _, ids = m.score_parts(hist)
-        m.repeat_weight.zero_()
+        m.repeat_raw.zero_()
         _, ids0 = m.score_parts(hist)
     b, item = 0, int(hist[0, -1]) - 1
     assert float((ids0[b] - ids[b])[item] - (ids0[b] - ids[b]).min()) == pytest.approx(3.0, abs=1e-4)
     loss, _ = m.train().masked_loss(_tokens(), _tokens() > 15)
     loss.backward()
-    assert m.repeat_weight.grad is not None and float(m.repeat_weight.grad) != 0.0
+    assert m.repeat_raw.grad is not None and float(m.repeat_raw.grad) != 0.0
     with pytest.raises(ValueError, match="repeat_bias needs the 'id' modality"):
         _model(False, repeat_bias=True)
 

@@ -48,6 +48,7 @@ from torch import nn
 from qbert.seqrec.layers import TransformerEncoder, init_weights, trim_left_padding
 
 PAD = 0
+REPEAT_SCALE = 10.0  # repeat_weight = REPEAT_SCALE * repeat_raw, so Adam moves it ~10 x lr per step
 
 
 class QBert4Rec(nn.Module):
@@ -103,8 +104,10 @@ class QBert4Rec(nn.Module):
         init_weights(self)
         if self.code_out is not None:
             nn.init.normal_(self.code_out, std=0.02)
-        # learned logit shift of items already in the visible sequence (0 at start: no prior)
-        self.repeat_weight = nn.Parameter(torch.zeros(())) if repeat_bias else None
+        # learned logit shift of items already in the visible sequence (0 at start: no prior). A
+        # scalar moves about lr per Adam step; the shift it needs is a few nats, so it is trained
+        # as REPEAT_SCALE * a raw parameter (read it through ``repeat_weight``)
+        self.repeat_raw = nn.Parameter(torch.zeros(())) if repeat_bias else None
         with torch.no_grad():  # start every level's query at the shared hidden state: a 0.02-scale
             # projection here would shrink the gradient reaching the encoder and stall training
             self.level_head.weight.add_(torch.eye(hidden).repeat(self.K, 1))
@@ -202,6 +205,11 @@ class QBert4Rec(nn.Module):
         if self.repeat_weight is not None and visible is not None:
             logits = logits + self.repeat_weight * self.seen_items(visible)
         return logits
+
+    @property
+    def repeat_weight(self) -> torch.Tensor | None:
+        """The learned logit shift of items already in the sequence (None without ``repeat_bias``)."""
+        return None if self.repeat_raw is None else self.repeat_raw * REPEAT_SCALE
 
     def seen_items(self, visible: torch.Tensor) -> torch.Tensor:
         """[M, L] tokens -> [M, N] float indicator of the catalogue items among them."""
