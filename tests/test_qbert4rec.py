@@ -85,25 +85,6 @@ def test_code_score_weight_scales_only_the_semantic_id_term():
         _model(True, code_score_weight=-1.0)
 
 
-def test_composed_item_head_scores_items_against_their_whole_input_vector():
-    m = _model(True, item_head="composed").eval()
-    h = torch.randn(5, 16)
-    n = m.num_items
-    vectors = m.code_emb(m.codes + m.level_offset).sum(1) + m.item_emb.weight[1 : n + 1]  # [N, H] by hand
-    torch.testing.assert_close(m.id_logits(h), m.out_transform(h) @ vectors.T + m.item_bias)
-    loss, _ = m.train().masked_loss(_tokens(), _tokens() > 15)
-    loss.backward()
-    plain = _model(True).train()
-    assert m.code_emb.weight.grad is not None and float(m.code_emb.weight.grad.abs().sum()) > 0
-    # the code embeddings now also get the item softmax's gradient, beyond the plain head's
-    plain.id_logits(torch.randn(3, 16)).sum().backward()
-    assert plain.code_emb.weight.grad is None
-    with pytest.raises(ValueError, match="needs the 'id' modality"):
-        _model(False, item_head="composed")
-    with pytest.raises(ValueError, match="item_head"):
-        _model(True, item_head="tied")
-
-
 def test_repeat_bias_shifts_exactly_the_items_in_the_sequence():
     m = _model(True, repeat_bias=True).eval()
     with torch.no_grad():

@@ -21,10 +21,6 @@ transition (measured on planted data; see tests/test_qbert4rec.py). The loss (Eq
 cross-entropy of the true code tokens at masked positions, averaged over levels; with the
 "id" modality an item-ID softmax (tied to the item embedding) is added.
 
-With ``item_head="composed"`` the item softmax scores each item against its whole input
-representation (code embeddings + item-ID embedding) instead of the item-ID embedding alone,
-so items that share codes share part of their output vector, as they share their input one.
-
 With ``repeat_bias`` a learned scalar is added to the item logit of every item already visible
 in the sequence, in training (the unmasked items of the row) and at ranking (the history): the
 model learns from the training data how likely a repeat is, which a bidirectional encoder with
@@ -58,18 +54,13 @@ class QBert4Rec(nn.Module):
                  heads: int = 4, dropout: float = 0.2, max_len: int = 50, use_id: bool = False,
                  combine: str = "sum", ffn_mult: int = 4, pre_ln: bool = False,
                  level_sizes: list[int] | None = None, tie_codes: bool = False,
-                 code_score_weight: float = 1.0, item_head: str = "id", repeat_bias: bool = False) -> None:
+                 code_score_weight: float = 1.0, repeat_bias: bool = False) -> None:
         super().__init__()
         codes = torch.as_tensor(codes, dtype=torch.long)
         if codes.ndim != 2 or codes.shape[0] < 1 or codes.shape[1] < 1:
             raise ValueError(f"codes must be a non-empty [num_items, K] table, got shape {tuple(codes.shape)}")
         if combine not in ("sum", "concat"):
             raise ValueError(f"combine must be 'sum' or 'concat', got {combine!r}")
-        if item_head not in ("id", "composed"):
-            raise ValueError(f"item_head must be 'id' or 'composed', got {item_head!r}")
-        if item_head == "composed" and not use_id:
-            raise ValueError("item_head='composed' needs the 'id' modality (it adds the item-ID embedding to the codes)")
-        self.item_head = item_head
         if repeat_bias and not use_id:
             raise ValueError("repeat_bias needs the 'id' modality (it shifts the item softmax)")
         if hidden % heads:
@@ -164,15 +155,12 @@ class QBert4Rec(nn.Module):
         return sorted(set(own) - set(take))
 
     # ------------------------------------------------------------------ forward
-    def item_vectors(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [...] -> the input representation of each item [..., H]: its combined code
-        embeddings (+ its item-ID embedding)."""
-        e = self.code_emb(self.token_codes[tokens] + self.level_offset)  # [..., K, H]
-        x = self.code_proj(e.flatten(-2)) if self.code_proj is not None else e.sum(dim=-2)
-        return x + self.item_emb(tokens) if self.item_emb is not None else x
-
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.item_vectors(tokens)
+        codes = self.token_codes[tokens] + self.level_offset  # [B, L, K]
+        e = self.code_emb(codes)  # [B, L, K, H]
+        x = self.code_proj(e.flatten(2)) if self.code_proj is not None else e.sum(dim=2)
+        if self.item_emb is not None:
+            x = x + self.item_emb(tokens)
         L = tokens.shape[1]
         if L > self.max_len:
             raise ValueError(f"sequence length {L} exceeds max_len {self.max_len}")
@@ -192,16 +180,13 @@ class QBert4Rec(nn.Module):
         return logits.masked_fill(~self.code_valid, -1e4)
 
     def id_logits(self, h: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
-        """hidden [M, H] -> item logits [M, N], tied to the item-ID embedding (``item_head="id"``) or
-        to the whole input representation of each item, codes included (``"composed"``).
+        """hidden [M, H] -> item logits [M, N] (tied to the item-ID embedding).
 
         ``visible`` [M, L]: the input tokens each row sees; with ``repeat_bias`` the items among
         them get the learned shift ``repeat_weight``.
         """
         assert self.item_emb is not None and self.item_bias is not None
-        items = torch.arange(1, self.num_items + 1, device=h.device)
-        table = self.item_vectors(items) if self.item_head == "composed" else self.item_emb(items)
-        logits = self.out_transform(h) @ table.T + self.item_bias
+        logits = self.out_transform(h) @ self.item_emb.weight[1 : self.num_items + 1].T + self.item_bias
         if self.repeat_weight is not None and visible is not None:
             logits = logits + self.repeat_weight * self.seen_items(visible)
         return logits

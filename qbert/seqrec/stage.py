@@ -43,8 +43,6 @@ class SeqRecConfig(Config):
     tie_codes: bool = False  # output code embeddings = input ones; untied trains much faster here
     code_score_weight: float = Field(1.0, ge=0.0)  # ranking weight of the semantic-ID term next to
     # the item-ID term (with the id modality); 1 = the paper's plain sum of log-probabilities
-    item_head: Literal["id", "composed"] = "id"  # id modality: item softmax against the item-ID embedding
-    # ("id") or against the item's whole input vector, codes included ("composed")
     repeat_bias: bool = False  # id modality: learn one logit shift for items already in the sequence
 
 
@@ -114,7 +112,7 @@ def build_model(cfg: SeqRecConfig, codes: np.ndarray | torch.Tensor, num_codes: 
                      hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads, dropout=cfg.dropout, max_len=max_len,
                      use_id=use_id, combine=cfg.combine, ffn_mult=cfg.ffn_mult, pre_ln=cfg.pre_ln, level_sizes=sizes,
                      tie_codes=cfg.tie_codes, code_score_weight=cfg.code_score_weight,
-                     item_head=cfg.item_head if use_id else "id", repeat_bias=cfg.repeat_bias and use_id)
+                     repeat_bias=cfg.repeat_bias and use_id)
 
 
 def full_sequences(ds, max_len: int) -> np.ndarray:
