@@ -576,6 +576,7 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, callbacks_factory: Ca
     """
     out = Path(out_dir)
     started = time.time()
+    commit = git_commit()  # the code this run executes (the tree may change while it trains)
     seed_everything(cfg.seed)
     data = load_data(cfg)
     check_inputs(cfg, data)
@@ -619,7 +620,7 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, callbacks_factory: Ca
     if cfg.plots:
         plots = write_plots(out, reports["fusion"], read_codes(out, data.all_items.num_items), cfg.quantize.sizes)
     summary = {
-        "git_commit": git_commit(),
+        "git_commit": commit,
         "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "machine": machine_info(),
         "device": str(pick_device(cfg.device)),

@@ -535,6 +535,7 @@ def run_pipeline_on_ray(cfg: Any, out_dir: str | os.PathLike, *, scaling: RaySca
 
     out = Path(out_dir).resolve()
     started = time.time()
+    commit = git_commit()  # the code this run executes (the tree may change while it trains)
     seed_everything(cfg.seed)
     data = P.load_data(cfg)
     P.check_inputs(cfg, data)  # every input problem surfaces before a worker starts
@@ -580,7 +581,7 @@ def run_pipeline_on_ray(cfg: Any, out_dir: str | os.PathLike, *, scaling: RaySca
     plots = []
     if cfg.plots:
         plots = P.write_plots(out, reports["fusion"], P.read_codes(out, data.all_items.num_items), cfg.quantize.sizes)
-    summary = {"git_commit": git_commit(), "machine": machine_info(), "device": str(pick_device(cfg.device)),
+    summary = {"git_commit": commit, "machine": machine_info(), "device": str(pick_device(cfg.device)),
                "data": {"source": cfg.data.source, "fingerprint": data.target.fingerprint(), "stats": data.target.stats()},
                "timings": {**timings, "total": time.time() - started}, "test": metrics["test"],
                "valid": metrics["valid"], "plots": plots, "config": cfg.to_dict(), "ray": metrics["ray"]}
