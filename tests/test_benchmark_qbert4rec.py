@@ -106,6 +106,16 @@ def test_quick_benchmark_tables_dedupe_resume_and_cost(bench, tmp_path):
     with pytest.raises(SystemExit):
         cw.main(["--run", str(tmp_path / "nowhere")])
 
+    # the table of finished runs reads what each run recorded, without retraining
+    rt = _bench("runs_table")
+    assert rt.main(["--name", "t", "--out-dir", str(tmp_path), "--run", str(runs / "main")]) == 0
+    got = json.loads((tmp_path / "t.json").read_text())
+    assert got["best_valid"] == str(runs / "main") and got["rows"][0]["test"] == rows["main"]["test"]
+    assert got["rows"][0]["valid"]["NDCG@10"] == pytest.approx(rows["main"]["valid NDCG@10"], abs=1e-9)
+    assert got["rows"][0]["repeat_weight"] is None and "(best valid)" in (tmp_path / "t.md").read_text()
+    with pytest.raises(SystemExit):
+        rt.main(["--name", "t", "--out-dir", str(tmp_path), "--run", str(tmp_path / "nowhere")])
+
     # resume: a second call trains nothing and leaves every run file as it was
     before = _mtimes(runs)
     assert bench.main(argv) == 0
