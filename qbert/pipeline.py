@@ -557,6 +557,26 @@ def load_run_model(run_dir: str | Path, device: str | torch.device = "cpu"):
     return model.to(device).eval(), cfg
 
 
+def evaluate_run(run_dir: str | Path, which: str = "test", exclude_history: bool | None = None,
+                 device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Re-evaluate a finished pipeline run's ``model.pt`` on its own data (at its chosen ranking weight).
+
+    ``exclude_history`` None keeps the run's ``eval.exclude_history``. Refuses data whose
+    fingerprint differs from the one the model was trained on.
+    """
+    model, cfg = load_run_model(run_dir, device)
+    data = load_data(cfg)
+    trained_on = torch.load(Path(run_dir) / "model.pt", map_location="cpu", weights_only=False).get("data_fingerprint")
+    if trained_on not in (None, data.target.fingerprint()):
+        raise DataError(f"{cfg.data.source}: fingerprint {data.target.fingerprint()} differs from the one "
+                        f"{run_dir} was trained on ({trained_on}); evaluate on the data the model was trained on")
+    split = LeaveOneOutSplit(data.target, cfg.data.max_len)
+    excl = cfg.eval.exclude_history if exclude_history is None else exclude_history
+    res = evaluate_split(model, split, which, cfg.eval.batch_size, device, excl)
+    return {**{k: res[k] for k in METRIC_KEYS}, "users": res.get("users"), "exclude_history": excl,
+            "code_score_weight": model.code_score_weight}
+
+
 # ---------------------------------------------------------------------------------------- driver
 def _same_config(path: Path, cfg: PipelineConfig) -> bool:
     try:

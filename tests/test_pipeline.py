@@ -204,6 +204,15 @@ def test_cli_pipeline_runs_and_prints_metrics(tmp_path, capsys):
     assert not (tmp_path / "run" / "pretrain.pt").exists()
     saved = PipelineConfig.from_yaml(tmp_path / "run" / "config.yaml")
     assert saved.pretrain.strategy == "none" and saved.finetune.epochs == 2
+    # `qbert evaluate` reloads a pipeline run and reproduces its recorded test metrics
+    assert main(["evaluate", "--run", str(tmp_path / "run"), "--device", "cpu"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert {k: again[k] for k in METRICS} == pytest.approx(printed["test"], abs=1e-9)
+    assert again["exclude_history"] is False and again["code_score_weight"] == 1.0
+    assert main(["evaluate", "--run", str(tmp_path / "run"), "--split", "valid", "--exclude-history"]) == 0
+    assert json.loads(capsys.readouterr().out)["exclude_history"] is True
+    assert main(["evaluate", "--run", str(tmp_path / "run"), "--data", "synthetic"]) == 2
+    assert "--data applies to baseline runs" in capsys.readouterr().err
     # a stage alone, inside the run directory
     assert main(["finetune", "--out", str(tmp_path / "run"), "--set", "finetune.epochs=1"]) == 0
 

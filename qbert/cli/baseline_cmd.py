@@ -38,9 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run_baseline_cmd)
 
-    e = sub.add_parser("evaluate", help="re-evaluate a baseline run's best checkpoint (prints JSON)",
+    e = sub.add_parser("evaluate", help="re-evaluate a finished run's model (baseline or pipeline; prints JSON)",
                        description="Reload RUN_DIR/model.pt and evaluate it by full ranking on the run's data.")
-    e.add_argument("--run", required=True, help="run directory written by 'qbert baseline'")
+    e.add_argument("--run", required=True, help="run directory written by 'qbert baseline' or 'qbert pipeline'")
     e.add_argument("--split", choices=("test", "valid"), default="test")
     e.add_argument("--exclude-history", action="store_true", default=None,
                    help="remove history items from the ranking (default: the run's setting)")
@@ -80,6 +80,16 @@ def run_baseline_cmd(args: argparse.Namespace) -> int:
 def evaluate_cmd(args: argparse.Namespace) -> int:
     from qbert.baselines import evaluate_run, load_run_info
     from qbert.data.readers import read_source
+
+    if (Path(args.run) / "semantic_ids.parquet").is_file():  # a Q-BERT4Rec pipeline run
+        from qbert.pipeline import evaluate_run as evaluate_pipeline_run
+        from qbert.utils.runtime import pick_device
+
+        if args.data:
+            raise ConfigError("--data applies to baseline runs; a pipeline run is evaluated on its own config's data")
+        res = evaluate_pipeline_run(args.run, args.split, args.exclude_history, device=pick_device(args.device))
+        print(json.dumps({"run": str(args.run), "split": args.split, **res}, indent=2))
+        return 0
 
     info = load_run_info(args.run)
     source = args.data or info.get("data_source")
