@@ -407,6 +407,8 @@ def run_finetune_stage(cfg: PipelineConfig, data: PipelineData, out_dir: str | P
         log.info("finetune.select_code_weight ignored: without the 'id' modality the weight does not change the ranking")
     if model.repeat_weight is not None:  # the learned logit shift of items already in the history
         weights["repeat_weight"] = float(model.repeat_weight.detach())
+    if model.prefix_weight is not None:  # ... and of items sharing their first 1..K-1 codes with one
+        weights["prefix_weight"] = [float(w) for w in model.prefix_weight.detach()]
     t0 = time.perf_counter()
     test = evaluate_split(model, split, "test", cfg.eval.batch_size, device, cfg.eval.exclude_history)
     test_seconds = time.perf_counter() - t0

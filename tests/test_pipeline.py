@@ -241,10 +241,13 @@ def test_reuse_takes_earlier_stages_from_a_finished_run_only_when_their_settings
     assert not (tmp_path / "bad").exists()
     # reusing only fusion + quantize is fine with another encoder (one layer, a learned repeat bias)
     ok = run_pipeline(tiny(**fast, **{"reuse.from_run": str(src), "reuse.stages": ["fusion", "quantize"],
-                                      "model.layers": 1, "model.repeat_bias": True}), tmp_path / "layers1")
+                                      "model.layers": 1, "model.repeat_bias": True, "model.prefix_bias": True}),
+                      tmp_path / "layers1")
     assert "reused_from" not in ok["stages"]["pretrain"]
     model, _ = load_run_model(tmp_path / "layers1")  # the learned shift is recorded and reloads with the model
     assert ok["stages"]["finetune"]["repeat_weight"] == pytest.approx(float(model.repeat_weight.detach()))
+    assert ok["stages"]["finetune"]["prefix_weight"] == pytest.approx(model.prefix_weight.tolist())
+    assert len(ok["stages"]["finetune"]["prefix_weight"]) == model.K - 1
     assert "repeat_weight" not in metrics["stages"]["finetune"]
     check_reuse(tiny(**fast, **reuse, **{"model.code_score_weight": 0.5}))  # ranking-only: no stage depends on it
     with pytest.raises(ConfigError, match="first stages"):

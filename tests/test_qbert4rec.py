@@ -110,6 +110,28 @@ def test_repeat_bias_shifts_exactly_the_items_in_the_sequence():
         _model(False, repeat_bias=True)
 
 
+def test_prefix_bias_shifts_items_sharing_a_code_prefix_with_the_sequence():
+    m = _model(True, prefix_bias=True).eval()
+    with torch.no_grad():
+        m.prefix_raw.copy_(torch.tensor([-0.1, 0.2]))  # prefix_weight = 10 * raw: -1 (first code), +2 (two)
+    assert m.prefix_weight.tolist() == pytest.approx([-1.0, 2.0])
+    inp = m.append_mask(_tokens(B=4, L=9))
+    h = torch.randn(4, 16)
+    shift = m.id_logits(h, inp) - m.id_logits(h)
+    for b in range(4):  # brute force over items and sequence items
+        seen = [int(t) - 1 for t in inp[b] if 0 < int(t) <= m.num_items]
+        expect = torch.zeros(m.num_items)
+        for i in range(m.num_items):
+            for level, w in enumerate((-1.0, 2.0)):
+                expect[i] += w * any(bool((m.codes[i, : level + 1] == m.codes[j, : level + 1]).all()) for j in seen)
+        torch.testing.assert_close(shift[b], expect)
+    loss, _ = m.train().masked_loss(_tokens(), _tokens() > 15)
+    loss.backward()
+    assert m.prefix_raw.grad is not None and bool((m.prefix_raw.grad != 0).all())
+    with pytest.raises(ValueError, match="prefix_bias needs the 'id' modality"):
+        _model(False, prefix_bias=True)
+
+
 @pytest.mark.parametrize("repeats", [True, False])
 def test_repeat_bias_learns_the_sign_of_repeats_from_training_data(repeats):
     rng = np.random.default_rng(0)

@@ -54,15 +54,16 @@ class QBert4Rec(nn.Module):
                  heads: int = 4, dropout: float = 0.2, max_len: int = 50, use_id: bool = False,
                  combine: str = "sum", ffn_mult: int = 4, pre_ln: bool = False,
                  level_sizes: list[int] | None = None, tie_codes: bool = False,
-                 code_score_weight: float = 1.0, repeat_bias: bool = False) -> None:
+                 code_score_weight: float = 1.0, repeat_bias: bool = False, prefix_bias: bool = False) -> None:
         super().__init__()
         codes = torch.as_tensor(codes, dtype=torch.long)
         if codes.ndim != 2 or codes.shape[0] < 1 or codes.shape[1] < 1:
             raise ValueError(f"codes must be a non-empty [num_items, K] table, got shape {tuple(codes.shape)}")
         if combine not in ("sum", "concat"):
             raise ValueError(f"combine must be 'sum' or 'concat', got {combine!r}")
-        if repeat_bias and not use_id:
-            raise ValueError("repeat_bias needs the 'id' modality (it shifts the item softmax)")
+        for name, on in (("repeat_bias", repeat_bias), ("prefix_bias", prefix_bias)):
+            if on and not use_id:
+                raise ValueError(f"{name} needs the 'id' modality (it shifts the item softmax)")
         if hidden % heads:
             raise ValueError(f"hidden ({hidden}) must be divisible by heads ({heads})")
         self.K = int(codes.shape[1])
@@ -99,6 +100,8 @@ class QBert4Rec(nn.Module):
         # scalar moves about lr per Adam step; the shift it needs is a few nats, so it is trained
         # as REPEAT_SCALE * a raw parameter (read it through ``repeat_weight``)
         self.repeat_raw = nn.Parameter(torch.zeros(())) if repeat_bias else None
+        # the same for items sharing the first l codes (l = 1..K-1) with an item in the sequence
+        self.prefix_raw = nn.Parameter(torch.zeros(self.K - 1)) if prefix_bias and self.K > 1 else None
         with torch.no_grad():  # start every level's query at the shared hidden state: a 0.02-scale
             # projection here would shrink the gradient reaching the encoder and stall training
             self.level_head.weight.add_(torch.eye(hidden).repeat(self.K, 1))
@@ -128,6 +131,10 @@ class QBert4Rec(nn.Module):
         special = torch.tensor([[self.C] * self.K, [self.C + 1] * self.K], dtype=torch.long)
         # row 0 = padding codes, rows 1..N = items, row N+1 = [MASK] codes
         self.codes = codes.to(device)
+        prefix = [torch.unique(codes[:, : level + 1], dim=0, return_inverse=True)[1] for level in range(self.K - 1)]
+        self.register_buffer("prefix_ids", torch.stack(prefix).to(device) if prefix else
+                             torch.zeros(0, n, dtype=torch.long, device=device), persistent=False)
+        self.prefix_counts = [int(ids.max()) + 1 for ids in prefix]  # distinct prefixes per length
         self.register_buffer("token_codes", torch.cat([special[:1], codes, special[1:]]).to(device), persistent=False)
         if self.use_id and (self.item_emb is None or self.item_emb.num_embeddings != n + 2):
             self.item_emb = nn.Embedding(n + 2, self.hidden, padding_idx=PAD).to(device)
@@ -189,7 +196,29 @@ class QBert4Rec(nn.Module):
         logits = self.out_transform(h) @ self.item_emb.weight[1 : self.num_items + 1].T + self.item_bias
         if self.repeat_weight is not None and visible is not None:
             logits = logits + self.repeat_weight * self.seen_items(visible)
+        if self.prefix_raw is not None and visible is not None:
+            logits = logits + self.seen_prefixes(visible)
         return logits
+
+    def seen_prefixes(self, visible: torch.Tensor) -> torch.Tensor:
+        """[M, L] tokens -> [M, N]: sum over l of prefix_weight[l] * (item shares its first l + 1
+        codes with a visible item). One scatter into [M, #prefixes] and one gather per level."""
+        out = torch.zeros(len(visible), self.num_items, device=visible.device)
+        item = (visible - 1).clamp(0, self.num_items - 1)
+        real = (visible > 0) & (visible <= self.num_items)
+        w = self.prefix_raw * REPEAT_SCALE
+        for level in range(self.K - 1):
+            ids = self.prefix_ids[level]  # [N] prefix id of every item, in [0, P)
+            P = self.prefix_counts[level]
+            seen = torch.zeros(len(visible), P + 1, device=visible.device)  # column P: padding / [MASK]
+            seen.scatter_(1, torch.where(real, ids[item], P), 1.0)
+            out = out + w[level] * seen[:, ids]
+        return out
+
+    @property
+    def prefix_weight(self) -> torch.Tensor | None:
+        """Learned logit shifts [K-1] of items sharing their first 1..K-1 codes with a sequence item."""
+        return None if self.prefix_raw is None else self.prefix_raw * REPEAT_SCALE
 
     @property
     def repeat_weight(self) -> torch.Tensor | None:
@@ -221,7 +250,8 @@ class QBert4Rec(nn.Module):
         loss = code_loss
         logs = {"code_loss": float(code_loss.detach())}
         if self.item_emb is not None:
-            id_loss = F.cross_entropy(self.id_logits(h, inp[rows] if self.repeat_weight is not None else None), items)
+            biased = self.repeat_raw is not None or self.prefix_raw is not None
+            id_loss = F.cross_entropy(self.id_logits(h, inp[rows] if biased else None), items)
             loss = loss + id_loss
             logs["id_loss"] = float(id_loss.detach())
         return loss, logs

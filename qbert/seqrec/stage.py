@@ -44,6 +44,7 @@ class SeqRecConfig(Config):
     code_score_weight: float = Field(1.0, ge=0.0)  # ranking weight of the semantic-ID term next to
     # the item-ID term (with the id modality); 1 = the paper's plain sum of log-probabilities
     repeat_bias: bool = False  # id modality: learn one logit shift for items already in the sequence
+    prefix_bias: bool = False  # id modality: and one per code-prefix length for items sharing a prefix with them
 
 
 class ScheduleConfig(Config):
@@ -112,7 +113,7 @@ def build_model(cfg: SeqRecConfig, codes: np.ndarray | torch.Tensor, num_codes: 
                      hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads, dropout=cfg.dropout, max_len=max_len,
                      use_id=use_id, combine=cfg.combine, ffn_mult=cfg.ffn_mult, pre_ln=cfg.pre_ln, level_sizes=sizes,
                      tie_codes=cfg.tie_codes, code_score_weight=cfg.code_score_weight,
-                     repeat_bias=cfg.repeat_bias and use_id)
+                     repeat_bias=cfg.repeat_bias and use_id, prefix_bias=cfg.prefix_bias and use_id)
 
 
 def full_sequences(ds, max_len: int) -> np.ndarray:
