@@ -546,6 +546,12 @@ def reuse_stage(cfg: PipelineConfig, stage: str, out_dir: str | Path) -> dict[st
 
 def load_run_model(run_dir: str | Path, device: str | torch.device = "cpu"):
     """(model, config) of a finished pipeline run, rebuilt from ``model.pt`` and its semantic IDs."""
+    model, cfg, _ = _load_run(run_dir, device)
+    return model, cfg
+
+
+def _load_run(run_dir: str | Path, device: str | torch.device = "cpu"):
+    """(model, config, the rest of the ``model.pt`` payload), reading the checkpoint once."""
     run_dir = Path(run_dir)
     path = run_dir / "model.pt"
     if not path.is_file():
@@ -556,7 +562,7 @@ def load_run_model(run_dir: str | Path, device: str | torch.device = "cpu"):
     model = build_model(cfg.model, codes, cfg.quantize.sizes, cfg.data.max_len, cfg.use_id)
     model.load_state_dict(payload["model"])
     model.code_score_weight = float(payload.get("code_score_weight", cfg.model.code_score_weight))  # chosen on valid
-    return model.to(device).eval(), cfg
+    return model.to(device).eval(), cfg, {k: v for k, v in payload.items() if k != "model"}
 
 
 def evaluate_run(run_dir: str | Path, which: str = "test", exclude_history: bool | None = None,
@@ -566,9 +572,9 @@ def evaluate_run(run_dir: str | Path, which: str = "test", exclude_history: bool
     ``exclude_history`` None keeps the run's ``eval.exclude_history``. Refuses data whose
     fingerprint differs from the one the model was trained on.
     """
-    model, cfg = load_run_model(run_dir, device)
+    model, cfg, payload = _load_run(run_dir, device)
     data = load_data(cfg)
-    trained_on = torch.load(Path(run_dir) / "model.pt", map_location="cpu", weights_only=False).get("data_fingerprint")
+    trained_on = payload.get("data_fingerprint")
     if trained_on not in (None, data.target.fingerprint()):
         raise DataError(f"{cfg.data.source}: fingerprint {data.target.fingerprint()} differs from the one "
                         f"{run_dir} was trained on ({trained_on}); evaluate on the data the model was trained on")

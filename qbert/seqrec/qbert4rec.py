@@ -202,18 +202,21 @@ class QBert4Rec(nn.Module):
 
     def seen_prefixes(self, visible: torch.Tensor) -> torch.Tensor:
         """[M, L] tokens -> [M, N]: sum over l of prefix_weight[l] * (item shares its first l + 1
-        codes with a visible item). One scatter into [M, #prefixes] and one gather per level."""
-        out = torch.zeros(len(visible), self.num_items, device=visible.device)
-        item = (visible - 1).clamp(0, self.num_items - 1)
-        real = (visible > 0) & (visible <= self.num_items)
+        codes with a visible item)."""
         w = self.prefix_raw * REPEAT_SCALE
+        out = torch.zeros(len(visible), self.num_items, device=visible.device)
         for level in range(self.K - 1):
-            ids = self.prefix_ids[level]  # [N] prefix id of every item, in [0, P)
-            P = self.prefix_counts[level]
-            seen = torch.zeros(len(visible), P + 1, device=visible.device)  # column P: padding / [MASK]
-            seen.scatter_(1, torch.where(real, ids[item], P), 1.0)
-            out = out + w[level] * seen[:, ids]
+            out = out + w[level] * self._seen_groups(visible, self.prefix_ids[level], self.prefix_counts[level])
         return out
+
+    def _seen_groups(self, visible: torch.Tensor, group: torch.Tensor, groups: int) -> torch.Tensor:
+        """[M, L] tokens -> [M, N] indicator of the items whose group (``group`` [N] in [0, groups))
+        is the group of a visible item: one scatter into [M, groups] and one gather."""
+        real = (visible > 0) & (visible <= self.num_items)  # not padding (0) or [MASK] (N+1)
+        item = (visible - 1).clamp(0, self.num_items - 1)
+        seen = torch.zeros(len(visible), groups + 1, device=visible.device)  # column `groups`: not an item
+        seen.scatter_(1, torch.where(real, group[item], groups), 1.0)
+        return seen[:, group]
 
     @property
     def prefix_weight(self) -> torch.Tensor | None:
@@ -227,9 +230,7 @@ class QBert4Rec(nn.Module):
 
     def seen_items(self, visible: torch.Tensor) -> torch.Tensor:
         """[M, L] tokens -> [M, N] float indicator of the catalogue items among them."""
-        seen = torch.zeros(len(visible), self.num_items + 2, device=visible.device)
-        seen.scatter_(1, visible, 1.0)
-        return seen[:, 1 : self.num_items + 1]  # drops padding (0) and [MASK] (N+1)
+        return self._seen_groups(visible, torch.arange(self.num_items, device=visible.device), self.num_items)
 
     def masked_loss(self, tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """Eq. (11): cross-entropy of the semantic-ID tokens of the masked items.
