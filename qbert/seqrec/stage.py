@@ -92,6 +92,7 @@ class FinetuneConfig(ScheduleConfig):
     monitor: str = "NDCG@10"
     eval_batch_size: int = Field(1024, ge=1)
     eval_every: int = Field(1, ge=1)
+    ema_decay: float = Field(0.0, ge=0.0, lt=1.0)  # > 0: validate, select and keep an EMA of the weights
     select_code_weight: list[float] = Field(default_factory=list)  # after training, re-rank valid
     # with each ranking weight of the semantic-ID term and keep the best (id modality only; cheap:
     # the model runs once per user). Empty: keep model.code_score_weight
@@ -302,7 +303,7 @@ def finetune(model: QBert4Rec, split: LeaveOneOutSplit, cfg: FinetuneConfig, dev
         return out
 
     loop = LoopConfig(epochs=cfg.epochs, patience=cfg.patience, monitor=cfg.monitor, mode="max",
-                      eval_every=cfg.eval_every, progress=progress)
+                      eval_every=cfg.eval_every, progress=progress, ema_decay=cfg.ema_decay)
     opt = _optimizer(model, cfg.lr, cfg.weight_decay)
     batches = masked_batches(seqs, cfg.batch_size, mask_fn, seed, device, shard)
     return fit(model, opt, batches, masked_step, loop, evaluate=evaluate, scheduler=_scheduler(opt, cfg, seqs, shard),
