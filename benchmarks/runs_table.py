@@ -4,7 +4,8 @@
 
 Reads each run's ``metrics.json`` and ``summary.json`` (nothing is retrained or re-evaluated),
 and writes ``benchmarks/results/<name>.{json,md}``: the settings a search varies (pretraining
-epochs and schedule, fine-tuning lr and schedule, repeat bias), the epoch chosen on valid, the
+epochs and schedule, fine-tuning lr and schedule, repeat bias, and any of ``OPTIONS`` a run set
+away from its default), the epoch chosen on valid, the
 valid metrics it was chosen by, the ranking weight and repeat shift the run learned or chose,
 and test, which every run evaluated once at the end. The ``best valid`` column marks the row to
 report; test never picks it.
@@ -24,6 +25,22 @@ sys.path.insert(0, str(REPO))
 from qbert.pipeline import METRIC_KEYS, PipelineConfig  # noqa: E402
 from qbert.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
 from qbert.utils.runtime import benchmark_meta  # noqa: E402
+
+
+# further settings a search varies: shown in the "other" column when a run moved them off their default
+OPTIONS = {"model.hidden": "hidden", "model.dropout": "dropout", "model.prefix_bias": "prefix bias",
+           "finetune.mask_ratio": "mask", "finetune.weight_decay": "weight decay", "finetune.ema_decay": "EMA"}
+
+
+def _options(cfg: PipelineConfig) -> dict[str, Any]:
+    """The ``OPTIONS`` whose value in ``cfg`` differs from the config class's default."""
+    out = {}
+    for key in OPTIONS:
+        section, field = key.split(".")
+        sec = getattr(cfg, section)
+        if getattr(sec, field) != type(sec).model_fields[field].default:
+            out[key] = getattr(sec, field)
+    return out
 
 
 def read_run(run_dir: Path, monitor: str = "NDCG@10") -> dict[str, Any]:
@@ -48,6 +65,7 @@ def read_run(run_dir: Path, monitor: str = "NDCG@10") -> dict[str, Any]:
             "finetune_epochs": cfg.finetune.epochs,
             "repeat_bias": cfg.model.repeat_bias,
             "text": cfg.data.features.get("text"),
+            "other": _options(cfg),
         },
         "best_epoch": metrics["best_epoch"],
         "epochs_run": metrics["epochs_run"],
@@ -64,15 +82,17 @@ def read_run(run_dir: Path, monitor: str = "NDCG@10") -> dict[str, Any]:
 
 def markdown(rows: list[dict[str, Any]], best: int, meta: dict[str, Any]) -> str:
     head = ("| run | pretrain epochs | fine-tune lr, schedule | repeat bias (learned) | chosen w | best epoch / run "
-            "| valid NDCG@10 | test HR@1 | HR@5 | HR@10 | NDCG@5 | NDCG@10 |")
+            "| other | valid NDCG@10 | test HR@1 | HR@5 | HR@10 | NDCG@5 | NDCG@10 |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for i, r in enumerate(rows):
         s = r["settings"]
         rep = f"{r['repeat_weight']:+.2f}" if r["repeat_weight"] is not None else "off"
         name = f"**{r['run']}** (best valid)" if i == best else r["run"]
+        other = ", ".join(f"{OPTIONS[k]} {v:g}" if not isinstance(v, bool) else OPTIONS[k]
+                          for k, v in s.get("other", {}).items())
         lines.append(f"| {name} | {s['pretrain_epochs']} ({s['pretrain_schedule']}) | {s['finetune_lr']:g}, "
                      f"{s['finetune_schedule']} | {rep} | {r['code_score_weight']:g} | {r['best_epoch']} / "
-                     f"{r['epochs_run']} | {r['valid']['NDCG@10']:.4f} | "
+                     f"{r['epochs_run']} | {other or '-'} | {r['valid']['NDCG@10']:.4f} | "
                      + " | ".join(f"{r['test'][k]:.4f}" for k in METRIC_KEYS) + " |")
     lines += ["", f"Command: `{meta['command']}`; git {meta['git_commit']}; {meta['date']}. Each run's own "
               "commit, seed and data fingerprint are in the JSON. Epochs and ranking weights were chosen on valid "

@@ -174,3 +174,13 @@ def test_dry_run_prints_the_plan_and_runs_nothing(bench, tmp_path, capsys):
     assert len(lines) == 3 and " todo " in status["fusion:fixed"] and " shared " in status["fusion:dynamic"]
     assert str(runs / "main") in status["fusion:dynamic"]
     assert not runs.exists()
+
+
+def test_runs_table_lists_only_the_options_a_run_moved_off_their_default():
+    from qbert.pipeline import PipelineConfig
+
+    rt = _bench("runs_table")
+    assert rt._options(PipelineConfig()) == {}
+    cfg = PipelineConfig.from_dict({"model": {"hidden": 256, "prefix_bias": True},
+                                    "finetune": {"ema_decay": 0.999, "mask_ratio": 0.3}})
+    assert rt._options(cfg) == {"model.hidden": 256, "model.prefix_bias": True, "finetune.ema_decay": 0.999}
