@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from qbert.pipeline import METRIC_KEYS, PipelineConfig  # noqa: E402
-from qbert.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
+from qbert.utils.io import atomic_path, atomic_write_json, atomic_write_text  # noqa: E402
 from qbert.utils.runtime import benchmark_meta  # noqa: E402
 
 
@@ -100,11 +100,33 @@ def markdown(rows: list[dict[str, Any]], best: int, meta: dict[str, Any]) -> str
     return "\n".join(lines) + "\n"
 
 
+def plot_curves(run_dirs: list[Path], path: Path, monitor: str = "NDCG@10") -> None:
+    """Valid ``monitor`` per fine-tuning epoch, one line per run (from each run's history)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for run in run_dirs:
+        hist = [h for h in json.loads((run / "metrics.json").read_text()).get("history", []) if monitor in h]
+        ax.plot([h["epoch"] for h in hist], [h[monitor] for h in hist], marker=".", label=run.name)
+    ax.set_xlabel("fine-tuning epoch")
+    ax.set_ylabel(f"valid {monitor} (training-time w)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", action="append", required=True, help="a finished pipeline run directory (repeatable)")
     ap.add_argument("--name", required=True, help="writes benchmarks/results/NAME.{json,md}")
     ap.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
+    ap.add_argument("--plot", help="also write a PNG of valid NDCG@10 per fine-tuning epoch of every run")
     args = ap.parse_args(argv)
     if not args.name.replace("_", "").replace("-", "").isalnum():
         ap.error(f"--name must be letters, digits, '-' or '_', got {args.name!r}")
@@ -117,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out_dir)
     atomic_write_json(out / f"{args.name}.json", {"rows": rows, "best_valid": rows[best]["run"], "meta": meta})
     atomic_write_text(out / f"{args.name}.md", markdown(rows, best, meta))
+    if args.plot:
+        plot_curves([Path(run) for run in args.run], Path(args.plot))
     print((out / f"{args.name}.md").read_text())
     return 0
 

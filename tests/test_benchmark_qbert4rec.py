@@ -108,7 +108,9 @@ def test_quick_benchmark_tables_dedupe_resume_and_cost(bench, tmp_path):
 
     # the table of finished runs reads what each run recorded, without retraining
     rt = _bench("runs_table")
-    assert rt.main(["--name", "t", "--out-dir", str(tmp_path), "--run", str(runs / "main")]) == 0
+    assert rt.main(["--name", "t", "--out-dir", str(tmp_path), "--run", str(runs / "main"),
+                    "--plot", str(tmp_path / "curves.png")]) == 0
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     got = json.loads((tmp_path / "t.json").read_text())
     assert got["best_valid"] == str(runs / "main") and got["rows"][0]["test"] == rows["main"]["test"]
     assert got["rows"][0]["valid"]["NDCG@10"] == pytest.approx(rows["main"]["valid NDCG@10"], abs=1e-9)
