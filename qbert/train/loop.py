@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
+from pydantic import Field
 from torch import nn
 from tqdm.auto import tqdm
-
-from pydantic import Field
 
 from qbert.config import Config
 from qbert.utils.io import atomic_path
