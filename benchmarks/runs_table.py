@@ -8,13 +8,15 @@ epochs and schedule, fine-tuning lr and schedule, repeat bias, and any of ``OPTI
 away from its default), the epoch chosen on valid, the
 valid metrics it was chosen by, the ranking weight and repeat shift the run learned or chose,
 and test, which every run evaluated once at the end. The ``best valid`` column marks the row to
-report; test never picks it.
+report; test never picks it. Runs that differ only in their seed also get a mean ± std row.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,21 @@ def _options(cfg: PipelineConfig) -> dict[str, Any]:
         if getattr(sec, field) != type(sec).model_fields[field].default:
             out[key] = getattr(sec, field)
     return out
+
+
+# config keys that say where or how reproducibly a run ran, not what it trained: runs differing only
+# in these are repeats of one setup (the seed is copied into fusion and quantize by PipelineConfig)
+_NOT_SETUP = {("seed",), ("fusion", "seed"), ("quantize", "seed"), ("reuse",), ("device",), ("fusion", "device"),
+              ("quantize", "device"), ("progress",), ("plots",)}
+
+
+def setup_key(cfg: PipelineConfig) -> str:
+    """A short hash of everything in ``cfg`` but the seed and runtime keys: equal for seed repeats."""
+    def strip(d: dict[str, Any], path: tuple[str, ...] = ()) -> dict[str, Any]:
+        return {k: strip(v, path + (k,)) if isinstance(v, dict) else v
+                for k, v in d.items() if path + (k,) not in _NOT_SETUP}
+
+    return hashlib.sha256(json.dumps(strip(cfg.to_dict()), sort_keys=True).encode()).hexdigest()[:12]
 
 
 def read_run(run_dir: Path, monitor: str = "NDCG@10") -> dict[str, Any]:
@@ -76,12 +93,52 @@ def read_run(run_dir: Path, monitor: str = "NDCG@10") -> dict[str, Any]:
         "monitor": monitor,
         "git_commit": summary.get("git_commit"),
         "seed": cfg.seed,
+        "setup": setup_key(cfg),
         "data_fingerprint": summary.get("data", {}).get("fingerprint"),
     }
 
 
-def markdown(rows: list[dict[str, Any]], best: int, meta: dict[str, Any]) -> str:
-    head = ("| run | pretrain epochs | fine-tune lr, schedule | repeat bias (learned) | chosen w | best epoch / run "
+def seed_groups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and sample standard deviation over runs of one setup with different seeds (2+ runs).
+
+    Where a setup was run with several seeds, this is the number to compare, and the std says how
+    large a difference one seed cannot resolve. A group's valid mean is what ranks it; test only
+    describes it."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(r["setup"], []).append(r)
+    out = []
+    for key, rs in groups.items():
+        if len({r["seed"] for r in rs}) < 2:
+            continue
+        if len({r["seed"] for r in rs}) != len(rs):
+            raise ValueError(f"runs {[r['run'] for r in rs]} repeat setup {key} with a repeated seed; list each once")
+
+        def stats(split: str) -> dict[str, dict[str, float]]:
+            return {k: {"mean": statistics.fmean(v := [r[split][k] for r in rs]), "std": statistics.stdev(v)}
+                    for k in METRIC_KEYS}
+
+        out.append({"setup": key, "runs": [r["run"] for r in rs], "seeds": [r["seed"] for r in rs],
+                    "valid": stats("valid"), "test": stats("test")})
+    return out
+
+
+def _seed_markdown(groups: list[dict[str, Any]]) -> list[str]:
+    if not groups:
+        return []
+    head = "| setup | seeds | valid NDCG@10 | test HR@1 | HR@5 | HR@10 | NDCG@5 | NDCG@10 |"
+    lines = ["", "Across seeds (mean ± sample std over runs that differ only in the seed):", "", head,
+             "|" + "---|" * (head.count("|") - 1)]
+    pm = lambda s: f"{s['mean']:.4f} ± {s['std']:.4f}"  # noqa: E731
+    for g in groups:
+        lines.append(f"| {g['setup']} ({', '.join(g['runs'])}) | {', '.join(map(str, g['seeds']))} | "
+                     f"{pm(g['valid']['NDCG@10'])} | " + " | ".join(pm(g["test"][k]) for k in METRIC_KEYS) + " |")
+    return lines
+
+
+def markdown(rows: list[dict[str, Any]], best: int, meta: dict[str, Any],
+             groups: list[dict[str, Any]] | None = None) -> str:
+    head = ("| run | seed | pretrain epochs | fine-tune lr, schedule | repeat bias (learned) | chosen w | best epoch / run "
             "| other | valid NDCG@10 | test HR@1 | HR@5 | HR@10 | NDCG@5 | NDCG@10 |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for i, r in enumerate(rows):
@@ -90,13 +147,14 @@ def markdown(rows: list[dict[str, Any]], best: int, meta: dict[str, Any]) -> str
         name = f"**{r['run']}** (best valid)" if i == best else r["run"]
         other = ", ".join(f"{OPTIONS[k]} {v:g}" if not isinstance(v, bool) else OPTIONS[k]
                           for k, v in s.get("other", {}).items())
-        lines.append(f"| {name} | {s['pretrain_epochs']} ({s['pretrain_schedule']}) | {s['finetune_lr']:g}, "
+        lines.append(f"| {name} | {r['seed']} | {s['pretrain_epochs']} ({s['pretrain_schedule']}) | {s['finetune_lr']:g}, "
                      f"{s['finetune_schedule']} | {rep} | {r['code_score_weight']:g} | {r['best_epoch']} / "
                      f"{r['epochs_run']} | {other or '-'} | {r['valid']['NDCG@10']:.4f} | "
                      + " | ".join(f"{r['test'][k]:.4f}" for k in METRIC_KEYS) + " |")
     lines += ["", f"Command: `{meta['command']}`; git {meta['git_commit']}; {meta['date']}. Each run's own "
               "commit, seed and data fingerprint are in the JSON. Epochs and ranking weights were chosen on valid "
               "NDCG@10 inside each run; the best-valid row is marked by valid only."]
+    lines += _seed_markdown(groups or [])
     return "\n".join(lines) + "\n"
 
 
@@ -132,13 +190,15 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--name must be letters, digits, '-' or '_', got {args.name!r}")
     try:
         rows = [read_run(Path(run)) for run in args.run]
+        groups = seed_groups(rows)
     except (FileNotFoundError, KeyError, ValueError) as exc:
         ap.error(str(exc))
     best = max(range(len(rows)), key=lambda i: rows[i]["valid"]["NDCG@10"])
     meta = benchmark_meta(sys.argv[0], argv, REPO)
     out = Path(args.out_dir)
-    atomic_write_json(out / f"{args.name}.json", {"rows": rows, "best_valid": rows[best]["run"], "meta": meta})
-    atomic_write_text(out / f"{args.name}.md", markdown(rows, best, meta))
+    atomic_write_json(out / f"{args.name}.json",
+                      {"rows": rows, "best_valid": rows[best]["run"], "seed_groups": groups, "meta": meta})
+    atomic_write_text(out / f"{args.name}.md", markdown(rows, best, meta, groups))
     if args.plot:
         plot_curves([Path(run) for run in args.run], Path(args.plot))
     print((out / f"{args.name}.md").read_text())

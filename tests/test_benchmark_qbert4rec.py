@@ -186,3 +186,32 @@ def test_runs_table_lists_only_the_options_a_run_moved_off_their_default():
     cfg = PipelineConfig.from_dict({"model": {"hidden": 256, "prefix_bias": True},
                                     "finetune": {"ema_decay": 0.999, "mask_ratio": 0.3}})
     assert rt._options(cfg) == {"model.hidden": 256, "model.prefix_bias": True, "finetune.ema_decay": 0.999}
+
+
+def test_runs_table_groups_seed_repeats_of_one_setup():
+    from qbert.pipeline import PipelineConfig
+
+    rt = _bench("runs_table")
+    base = {"finetune": {"lr": 1e-3}}
+    key = rt.setup_key(PipelineConfig.from_dict(base))
+    # the seed (copied into fusion and quantize) and where stages came from do not change the setup ...
+    assert rt.setup_key(PipelineConfig.from_dict({**base, "seed": 7, "device": "cpu"})) == key
+    assert rt.setup_key(PipelineConfig.from_dict(
+        {**base, "reuse": {"from_run": "runs/x", "stages": ["fusion"]}})) == key
+    # ... a training setting or the synthetic data's own seed does
+    assert rt.setup_key(PipelineConfig.from_dict({"finetune": {"lr": 2e-3}})) != key
+    assert rt.setup_key(PipelineConfig.from_dict({**base, "data": {"synthetic": {"seed": 1}}})) != key
+
+    def row(run, setup, seed, v):
+        return {"run": run, "setup": setup, "seed": seed, "valid": dict.fromkeys(METRICS, v),
+                "test": dict.fromkeys(METRICS, v / 2)}
+
+    rows = [row("a", "s1", 1, 0.10), row("b", "s1", 2, 0.14), row("c", "s2", 1, 0.2), row("d", "s1", 3, 0.12)]
+    (g,) = rt.seed_groups(rows)  # s2 has one seed: no group
+    assert g["runs"] == ["a", "b", "d"] and g["seeds"] == [1, 2, 3]
+    assert g["valid"]["NDCG@10"]["mean"] == pytest.approx(0.12) and g["valid"]["HR@1"]["std"] == pytest.approx(0.02)
+    assert g["test"]["HR@10"]["mean"] == pytest.approx(0.06) and g["test"]["HR@10"]["std"] == pytest.approx(0.01)
+    with pytest.raises(ValueError, match="repeated seed"):
+        rt.seed_groups(rows + [row("e", "s1", 2, 0.1)])
+    md = rt._seed_markdown([g])
+    assert any("0.1200 ± 0.0200" in ln and "1, 2, 3" in ln for ln in md)
