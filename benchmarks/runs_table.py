@@ -136,7 +136,7 @@ def _seed_markdown(groups: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def markdown(rows: list[dict[str, Any]], best: int, meta: dict[str, Any],
+def markdown(rows: list[dict[str, Any]], best: int | None, meta: dict[str, Any],
              groups: list[dict[str, Any]] | None = None) -> str:
     head = ("| run | seed | pretrain epochs | fine-tune lr, schedule | repeat bias (learned) | chosen w | best epoch / run "
             "| other | valid NDCG@10 | test HR@1 | HR@5 | HR@10 | NDCG@5 | NDCG@10 |")
@@ -151,9 +151,11 @@ def markdown(rows: list[dict[str, Any]], best: int, meta: dict[str, Any],
                      f"{s['finetune_schedule']} | {rep} | {r['code_score_weight']:g} | {r['best_epoch']} / "
                      f"{r['epochs_run']} | {other or '-'} | {r['valid']['NDCG@10']:.4f} | "
                      + " | ".join(f"{r['test'][k]:.4f}" for k in METRIC_KEYS) + " |")
+    marked = ("the best-valid row is marked by valid only." if best is not None
+              else "the runs repeat one setup, so none is marked best.")
     lines += ["", f"Command: `{meta['command']}`; git {meta['git_commit']}; {meta['date']}. Each run's own "
               "commit, seed and data fingerprint are in the JSON. Epochs and ranking weights were chosen on valid "
-              "NDCG@10 inside each run; the best-valid row is marked by valid only."]
+              f"NDCG@10 inside each run; {marked}"]
     lines += _seed_markdown(groups or [])
     return "\n".join(lines) + "\n"
 
@@ -193,11 +195,13 @@ def main(argv: list[str] | None = None) -> int:
         groups = seed_groups(rows)
     except (FileNotFoundError, KeyError, ValueError) as exc:
         ap.error(str(exc))
-    best = max(range(len(rows)), key=lambda i: rows[i]["valid"]["NDCG@10"])
+    # seeds of one setup are repeats, not candidates: no seed is "the best valid" row
+    one_setup = len({r["setup"] for r in rows}) == 1 and len(rows) > 1
+    best = None if one_setup else max(range(len(rows)), key=lambda i: rows[i]["valid"]["NDCG@10"])
     meta = benchmark_meta(sys.argv[0], argv, REPO)
     out = Path(args.out_dir)
     atomic_write_json(out / f"{args.name}.json",
-                      {"rows": rows, "best_valid": rows[best]["run"], "seed_groups": groups, "meta": meta})
+                      {"rows": rows, "best_valid": None if best is None else rows[best]["run"], "seed_groups": groups, "meta": meta})
     atomic_write_text(out / f"{args.name}.md", markdown(rows, best, meta, groups))
     if args.plot:
         plot_curves([Path(run) for run in args.run], Path(args.plot))

@@ -215,3 +215,11 @@ def test_runs_table_groups_seed_repeats_of_one_setup():
         rt.seed_groups(rows + [row("e", "s1", 2, 0.1)])
     md = rt._seed_markdown([g])
     assert any("0.1200 ± 0.0200" in ln and "1, 2, 3" in ln for ln in md)
+    for r in rows:
+        r.update(settings={"pretrain_epochs": 1, "pretrain_schedule": "constant", "finetune_lr": 1e-3,
+                           "finetune_schedule": "cosine"}, repeat_weight=None, code_score_weight=1.0,
+                 best_epoch=1, epochs_run=1)
+    meta = {"command": "c", "git_commit": "g", "date": "d"}
+    assert "(best valid)" not in rt.markdown(rows[:2], None, meta, [g]) and "none is marked best" in \
+        rt.markdown(rows[:2], None, meta, [g])
+    assert "**b** (best valid)" in rt.markdown(rows, 1, meta)
