@@ -109,9 +109,10 @@ def seed_groups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         groups.setdefault(r["setup"], []).append(r)
     out = []
     for key, rs in groups.items():
-        if len({r["seed"] for r in rs}) < 2:
+        seeds = {r["seed"] for r in rs}
+        if len(seeds) < 2:
             continue
-        if len({r["seed"] for r in rs}) != len(rs):
+        if len(seeds) != len(rs):
             raise ValueError(f"runs {[r['run'] for r in rs]} repeat setup {key} with a repeated seed; list each once")
 
         def stats(split: str) -> dict[str, dict[str, float]]:
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, KeyError, ValueError) as exc:
         ap.error(str(exc))
     # seeds of one setup are repeats, not candidates: no seed is "the best valid" row
-    one_setup = len({r["setup"] for r in rows}) == 1 and len(rows) > 1
+    one_setup = len(groups) == 1 and len(groups[0]["runs"]) == len(rows)
     best = None if one_setup else max(range(len(rows)), key=lambda i: rows[i]["valid"]["NDCG@10"])
     meta = benchmark_meta(sys.argv[0], argv, REPO)
     out = Path(args.out_dir)
