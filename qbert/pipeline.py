@@ -141,6 +141,9 @@ class PipelineConfig(Config):
         for m in self.fusion.feature_modalities:
             if m not in self.data.features:
                 raise ValueError(f"modality '{m}' is enabled but data.features names no column for it")
+        if self.finetune.label_smoothing and "id" not in self.fusion.modalities:
+            raise ValueError(f"finetune.label_smoothing ({self.finetune.label_smoothing}) smooths the item softmax, "
+                             f"which needs 'id' in data.modalities (got {list(self.fusion.modalities)})")
         object.__setattr__(self, "fusion", self.fusion.model_copy(update={"seed": self.seed, "device": self.device}))
         object.__setattr__(self, "quantize", self.quantize.model_copy(update={"seed": self.seed, "device": self.device}))
         return self

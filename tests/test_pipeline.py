@@ -174,6 +174,9 @@ def test_config_modalities_and_errors():
         tiny(**{"pretrain.strategy": "bogus"})
     with pytest.raises(ConfigError, match="unknown field"):
         tiny(**{"finetune.epoch": 3})
+    assert tiny(**{"finetune.label_smoothing": 0.1}).finetune.label_smoothing == 0.1
+    with pytest.raises(ConfigError, match="label_smoothing.*'id' in data.modalities"):
+        tiny(**{"data.modalities": ["text", "image"], "finetune.label_smoothing": 0.1})
     for name in ("synthetic.yaml", "instruments.yaml"):
         PipelineConfig.from_yaml(REPO / "configs" / name)
     assert PipelineConfig.from_yaml(REPO / "configs" / "synthetic.yaml") == quickstart_config()

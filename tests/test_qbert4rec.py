@@ -110,6 +110,26 @@ def test_repeat_bias_shifts_exactly_the_items_in_the_sequence():
         _model(False, repeat_bias=True)
 
 
+def test_label_smoothing_smooths_only_the_item_softmax():
+    m = _model(True, repeat_bias=True).eval()  # eval: no dropout, so the two losses see the same states
+    tok = _tokens()
+    mask = masks.random_mask(tok != 0, 0.4, torch.Generator().manual_seed(1))
+    _, plain = m.masked_loss(tok, mask)
+    _, smooth = m.masked_loss(tok, mask, label_smoothing=0.2)
+    assert smooth["code_loss"] == pytest.approx(plain["code_loss"])  # code targets stay one-hot
+    inp = tok.masked_fill(mask, m.mask_token)
+    with torch.no_grad():
+        logp = torch.log_softmax(m.id_logits(m(inp)[mask], inp[mask.nonzero()[:, 0]]), -1)
+    nll = -logp.gather(1, (tok[mask] - 1)[:, None]).squeeze(1)
+    expect = (0.8 * nll - 0.2 * logp.mean(1)).mean()  # (1 - eps) one-hot + eps uniform over N items
+    assert smooth["id_loss"] == pytest.approx(float(expect), rel=1e-5)
+    assert smooth["id_loss"] != pytest.approx(plain["id_loss"])
+    with pytest.raises(ValueError, match="label_smoothing needs the 'id' modality"):
+        _model(False).masked_loss(tok, mask, label_smoothing=0.1)
+    with pytest.raises(ValueError, match="label_smoothing must lie in"):
+        m.masked_loss(tok, mask, label_smoothing=1.0)
+
+
 def test_prefix_bias_shifts_items_sharing_a_code_prefix_with_the_sequence():
     m = _model(True, prefix_bias=True).eval()
     with torch.no_grad():

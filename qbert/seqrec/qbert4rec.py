@@ -232,11 +232,18 @@ class QBert4Rec(nn.Module):
         """[M, L] tokens -> [M, N] float indicator of the catalogue items among them."""
         return self._seen_groups(visible, torch.arange(self.num_items, device=visible.device), self.num_items)
 
-    def masked_loss(self, tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def masked_loss(self, tokens: torch.Tensor, mask: torch.Tensor,
+                    label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
         """Eq. (11): cross-entropy of the semantic-ID tokens of the masked items.
 
         ``tokens`` [B, L] are the original (unmasked) item tokens, ``mask`` [B, L] bool.
+        ``label_smoothing`` applies to the item-ID softmax only (it spreads that share of the
+        target over the whole catalogue); the code targets stay one-hot.
         """
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing}")
+        if label_smoothing and self.item_emb is None:
+            raise ValueError("label_smoothing needs the 'id' modality (it smooths the item softmax)")
         if bool((mask & (tokens == PAD)).any()):
             raise ValueError("mask covers padding positions")
         keep = trim_left_padding(tokens).shape[1]  # columns that are padding in every row do no work
@@ -252,7 +259,8 @@ class QBert4Rec(nn.Module):
         logs = {"code_loss": float(code_loss.detach())}
         if self.item_emb is not None:
             biased = self.repeat_raw is not None or self.prefix_raw is not None
-            id_loss = F.cross_entropy(self.id_logits(h, inp[rows] if biased else None), items)
+            id_loss = F.cross_entropy(self.id_logits(h, inp[rows] if biased else None), items,
+                                      label_smoothing=label_smoothing)
             loss = loss + id_loss
             logs["id_loss"] = float(id_loss.detach())
         return loss, logs

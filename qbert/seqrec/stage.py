@@ -10,6 +10,7 @@ Token matrices are the split's ``pad=0, shift=1`` views: 0 = padding, item i -> 
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Literal, Sequence
 
@@ -93,6 +94,7 @@ class FinetuneConfig(ScheduleConfig):
     eval_batch_size: int = Field(1024, ge=1)
     eval_every: int = Field(1, ge=1)
     ema_decay: float = Field(0.0, ge=0.0, lt=1.0)  # > 0: validate, select and keep an EMA of the weights
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)  # of the item-ID softmax (id modality only)
     select_code_weight: list[float] = Field(default_factory=list)  # after training, re-rank valid
     # with each ranking weight of the semantic-ID term and keep the best (id modality only; cheap:
     # the model runs once per user). Empty: keep model.code_score_weight
@@ -184,8 +186,9 @@ def masked_batches(sequences: np.ndarray, batch_size: int, mask_fn: MaskFn, seed
     return batches
 
 
-def masked_step(model: QBert4Rec, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-    return model.masked_loss(batch["tokens"], batch["mask"])
+def masked_step(model: QBert4Rec, batch: dict[str, torch.Tensor],
+                label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+    return model.masked_loss(batch["tokens"], batch["mask"], label_smoothing)
 
 
 def evaluate_split(model: QBert4Rec, split: LeaveOneOutSplit, which: str, batch_size: int = 1024,
@@ -292,6 +295,9 @@ def finetune(model: QBert4Rec, split: LeaveOneOutSplit, cfg: FinetuneConfig, dev
     if model.num_items != split.num_items:
         raise ValueError(f"model catalogue has {model.num_items} items, target has {split.num_items}: "
                          "call set_catalogue with the target's semantic-ID table first")
+    if cfg.label_smoothing and model.item_emb is None:
+        raise ValueError("finetune.label_smoothing needs the 'id' modality in data.modalities "
+                         "(it smooths the item softmax)")
     device = torch.device(device)
     model.to(device)
     seqs = training_rows(split, model.max_len, cfg.prefixes)
@@ -306,5 +312,6 @@ def finetune(model: QBert4Rec, split: LeaveOneOutSplit, cfg: FinetuneConfig, dev
                       eval_every=cfg.eval_every, progress=progress, ema_decay=cfg.ema_decay)
     opt = _optimizer(model, cfg.lr, cfg.weight_decay)
     batches = masked_batches(seqs, cfg.batch_size, mask_fn, seed, device, shard)
-    return fit(model, opt, batches, masked_step, loop, evaluate=evaluate, scheduler=_scheduler(opt, cfg, seqs, shard),
+    step = partial(masked_step, label_smoothing=cfg.label_smoothing)
+    return fit(model, opt, batches, step, loop, evaluate=evaluate, scheduler=_scheduler(opt, cfg, seqs, shard),
                callbacks=callbacks, checkpoint_dir=checkpoint_dir, desc="finetune")
