@@ -117,6 +117,18 @@ def test_quick_benchmark_tables_dedupe_resume_and_cost(bench, tmp_path):
     assert got["rows"][0]["repeat_weight"] is None and "(best valid)" in (tmp_path / "t.md").read_text()
     with pytest.raises(SystemExit):
         rt.main(["--name", "t", "--out-dir", str(tmp_path), "--run", str(tmp_path / "nowhere")])
+    # a run of the same setup under another seed: the two are repeats, so main marks neither best
+    twin = tmp_path / "main-twin"
+    twin.mkdir()
+    summary = json.loads((runs / "main" / "summary.json").read_text())
+    seed = summary["config"].get("seed", 42)
+    summary["config"]["seed"] = seed + 1
+    (twin / "summary.json").write_text(json.dumps(summary))
+    (twin / "metrics.json").write_text((runs / "main" / "metrics.json").read_text())
+    assert rt.main(["--name", "t2", "--out-dir", str(tmp_path), "--run", str(runs / "main"), "--run", str(twin)]) == 0
+    got = json.loads((tmp_path / "t2.json").read_text())
+    assert got["best_valid"] is None and [g["seeds"] for g in got["seed_groups"]] == [[seed, seed + 1]]
+    assert "(best valid)" not in (tmp_path / "t2.md").read_text()
 
     # resume: a second call trains nothing and leaves every run file as it was
     before = _mtimes(runs)
@@ -184,8 +196,9 @@ def test_runs_table_lists_only_the_options_a_run_moved_off_their_default():
     rt = _bench("runs_table")
     assert rt._options(PipelineConfig()) == {}
     cfg = PipelineConfig.from_dict({"model": {"hidden": 256, "prefix_bias": True},
-                                    "finetune": {"ema_decay": 0.999, "mask_ratio": 0.3}})
-    assert rt._options(cfg) == {"model.hidden": 256, "model.prefix_bias": True, "finetune.ema_decay": 0.999}
+                                    "finetune": {"ema_decay": 0.999, "mask_ratio": 0.3, "label_smoothing": 0.1}})
+    assert rt._options(cfg) == {"model.hidden": 256, "model.prefix_bias": True, "finetune.ema_decay": 0.999,
+                                "finetune.label_smoothing": 0.1}
 
 
 def test_runs_table_groups_seed_repeats_of_one_setup():
