@@ -44,10 +44,10 @@ def _raw_trajectory(epochs: int) -> list[torch.Tensor]:
     return traj
 
 
-def _expected_ema(traj: list[torch.Tensor], decay: float, steps: int) -> torch.Tensor:
+def _expected_ema(traj: list[torch.Tensor], decay: float, steps: int, ramp: float = 10.0) -> torch.Tensor:
     e = traj[0].clone()
     for t in range(steps):
-        d = min(decay, (1 + t) / (10 + t))
+        d = min(decay, (1 + t) / (ramp + t))
         e = d * e + (1 - d) * traj[t + 1]
     return e
 
@@ -60,6 +60,20 @@ def test_without_evaluation_the_loop_returns_the_exact_ema_of_the_steps():
     want = _expected_ema(traj, 0.9, 12)
     assert torch.allclose(_weights(model), want, atol=1e-6)
     assert not torch.allclose(_weights(model), traj[-1], atol=1e-3)  # the average, not the last step
+
+
+
+def test_ema_ramp_sets_how_fast_the_decay_reaches_its_cap():
+    traj = _raw_trajectory(3)
+    for ramp in (1.0, 2.0):
+        model = _model()
+        fit(model, torch.optim.SGD(model.parameters(), lr=0.05), _batches, _step,
+            LoopConfig(epochs=3, patience=0, monitor="none", progress=False, ema_decay=0.99, ema_ramp=ramp))
+        assert torch.allclose(_weights(model), _expected_ema(traj, 0.99, 12, ramp), atol=1e-6)
+        if ramp == 2.0:  # (1 + t) / (2 + t) stays below the cap: the plain mean of all 13 weights so far
+            assert torch.allclose(_weights(model), torch.stack(traj).mean(0), atol=1e-6)
+        else:  # a constant decay from the start, unlike the default ramp
+            assert not torch.allclose(_weights(model), _expected_ema(traj, 0.99, 12, 10.0), atol=1e-4)
 
 
 def test_evaluation_sees_the_average_training_continues_from_the_raw_weights(tmp_path):

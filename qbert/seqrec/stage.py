@@ -94,6 +94,7 @@ class FinetuneConfig(ScheduleConfig):
     eval_batch_size: int = Field(1024, ge=1)
     eval_every: int = Field(1, ge=1)
     ema_decay: float = Field(0.0, ge=0.0, lt=1.0)  # > 0: validate, select and keep an EMA of the weights
+    ema_ramp: float = Field(10.0, ge=1.0)  # decay at step t: min(ema_decay, (1 + t) / (ema_ramp + t)); see LoopConfig
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)  # of the item-ID softmax (id modality only)
     select_code_weight: list[float] = Field(default_factory=list)  # after training, re-rank valid
     # with each ranking weight of the semantic-ID term and keep the best (id modality only; cheap:
@@ -309,7 +310,8 @@ def finetune(model: QBert4Rec, split: LeaveOneOutSplit, cfg: FinetuneConfig, dev
         return out
 
     loop = LoopConfig(epochs=cfg.epochs, patience=cfg.patience, monitor=cfg.monitor, mode="max",
-                      eval_every=cfg.eval_every, progress=progress, ema_decay=cfg.ema_decay)
+                      eval_every=cfg.eval_every, progress=progress, ema_decay=cfg.ema_decay,
+                      ema_ramp=cfg.ema_ramp)
     opt = _optimizer(model, cfg.lr, cfg.weight_decay)
     batches = masked_batches(seqs, cfg.batch_size, mask_fn, seed, device, shard)
     step = partial(masked_step, label_smoothing=cfg.label_smoothing)

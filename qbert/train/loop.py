@@ -41,8 +41,12 @@ class LoopConfig(Config):
     grad_clip: float | None = 1.0
     progress: bool = True
     # > 0: evaluate, select and return an EMA of the weights (Polyak averaging) instead of the
-    # raw ones; the decay ramps up as min(ema_decay, (1 + t) / (10 + t)) so early steps count
+    # raw ones. The decay at step t is min(ema_decay, (1 + t) / (ema_ramp + t)): the average
+    # covers about the last t / (ema_ramp - 1) steps until the cap 1 / (1 - ema_decay) steps
+    # binds, near t = (ema_ramp - 1) / (1 - ema_decay). ema_ramp 10 (TensorFlow's) binds 0.999 only
+    # after ~9,000 steps; 2 averages every step so far until then; 1 is a constant decay
     ema_decay: float = Field(0.0, ge=0.0, lt=1.0)
+    ema_ramp: float = Field(10.0, ge=1.0)
 
     @classmethod
     def fixed_epochs(cls, epochs: int) -> "LoopConfig":
@@ -111,16 +115,20 @@ class WeightAverage:
     their average ranks better than any one of them and is a cheap regulariser (no extra pass).
     """
 
-    def __init__(self, model: nn.Module, decay: float, shadow: list[torch.Tensor] | None = None):
+    def __init__(self, model: nn.Module, decay: float, shadow: list[torch.Tensor] | None = None,
+                 ramp: float = 10.0):
+        if ramp < 1.0:
+            raise ValueError(f"ema ramp must be >= 1, got {ramp}")
         self.params = [p for p in unwrap(model).parameters()]
         self.decay = decay
+        self.ramp = ramp
         self.shadow = [p.detach().clone() for p in self.params] if shadow is None else \
             [s.to(p.device, p.dtype) for s, p in zip(shadow, self.params, strict=True)]
         self._saved: list[torch.Tensor] | None = None
 
     @torch.no_grad()
     def update(self, step: int) -> None:
-        d = min(self.decay, (1 + step) / (10 + step))
+        d = min(self.decay, (1 + step) / (self.ramp + step))
         torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - d)
 
     @torch.no_grad()
@@ -179,7 +187,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Callable[[i
         state = LoopState(**payload["loop"])
         best_state = payload.get("best_model")
         ema_shadow = payload.get("ema")
-    ema = WeightAverage(model, cfg.ema_decay, ema_shadow) if cfg.ema_decay > 0 else None
+    ema = WeightAverage(model, cfg.ema_decay, ema_shadow, cfg.ema_ramp) if cfg.ema_decay > 0 else None
     for cb in callbacks:
         cb.on_fit_start(model, state)
 
