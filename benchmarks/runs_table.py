@@ -32,7 +32,7 @@ from qbert.utils.runtime import benchmark_meta  # noqa: E402
 # further settings a search varies: shown in the "other" column when a run moved them off their default
 OPTIONS = {"model.hidden": "hidden", "model.dropout": "dropout", "model.prefix_bias": "prefix bias",
            "finetune.mask_ratio": "mask", "finetune.weight_decay": "weight decay", "finetune.ema_decay": "EMA",
-           "finetune.ema_ramp": "EMA ramp", "finetune.label_smoothing": "label smoothing"}
+           "finetune.last_prob": "last masked", "finetune.ema_ramp": "EMA ramp", "finetune.label_smoothing": "label smoothing"}
 
 
 def _options(cfg: PipelineConfig) -> dict[str, Any]:
