@@ -296,9 +296,6 @@ def finetune(model: QBert4Rec, split: LeaveOneOutSplit, cfg: FinetuneConfig, dev
     if model.num_items != split.num_items:
         raise ValueError(f"model catalogue has {model.num_items} items, target has {split.num_items}: "
                          "call set_catalogue with the target's semantic-ID table first")
-    if cfg.label_smoothing and model.item_emb is None:
-        raise ValueError("finetune.label_smoothing needs the 'id' modality in data.modalities "
-                         "(it smooths the item softmax)")
     device = torch.device(device)
     model.to(device)
     seqs = training_rows(split, model.max_len, cfg.prefixes)
