@@ -62,7 +62,6 @@ def test_without_evaluation_the_loop_returns_the_exact_ema_of_the_steps():
     assert not torch.allclose(_weights(model), traj[-1], atol=1e-3)  # the average, not the last step
 
 
-
 def test_ema_ramp_sets_how_fast_the_decay_reaches_its_cap():
     traj = _raw_trajectory(3)
     for ramp in (1.0, 2.0):
