@@ -122,3 +122,40 @@ def test_fail_policy_then_resume_with_zero_policy_via_cli_and_ray_job(assets, tm
     m, miss = load_features(str(out), "image", N_ITEMS)
     assert miss.tolist() == [i in (3, 12) for i in range(N_ITEMS)] and not m[[3, 12]].any()
     np.testing.assert_allclose(np.linalg.norm(m[~miss], axis=1), 1.0, atol=1e-5)
+
+
+def test_a_failed_run_waits_for_writes_in_progress_and_refuses_new_ones(tmp_path):
+    """The race a failing multi-actor run had: another actor's batch landed after the CLI returned."""
+    import time
+
+    from qbert.features.extract import CommitAborted
+    from qbert.platform.feature_pipeline import _CommitGate, _gated, _settle
+
+    @ray.remote(num_cpus=0)
+    def write(gate, path: str, seconds: float) -> str:
+        with _gated(gate):
+            time.sleep(seconds)
+            Path(path).write_text("committed")
+        return path
+
+    gate = ray.remote(num_cpus=0)(_CommitGate).remote()
+    slow = write.remote(gate, str(tmp_path / "slow"), 1.5)
+    deadline = time.monotonic() + 60
+    while ray.get(gate.writing.remote()) == 0:  # the slow write has begun
+        assert time.monotonic() < deadline, "the write never entered the gate"
+        time.sleep(0.02)
+    assert _settle(gate, 60) == 0
+    assert (tmp_path / "slow").read_text() == "committed"  # it landed before the failure was reported
+    with pytest.raises(CommitAborted, match="stopped before this batch was written"):
+        ray.get(write.remote(gate, str(tmp_path / "late"), 0.0))
+    assert not (tmp_path / "late").exists() and ray.get(slow)
+    ray.kill(gate)
+
+    stuck = ray.remote(num_cpus=0)(_CommitGate).remote()  # a write that outlives the wait is reported, not hidden
+    hung = write.remote(stuck, str(tmp_path / "hung"), 3.0)
+    while ray.get(stuck.writing.remote()) == 0:
+        time.sleep(0.02)
+    assert _settle(stuck, 0.2) == 1
+    ray.get(hung)
+    assert ray.get(stuck.writing.remote()) == 0
+    ray.kill(stuck)

@@ -16,6 +16,7 @@ Per-item failures (missing/corrupt image, empty text) follow ``on_error``: ``fai
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -24,7 +25,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, ContextManager
 
 import numpy as np
 import pyarrow as pa
@@ -179,18 +180,30 @@ class ModalityEncoder:
                          MISSING_PREFIX + self.modality: pa.array(missing, pa.bool_())})
 
 
-class BatchCommitter:
-    """Encode a batch and commit it as one part file; returns a one-row summary table."""
+class CommitAborted(RuntimeError):
+    """The run this batch belongs to has stopped; the batch was encoded but not written."""
 
-    def __init__(self, cfg: FeatureConfig, modality: str, device: str = "auto", endpoint: str | None = None):
+
+class BatchCommitter:
+    """Encode a batch and commit it as one part file; returns a one-row summary table.
+
+    ``guard`` (optional) is a context-manager factory wrapped around each write: the Ray pipeline
+    passes one that refuses new writes once the run has failed and counts writes in progress, so
+    that the driver can wait for them before it reports what was committed.
+    """
+
+    def __init__(self, cfg: FeatureConfig, modality: str, device: str = "auto", endpoint: str | None = None,
+                 guard: Callable[[], ContextManager[Any]] | None = None):
         self.encoder = ModalityEncoder(cfg, modality, device, endpoint)
         self.dir = feature_dir(cfg.out, modality)
+        self.guard = guard or contextlib.nullcontext
 
     def commit(self, batch: pa.Table) -> dict[str, Any]:
         t0 = time.perf_counter()
         res = self.encoder.encode_batch(batch)
         name = part_name(res.table.column("item_id").to_numpy())
-        storage.write_parquet_atomic(storage.join(self.dir, name), res.table, self.encoder.endpoint)
+        with self.guard():
+            storage.write_parquet_atomic(storage.join(self.dir, name), res.table, self.encoder.endpoint)
         return res.summary(name, time.perf_counter() - t0)
 
 

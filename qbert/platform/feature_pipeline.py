@@ -7,10 +7,17 @@ and keeps it for every batch it gets. Actors commit their own part files (atomic
 an interrupted run loses at most the batches in flight and a re-run skips everything already
 written. The driver consumes one summary row per committed batch to drive a progress bar and
 to report throughput and per-item failure counts.
+
+When a batch fails, Ray Data stops handing out batches but lets the ones already running
+finish. A small gate actor makes that end deterministic: it refuses writes once the run has
+failed and counts the writes in progress, and the driver waits for those before it reports
+(from the files themselves) how many items were committed. So the output does not change after
+the command has returned.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Any
@@ -19,16 +26,70 @@ import pyarrow as pa
 
 from qbert.data.errors import DataError
 from qbert.features.config import FeatureConfig
-from qbert.features.extract import BatchCommitter, FeatureError, batches, merge_into, plan, run_report
+from qbert.features.extract import (BatchCommitter, CommitAborted, FeatureError, batches, done_item_ids, merge_into,
+                                   plan, run_report)
 
 log = logging.getLogger("qbert.platform.features")
+
+SETTLE_TIMEOUT_S = 60.0  # how long a failed run waits for its in-flight writes
+
+
+class _CommitGate:
+    """Serialises "may this batch be written?" so a failed run can wait for writes already begun.
+
+    A Ray actor runs one call at a time, so after :meth:`close` no write starts, and
+    :meth:`writing` reaching 0 means every write that did start has finished.
+    """
+
+    def __init__(self) -> None:
+        self.open, self.active = True, 0
+
+    def enter(self) -> bool:
+        if self.open:
+            self.active += 1
+        return self.open
+
+    def exit(self) -> None:
+        self.active -= 1
+
+    def close(self) -> int:
+        self.open = False
+        return self.active
+
+    def writing(self) -> int:
+        return self.active
+
+
+@contextlib.contextmanager
+def _gated(gate: Any):
+    import ray
+
+    if not ray.get(gate.enter.remote()):
+        raise CommitAborted("the extraction run stopped before this batch was written")
+    try:
+        yield
+    finally:
+        ray.get(gate.exit.remote())
+
+
+def _settle(gate: Any, timeout_s: float) -> int:
+    """Close the gate and wait until no write is in progress; returns the writes still open."""
+    import ray
+
+    active = ray.get(gate.close.remote())
+    deadline = time.monotonic() + timeout_s
+    while active and time.monotonic() < deadline:
+        time.sleep(0.05)
+        active = ray.get(gate.writing.remote())
+    return active
 
 
 class _EncodeActor:
     """Stateful ``map_batches`` callable: the encoder is built once per actor."""
 
-    def __init__(self, cfg: dict[str, Any], modality: str, endpoint: str | None):
-        self.committer = BatchCommitter(FeatureConfig.from_dict(cfg), modality, "auto", endpoint)
+    def __init__(self, cfg: dict[str, Any], modality: str, endpoint: str | None, gate: Any):
+        self.committer = BatchCommitter(FeatureConfig.from_dict(cfg), modality, "auto", endpoint,
+                                        guard=lambda: _gated(gate))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         s = self.committer.commit(batch)
@@ -77,12 +138,13 @@ def extract_modality(cfg: FeatureConfig, modality: str) -> dict[str, Any]:
     blocks = batches(p.pending, cfg.pipeline.batch_size)
     actors = min(cfg.pipeline.actors, len(blocks))
     gpus = _gpus_per_actor(cfg)
+    gate = ray.remote(num_cpus=0)(_CommitGate).remote()
     ctx = ray.data.DataContext.get_current()
     saved_wait = ctx.wait_for_min_actors_s
     ctx.wait_for_min_actors_s = int(cfg.pipeline.wait_for_actors_s) if cfg.pipeline.wait_for_actors_s > 0 else -1
     ds = ray.data.from_arrow(blocks).map_batches(
         _EncodeActor,
-        fn_constructor_kwargs={"cfg": cfg.to_dict(), "modality": modality, "endpoint": p.endpoint},
+        fn_constructor_kwargs={"cfg": cfg.to_dict(), "modality": modality, "endpoint": p.endpoint, "gate": gate},
         batch_size=cfg.pipeline.batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=cfg.pipeline.max_tasks_in_flight_per_actor),
@@ -93,20 +155,27 @@ def extract_modality(cfg: FeatureConfig, modality: str) -> dict[str, Any]:
     summaries: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     try:
-        for row in ds.iter_rows():
-            summaries.append(dict(row))
-            if bar is not None:
-                bar.update(int(row["items"]))
-                bar.set_postfix(items_s=f"{sum(s['items'] for s in summaries) / (time.perf_counter() - t0):.1f}",
-                                missing=sum(s["missing"] for s in summaries))
+        try:
+            for row in ds.iter_rows():
+                summaries.append(dict(row))
+                if bar is not None:
+                    bar.update(int(row["items"]))
+                    bar.set_postfix(items_s=f"{sum(s['items'] for s in summaries) / (time.perf_counter() - t0):.1f}",
+                                    missing=sum(s["missing"] for s in summaries))
+        except BaseException:  # a failed batch, a timeout, Ctrl-C: the writes already begun finish first
+            open_writes = _settle(gate, SETTLE_TIMEOUT_S)
+            if open_writes:
+                log.warning("%s: %d batch write(s) did not finish within %ss of the failure; a re-run checks "
+                            "what was committed", modality, open_writes, SETTLE_TIMEOUT_S)
+            raise
     except ray.exceptions.GetTimeoutError as e:
         raise RuntimeError(f"{modality}: {actors} encoder actor(s) with {cfg.pipeline.num_cpus_per_actor} CPU and "
                            f"{gpus} GPU each did not start within {cfg.pipeline.wait_for_actors_s}s; the cluster has "
                            f"{ray.cluster_resources()} (lower pipeline.actors or num_gpus_per_actor)") from e
     except Exception as e:  # Ray wraps the actor's exception; surface the item-level cause
         fe = _feature_error(e)
-        written = sum(s["items"] for s in summaries)
         if fe is not None:
+            written = len(done_item_ids(p.dir, p.endpoint)) - p.done  # read back: the run has settled
             raise FeatureError(f"{fe} [{written} items of this run were committed to {p.dir}; "
                                "a re-run resumes after fixing the input]") from e
         raise
@@ -114,6 +183,7 @@ def extract_modality(cfg: FeatureConfig, modality: str) -> dict[str, Any]:
         ctx.wait_for_min_actors_s = saved_wait
         if bar is not None:
             bar.close()
+        ray.kill(gate)
     report = run_report(p, summaries, time.perf_counter() - t0, actors)
     report["num_gpus_per_actor"] = gpus
     if report["missing"]:
