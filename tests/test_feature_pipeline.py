@@ -138,12 +138,15 @@ def test_a_failed_run_waits_for_writes_in_progress_and_refuses_new_ones(tmp_path
             Path(path).write_text("committed")
         return path
 
+    def until_writing(gate) -> None:
+        deadline = time.monotonic() + 60
+        while ray.get(gate.writing.remote()) == 0:  # the slow write has begun
+            assert time.monotonic() < deadline, "the write never entered the gate"
+            time.sleep(0.02)
+
     gate = ray.remote(num_cpus=0)(_CommitGate).remote()
     slow = write.remote(gate, str(tmp_path / "slow"), 1.5)
-    deadline = time.monotonic() + 60
-    while ray.get(gate.writing.remote()) == 0:  # the slow write has begun
-        assert time.monotonic() < deadline, "the write never entered the gate"
-        time.sleep(0.02)
+    until_writing(gate)
     assert _settle(gate, 60) == 0
     assert (tmp_path / "slow").read_text() == "committed"  # it landed before the failure was reported
     with pytest.raises(CommitAborted, match="stopped before this batch was written"):
@@ -153,8 +156,7 @@ def test_a_failed_run_waits_for_writes_in_progress_and_refuses_new_ones(tmp_path
 
     stuck = ray.remote(num_cpus=0)(_CommitGate).remote()  # a write that outlives the wait is reported, not hidden
     hung = write.remote(stuck, str(tmp_path / "hung"), 3.0)
-    while ray.get(stuck.writing.remote()) == 0:
-        time.sleep(0.02)
+    until_writing(stuck)
     assert _settle(stuck, 0.2) == 1
     ray.get(hung)
     assert ray.get(stuck.writing.remote()) == 0

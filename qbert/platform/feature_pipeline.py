@@ -161,27 +161,25 @@ def extract_modality(cfg: FeatureConfig, modality: str) -> dict[str, Any]:
     )
     bar = _progress(cfg, p, modality)
     summaries: list[dict[str, Any]] = []
+    items = missing = 0  # running totals for the progress bar
     t0 = time.perf_counter()
     try:
-        try:
-            for row in ds.iter_rows():
-                summaries.append(dict(row))
-                if bar is not None:
-                    bar.update(int(row["items"]))
-                    bar.set_postfix(items_s=f"{sum(s['items'] for s in summaries) / (time.perf_counter() - t0):.1f}",
-                                    missing=sum(s["missing"] for s in summaries))
-        except BaseException:  # a failed batch, a timeout, Ctrl-C: the writes already begun finish first
-            open_writes = _settle(gate, SETTLE_TIMEOUT_S)
-            if open_writes:
-                log.warning("%s: %d batch write(s) did not finish within %ss of the failure; a re-run checks "
-                            "what was committed", modality, open_writes, SETTLE_TIMEOUT_S)
-            raise
-    except ray.exceptions.GetTimeoutError as e:
-        raise RuntimeError(f"{modality}: {actors} encoder actor(s) with {cfg.pipeline.num_cpus_per_actor} CPU and "
-                           f"{gpus} GPU each did not start within {cfg.pipeline.wait_for_actors_s}s; the cluster has "
-                           f"{ray.cluster_resources()} (lower pipeline.actors or num_gpus_per_actor)") from e
-    except Exception as e:  # Ray wraps the actor's exception; surface the item-level cause
-        fe = _feature_error(e)
+        for row in ds.iter_rows():
+            summaries.append(dict(row))
+            items, missing = items + int(row["items"]), missing + int(row["missing"])
+            if bar is not None:
+                bar.update(int(row["items"]))
+                bar.set_postfix(items_s=f"{items / (time.perf_counter() - t0):.1f}", missing=missing)
+    except BaseException as e:  # a failed batch, a timeout, Ctrl-C: the writes already begun finish first
+        open_writes = _settle(gate, SETTLE_TIMEOUT_S)
+        if open_writes:
+            log.warning("%s: %d batch write(s) did not finish within %ss of the failure; a re-run checks "
+                        "what was committed", modality, open_writes, SETTLE_TIMEOUT_S)
+        if isinstance(e, ray.exceptions.GetTimeoutError):
+            raise RuntimeError(f"{modality}: {actors} encoder actor(s) with {cfg.pipeline.num_cpus_per_actor} CPU and "
+                               f"{gpus} GPU each did not start within {cfg.pipeline.wait_for_actors_s}s; the cluster "
+                               f"has {ray.cluster_resources()} (lower pipeline.actors or num_gpus_per_actor)") from e
+        fe = _feature_error(e) if isinstance(e, Exception) else None  # Ray wraps the actor's exception
         if fe is not None:
             written = len(done_item_ids(p.dir, p.endpoint)) - p.done  # read back: the run has settled
             raise FeatureError(f"{fe} [{written} items of this run were committed to {p.dir}; "
