@@ -183,13 +183,13 @@ def test_config_modalities_and_errors():
 
 
 def test_best_instruments_config_is_the_documented_search_command():
-    """configs/instruments-best.yaml = configs/instruments.yaml + the flags of runs/s8-ema2k's command."""
+    """configs/instruments-best.yaml = configs/instruments.yaml + the flags of runs/s9-ema2k-20ep's command."""
     from qbert.cli.pipeline_cmd import load_config
 
     flags = ["finetune.lr=1e-3", "finetune.schedule=cosine", "finetune.warmup_epochs=1", "finetune.patience=5",
              "finetune.select_code_weight=[0,0.25,0.5,1]", "finetune.epochs=15", "pretrain.epochs=10",
              "model.hidden=256", "model.repeat_bias=true", "finetune.mask_ratio=0.15", "finetune.ema_ramp=2",
-             "finetune.ema_decay=0.9995"]
+             "finetune.ema_decay=0.9995", "finetune.epochs=20"]
     best = load_config(REPO / "configs" / "instruments-best.yaml", [])
     assert best == load_config(REPO / "configs" / "instruments.yaml", flags)
     assert best != load_config(REPO / "configs" / "instruments.yaml", flags[:-1])  # every flag matters
