@@ -78,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     for run in args.run:
         if not (Path(run) / "model.pt").is_file():
             ap.error(f"--run {run}: no finished run there (model.pt missing)")
+        if load_run_model(Path(run))[1].model.item_id != "input_and_head":
+            ap.error(f"--run {run}: not a hybrid run (model.item_id input_and_head): the paper's model ranks by "
+                     "log P(semantic ID) alone, so there is no weight to choose")
         rows.append(choose(Path(run), weights))
         print(json.dumps({k: rows[-1][k] for k in ("run", "chosen_weight", "test")}), flush=True)
     meta = benchmark_meta(sys.argv[0], argv, REPO, threads=args.threads)

@@ -49,8 +49,9 @@ from qbert.data.split import LeaveOneOutSplit
 from qbert.data.synthetic import SyntheticConfig, make_synthetic
 from qbert.fusion.config import FusionConfig
 from qbert.quantize.config import QuantizeConfig, check_capacity
+from qbert.eval.metrics import metrics_from_ranks
 from qbert.seqrec.stage import (FinetuneConfig, PretrainConfig, SeqRecConfig, build_model, evaluate_split, finetune,
-                                full_sequences, pretrain, select_code_weight)
+                                full_sequences, pretrain, select_code_weight, split_ranks)
 from qbert.train.loop import Callback
 from qbert.utils.io import atomic_path, atomic_write_json
 from qbert.utils.runtime import git_commit, machine_info, pick_device, seed_everything
@@ -91,8 +92,9 @@ class DataSection(Config):
 
 
 class EvalSection(Config):
-    exclude_history: bool = False  # RecBole's full-sort default keeps history items in the ranking
+    exclude_history: bool = False  # the protocol that selects on valid; RecBole's full sort keeps history items
     batch_size: int = Field(1024, ge=1)
+    test: bool = True  # False: never score test (search runs choose on valid and keep it off)
 
 
 class ReuseSection(Config):
@@ -141,16 +143,15 @@ class PipelineConfig(Config):
         for m in self.fusion.feature_modalities:
             if m not in self.data.features:
                 raise ValueError(f"modality '{m}' is enabled but data.features names no column for it")
-        if self.finetune.label_smoothing and "id" not in self.fusion.modalities:
-            raise ValueError(f"finetune.label_smoothing ({self.finetune.label_smoothing}) smooths the item softmax, "
-                             f"which needs 'id' in data.modalities (got {list(self.fusion.modalities)})")
+        if self.finetune.label_smoothing and self.model.head == "levels" and self.model.item_id != "input_and_head":
+            raise ValueError(f"finetune.label_smoothing ({self.finetune.label_smoothing}) smooths an item softmax: "
+                             "it needs model.head 'catalogue' or model.item_id 'input_and_head'")
+        if self.finetune.select_code_weight and self.model.item_id != "input_and_head":
+            raise ValueError("finetune.select_code_weight chooses the hybrid's ranking weight: it needs "
+                             f"model.item_id 'input_and_head' (got {self.model.item_id!r})")
         object.__setattr__(self, "fusion", self.fusion.model_copy(update={"seed": self.seed, "device": self.device}))
         object.__setattr__(self, "quantize", self.quantize.model_copy(update={"seed": self.seed, "device": self.device}))
         return self
-
-    @property
-    def use_id(self) -> bool:
-        return "id" in self.fusion.modalities
 
 
 def quickstart_config() -> PipelineConfig:
@@ -351,7 +352,7 @@ def pretraining_rows(cfg: PipelineConfig, data: PipelineData) -> np.ndarray:
 
 
 def _model_for(cfg: PipelineConfig, codes: np.ndarray):
-    return build_model(cfg.model, codes, cfg.quantize.sizes, cfg.data.max_len, cfg.use_id)
+    return build_model(cfg.model, codes, cfg.quantize.sizes, cfg.data.max_len)
 
 
 def run_pretrain_stage(cfg: PipelineConfig, data: PipelineData, out_dir: str | Path,
@@ -399,32 +400,56 @@ def run_finetune_stage(cfg: PipelineConfig, data: PipelineData, out_dir: str | P
                    exclude_history=cfg.eval.exclude_history, progress=cfg.progress)
     valid = {k: res.best_metrics[k] for k in METRIC_KEYS if k in res.best_metrics}
     weights: dict[str, Any] = {}
-    if cfg.finetune.select_code_weight and cfg.use_id:  # on valid only, before test is looked at
+    if cfg.finetune.select_code_weight:  # on valid only, before test is looked at (hybrid only)
         best, table = select_code_weight(model, split, cfg.finetune.select_code_weight, cfg.finetune.monitor,
                                          cfg.eval.batch_size, device, cfg.eval.exclude_history)
         valid = {k: table[best][k] for k in METRIC_KEYS}
         weights = {"code_score_weight": best, "code_weight_valid": {str(w): m for w, m in table.items()}}
         log.info("ranking weight of the semantic-ID term chosen on valid: %g (%s %.4f)", best,
                  cfg.finetune.monitor, table[best][cfg.finetune.monitor])
-    elif cfg.finetune.select_code_weight:
-        log.info("finetune.select_code_weight ignored: without the 'id' modality the weight does not change the ranking")
     if model.repeat_weight is not None:  # the learned logit shift of items already in the history
         weights["repeat_weight"] = float(model.repeat_weight.detach())
     if model.prefix_weight is not None:  # ... and of items sharing their first 1..K-1 codes with one
         weights["prefix_weight"] = [float(w) for w in model.prefix_weight.detach()]
     t0 = time.perf_counter()
-    test = evaluate_split(model, split, "test", cfg.eval.batch_size, device, cfg.eval.exclude_history)
-    test_seconds = time.perf_counter() - t0
+    protocols = ("kept", "excluded")
+    valid_ranks = split_ranks(model, split, "valid", cfg.eval.batch_size, device, protocols)
+    by_protocol = {"valid": {PROTOCOL_KEYS[p]: metrics_from_ranks(r) for p, r in valid_ranks.items()}}
+    test: dict[str, float] = {}
+    if cfg.eval.test:
+        test_ranks = split_ranks(model, split, "test", cfg.eval.batch_size, device, protocols)
+        by_protocol["test"] = {PROTOCOL_KEYS[p]: metrics_from_ranks(r) for p, r in test_ranks.items()}
+        test = by_protocol["test"][PROTOCOL_KEYS["excluded" if cfg.eval.exclude_history else "kept"]]
+        write_ranks(out / "test_ranks.parquet", split, "test", test_ranks)
+    eval_seconds = time.perf_counter() - t0
     with atomic_path(out / "model.pt") as tmp:
         torch.save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                     "config": cfg.to_dict(), "num_items": model.num_items,
                     "code_score_weight": model.code_score_weight,
                     "data_fingerprint": data.target.fingerprint()}, tmp)
-    return {"init": init, "valid": valid, "test": {k: test[k] for k in METRIC_KEYS}, **weights, "best_epoch": res.best_epoch,
+    return {"init": init, "valid": valid, "test": {k: test[k] for k in METRIC_KEYS if k in test},
+            "by_protocol": by_protocol, **weights, "best_epoch": res.best_epoch,
             "epochs_run": len(res.history), "stopped_early": res.stopped_early, "train_seconds": res.train_seconds,
-            "samples_per_second": res.samples_per_second, "eval_seconds_per_user": test_seconds / split.num_users,
+            "samples_per_second": res.samples_per_second,
+            "eval_seconds_per_user": eval_seconds / (split.num_users * (2 if cfg.eval.test else 1)),
             "params": sum(p.numel() for p in model.parameters()),
+            "item_indexed_parameters": model.item_indexed_parameters(),
             "history": [{k: v for k, v in h.items()} for h in res.history]}
+
+
+PROTOCOL_KEYS = {"kept": "history_kept", "excluded": "history_excluded"}
+
+
+def write_ranks(path: Path, split: LeaveOneOutSplit, which: str, ranks: dict[str, torch.Tensor]) -> None:
+    """Per-user target ranks (0-based, both protocols) beside the run, so slices such as
+    cold-start targets are computed from the one test evaluation instead of a second one."""
+    import pyarrow as pa
+
+    cols = {"user": pa.array(np.arange(split.num_users, dtype=np.int64)),
+            "target": pa.array(np.asarray(split.targets(which), dtype=np.int64))}
+    cols.update({f"rank_{PROTOCOL_KEYS[p]}": pa.array(r.numpy().astype(np.int64)) for p, r in ranks.items()})
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.table(cols), tmp)
 
 
 # ---------------------------------------------------------------------------------------- reports
@@ -562,7 +587,7 @@ def _load_run(run_dir: str | Path, device: str | torch.device = "cpu"):
     payload = torch.load(path, map_location="cpu", weights_only=False)
     cfg = PipelineConfig.from_dict(payload["config"], source=str(path))
     codes = read_codes(run_dir, int(payload["num_items"]))
-    model = build_model(cfg.model, codes, cfg.quantize.sizes, cfg.data.max_len, cfg.use_id)
+    model = build_model(cfg.model, codes, cfg.quantize.sizes, cfg.data.max_len)
     model.load_state_dict(payload["model"])
     model.code_score_weight = float(payload.get("code_score_weight", cfg.model.code_score_weight))  # chosen on valid
     return model.to(device).eval(), cfg, {k: v for k, v in payload.items() if k != "model"}
@@ -632,12 +657,22 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, callbacks_factory: Ca
             log.info("stage %s", stage)
             reports[stage] = stage_fns[stage](cfg, data, out, cbs(stage))
         timings[stage] = time.perf_counter() - t0
+    return finish_run(cfg, out, data, reports, timings, started, commit)
+
+
+def finish_run(cfg: PipelineConfig, out: Path, data: PipelineData, reports: dict[str, Any],
+               timings: dict[str, float], started: float, commit: str,
+               extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The run's ``metrics.json``, ``summary.json`` and plots from its stage reports; the one
+    writer of both files for local and Ray runs (``extra`` adds executor fields to both)."""
     ft = reports["finetune"]
-    history = ft.pop("history")
+    history = ft.pop("history", [])
     metrics = {
         "model": "qbert4rec",
         "test": ft["test"],
         "valid": ft["valid"],
+        "by_protocol": ft.get("by_protocol", {}),
+        "stage3_item_table": bool(ft.get("item_indexed_parameters")),
         "best_epoch": ft["best_epoch"],
         "epochs_run": ft["epochs_run"],
         "params": ft["params"],
@@ -646,6 +681,7 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, callbacks_factory: Ca
                    "eval_seconds_per_user": ft["eval_seconds_per_user"],
                    "finetune_samples_per_s": ft["samples_per_second"]},
         "history": history,
+        **(extra or {}),
     }
     plots: list[str] = []
     if cfg.plots:
@@ -663,6 +699,7 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, callbacks_factory: Ca
         "valid": metrics["valid"],
         "plots": plots,
         "config": cfg.to_dict(),
+        **(extra or {}),
     }
     atomic_write_json(out / "metrics.json", metrics)
     atomic_write_json(out / "summary.json", summary)

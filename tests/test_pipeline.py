@@ -59,6 +59,12 @@ def test_end_to_end_beats_popularity_and_writes_every_artifact(tmp_path):
     on_disk = json.loads((run / "metrics.json").read_text())
     assert set(on_disk["test"]) == set(METRICS) and set(on_disk["valid"]) == set(METRICS)
     assert on_disk["test"] == metrics["test"]
+    assert on_disk["stage3_item_table"] is False and on_disk["stages"]["finetune"]["item_indexed_parameters"] == []
+    both = on_disk["by_protocol"]  # both ranking protocols, from one scoring pass per split
+    assert both["test"]["history_kept"] == metrics["test"] and set(both["valid"]) == {"history_kept", "history_excluded"}
+    assert both["test"]["history_excluded"]["HR@10"] >= both["test"]["history_kept"]["HR@10"]  # fewer competitors
+    ranks = pq.read_table(run / "test_ranks.parquet").to_pydict()
+    assert np.mean(np.array(ranks["rank_history_kept"]) < 10) == pytest.approx(metrics["test"]["HR@10"])
     assert {"fusion", "quantize", "pretrain", "finetune"} <= set(on_disk["stages"])
     summary = json.loads((run / "summary.json").read_text())
     assert {"git_commit", "machine", "timings", "config", "data"} <= set(summary)
@@ -166,31 +172,37 @@ def test_impossible_codebook_fails_before_training(tmp_path):
 
 def test_config_modalities_and_errors():
     cfg = tiny(**{"data.modalities": ["image", "id"]})
-    assert cfg.fusion.modalities == ["image", "id"] and cfg.use_id
-    assert not tiny(**{"data.modalities": ["text"]}).use_id
+    assert cfg.fusion.modalities == ["image", "id"] and cfg.model.item_id == "none"  # two separate switches
+    assert PipelineConfig().model.item_id == "none" and PipelineConfig().model.head == "catalogue"  # the paper's
     assert PipelineConfig.from_dict({"data": {"modalities": ["text"]}}).fusion.modalities == ["text"]
-    assert tiny(**{"data.modalities": None, "fusion.modalities": ["text", "id"]}).use_id
+    assert tiny(**{"data.modalities": None, "fusion.modalities": ["text", "id"]}).fusion.use_id
     with pytest.raises(ConfigError, match="strategy"):
         tiny(**{"pretrain.strategy": "bogus"})
     with pytest.raises(ConfigError, match="unknown field"):
         tiny(**{"finetune.epoch": 3})
     assert tiny(**{"finetune.label_smoothing": 0.1}).finetune.label_smoothing == 0.1
-    with pytest.raises(ConfigError, match="label_smoothing.*'id' in data.modalities"):
-        tiny(**{"data.modalities": ["text", "image"], "finetune.label_smoothing": 0.1})
-    for name in ("synthetic.yaml", "instruments.yaml", "instruments-best.yaml"):
+    with pytest.raises(ConfigError, match="label_smoothing.*smooths an item softmax"):
+        tiny(**{"model.head": "levels", "finetune.label_smoothing": 0.1})
+    with pytest.raises(ConfigError, match="select_code_weight.*input_and_head"):
+        tiny(**{"finetune.select_code_weight": [0, 1]})
+    for name in ("synthetic.yaml", "instruments.yaml", "instruments-hybrid.yaml"):
         PipelineConfig.from_yaml(REPO / "configs" / name)
+    for name in ("synthetic.yaml", "instruments.yaml"):  # the paper's model: no item-ID table in stage 3
+        assert PipelineConfig.from_yaml(REPO / "configs" / name).model.item_id == "none"
     assert PipelineConfig.from_yaml(REPO / "configs" / "synthetic.yaml") == quickstart_config()
 
 
-def test_best_instruments_config_is_the_documented_search_command():
-    """configs/instruments-best.yaml = configs/instruments.yaml + the flags of runs/s9-ema2k-20ep's command."""
+def test_hybrid_instruments_config_is_the_documented_search_command():
+    """configs/instruments-hybrid.yaml = configs/instruments.yaml + the flags of runs/s9-ema2k-20ep's command
+    (whose item-ID switches are now spelled out: model.item_id input_and_head, model.head levels)."""
     from qbert.cli.pipeline_cmd import load_config
 
     flags = ["finetune.lr=1e-3", "finetune.schedule=cosine", "finetune.warmup_epochs=1", "finetune.patience=5",
              "finetune.select_code_weight=[0,0.25,0.5,1]", "finetune.epochs=15", "pretrain.epochs=10",
              "model.hidden=256", "model.repeat_bias=true", "finetune.mask_ratio=0.15", "finetune.ema_ramp=2",
-             "finetune.ema_decay=0.9995", "finetune.epochs=20"]
-    best = load_config(REPO / "configs" / "instruments-best.yaml", [])
+             "finetune.ema_decay=0.9995", "model.item_id=input_and_head", "model.head=levels",
+             "finetune.epochs=20"]
+    best = load_config(REPO / "configs" / "instruments-hybrid.yaml", [])
     assert best == load_config(REPO / "configs" / "instruments.yaml", flags)
     assert best != load_config(REPO / "configs" / "instruments.yaml", flags[:-1])  # the 20-epoch budget is part of it
 
@@ -234,7 +246,8 @@ def test_cli_pipeline_runs_and_prints_metrics(tmp_path, capsys):
 
 
 def test_reuse_takes_earlier_stages_from_a_finished_run_only_when_their_settings_match(tmp_path):
-    fast = {"fusion.epochs": 1, "quantize.epochs": 2, "pretrain.epochs": 1, "finetune.epochs": 2, "plots": False}
+    fast = {"fusion.epochs": 1, "quantize.epochs": 2, "pretrain.epochs": 1, "finetune.epochs": 2, "plots": False,
+            "model.item_id": "input_and_head", "model.head": "levels"}  # the hybrid: its ranking weight is chosen
     src = tmp_path / "src"
     run_pipeline(tiny(**fast), src)
     reuse = {"reuse.from_run": str(src), "reuse.stages": ["fusion", "quantize", "pretrain"]}

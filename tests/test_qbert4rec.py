@@ -8,6 +8,7 @@ import torch
 
 from qbert.data.dataset import from_sequences
 from qbert.data.split import LeaveOneOutSplit
+from qbert.eval.metrics import target_ranks
 from qbert.seqrec import masks
 from qbert.seqrec.qbert4rec import QBert4Rec
 from qbert.seqrec.stage import (FinetuneConfig, PretrainConfig, SeqRecConfig, build_model, evaluate_split, finetune,
@@ -19,10 +20,17 @@ def _codes(n: int = 30, K: int = 3, C: int = 8, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, C, (n, K), generator=g)
 
 
+def _mode(use_id: bool) -> dict:
+    """The old two settings: the hybrid (item-ID embedding and head) or pure semantic IDs, both with
+    the per-level head."""
+    return {"item_id": "input_and_head" if use_id else "none", "head": "levels"}
+
+
 def _model(use_id: bool = False, combine: str = "sum", **kw) -> QBert4Rec:
     torch.manual_seed(0)
+    kw = {**_mode(use_id), **kw}
     return QBert4Rec(_codes(), num_codes=8, hidden=16, layers=2, heads=2, dropout=0.0, max_len=10,
-                     use_id=use_id, combine=combine, **kw)
+                     combine=combine, **kw)
 
 
 def _tokens(B: int = 6, L: int = 10, n: int = 30, seed: int = 0) -> torch.Tensor:
@@ -106,7 +114,7 @@ def test_repeat_bias_shifts_exactly_the_items_in_the_sequence():
     loss, _ = m.train().masked_loss(_tokens(), _tokens() > 15)
     loss.backward()
     assert m.repeat_raw.grad is not None and float(m.repeat_raw.grad) != 0.0
-    with pytest.raises(ValueError, match="repeat_bias needs the 'id' modality"):
+    with pytest.raises(ValueError, match="repeat_bias shifts an item softmax"):
         _model(False, repeat_bias=True)
 
 
@@ -124,7 +132,7 @@ def test_label_smoothing_smooths_only_the_item_softmax():
     expect = (0.8 * nll - 0.2 * logp.mean(1)).mean()  # (1 - eps) one-hot + eps uniform over N items
     assert smooth["id_loss"] == pytest.approx(float(expect), rel=1e-5)
     assert smooth["id_loss"] != pytest.approx(plain["id_loss"])
-    with pytest.raises(ValueError, match="label_smoothing needs the 'id' modality"):
+    with pytest.raises(ValueError, match="label_smoothing smooths an item softmax"):
         _model(False).masked_loss(tok, mask, label_smoothing=0.1)
     with pytest.raises(ValueError, match="label_smoothing must lie in"):
         m.masked_loss(tok, mask, label_smoothing=1.0)
@@ -148,7 +156,7 @@ def test_prefix_bias_shifts_items_sharing_a_code_prefix_with_the_sequence():
     loss, _ = m.train().masked_loss(_tokens(), _tokens() > 15)
     loss.backward()
     assert m.prefix_raw.grad is not None and bool((m.prefix_raw.grad != 0).all())
-    with pytest.raises(ValueError, match="prefix_bias needs the 'id' modality"):
+    with pytest.raises(ValueError, match="prefix_bias shifts an item softmax"):
         _model(False, prefix_bias=True)
 
 
@@ -163,8 +171,8 @@ def test_repeat_bias_learns_the_sign_of_repeats_from_training_data(repeats):
         seqs = [[int(x) for x in rng.permutation(n)[: int(rng.integers(6, 12))]] for _ in range(200)]
     split = LeaveOneOutSplit(from_sequences("rep", seqs, n), 12)
     torch.manual_seed(0)
-    model = build_model(SeqRecConfig(hidden=16, layers=1, heads=2, dropout=0.0, repeat_bias=True),
-                        rng.integers(0, 8, (n, 2)), 8, 12, use_id=True)
+    model = build_model(SeqRecConfig(hidden=16, layers=1, heads=2, dropout=0.0, repeat_bias=True, **_mode(True)),
+                        rng.integers(0, 8, (n, 2)), 8, 12)
     finetune(model, split, FinetuneConfig(epochs=2, batch_size=64, lr=1e-2, patience=0), seed=0, progress=False)
     weight = float(model.repeat_weight.detach())
     assert weight > 0.1 if repeats else weight < -0.1
@@ -208,9 +216,9 @@ def test_smaller_level_codebooks_never_predicted():
 
 
 def test_set_catalogue_and_encoder_transfer():
-    src = _model(use_id=True)
+    src = _model(**_mode(True))
     tgt = QBert4Rec(_codes(n=12, seed=3), num_codes=8, hidden=16, layers=2, heads=2, dropout=0.0, max_len=10,
-                    use_id=True)
+                    **_mode(True))
     fresh = tgt.load_encoder(src.state_dict())
     assert set(fresh) == {"codes", "item_emb.weight", "item_bias"}
     assert torch.equal(tgt.code_emb.weight, src.code_emb.weight)
@@ -291,7 +299,7 @@ def test_pretrain_then_finetune_learns_planted_transitions():
     ds, codes = _planted(num_users=300)
     split = LeaveOneOutSplit(ds, 12)
     cfg = SeqRecConfig(hidden=32, layers=2, heads=2, dropout=0.1)
-    model = build_model(cfg, codes, 16, 12, use_id=False)
+    model = build_model(cfg, codes, 16, 12)
     before = evaluate_split(model, split, "valid")
     pre = pretrain(model, split.train_sequences(0, 1), PretrainConfig(epochs=2, batch_size=64, lr=2e-3),
                    seed=0, progress=False)
@@ -309,7 +317,7 @@ def test_select_code_weight_picks_the_best_valid_weight_and_matches_evaluate_spl
     torch.manual_seed(0)
     ds, codes = _planted(num_users=120)
     split = LeaveOneOutSplit(ds, 12)
-    model = build_model(SeqRecConfig(hidden=16, layers=1, heads=2, dropout=0.0), codes, 16, 12, use_id=True)
+    model = build_model(SeqRecConfig(hidden=16, layers=1, heads=2, dropout=0.0, item_id='input_and_head', head='levels'), codes, 16, 12)
     finetune(model, split, FinetuneConfig(epochs=2, batch_size=64, lr=3e-3, patience=0), seed=0, progress=False)
     weights = [0.0, 0.5, 1.0, 3.0]
     for exclude in (False, True):
@@ -320,8 +328,8 @@ def test_select_code_weight_picks_the_best_valid_weight_and_matches_evaluate_spl
             model.code_score_weight = w
             plain = evaluate_split(model, split, "valid", exclude_history=exclude)
             assert all(abs(plain[k] - table[w][k]) < 1e-9 for k in table[w])
-    no_id = build_model(SeqRecConfig(hidden=16, layers=1, heads=2), codes, 16, 12, use_id=False)
-    with pytest.raises(ValueError, match="'id' modality"):
+    no_id = build_model(SeqRecConfig(hidden=16, layers=1, heads=2), codes, 16, 12)
+    with pytest.raises(ValueError, match="item-ID head"):
         select_code_weight(no_id, split, weights)
     with pytest.raises(ValueError, match=">= 0"):
         FinetuneConfig(select_code_weight=[-1.0])
@@ -329,10 +337,113 @@ def test_select_code_weight_picks_the_best_valid_weight_and_matches_evaluate_spl
 
 def test_pretrain_rejects_out_of_catalogue_tokens_and_none_skips():
     ds, codes = _planted(num_users=20)
-    model = build_model(SeqRecConfig(hidden=16, layers=1, heads=1), codes, 16, 12, use_id=False)
+    model = build_model(SeqRecConfig(hidden=16, layers=1, heads=1), codes, 16, 12)
     with pytest.raises(ValueError, match="tokens must lie"):
         pretrain(model, np.full((2, 12), 99), PretrainConfig(epochs=1), progress=False)
     assert pretrain(model, np.ones((2, 12), np.int64), PretrainConfig(strategy="none"), progress=False) is None
     rows = LeaveOneOutSplit(ds, 12).train_sequences(0, 1)
     res = pretrain(model, rows, PretrainConfig(strategy="mlm", epochs=1, batch_size=8), progress=False)
     assert res is not None and np.isfinite(res.history[0]["code_loss"])
+
+
+# ---------------------------------------------------------------------------- the paper's model
+def test_default_model_has_no_item_indexed_tensor_and_its_size_does_not_grow_with_the_catalogue():
+    small = build_model(SeqRecConfig(hidden=16, layers=1, heads=2), _codes(30), 8, 10)
+    large = build_model(SeqRecConfig(hidden=16, layers=1, heads=2), _codes(300), 8, 10)
+    assert small.item_indexed_parameters() == [] and small.head == "catalogue" and small.item_id == "none"
+    shapes = lambda m: {k: tuple(p.shape) for k, p in m.named_parameters()}  # noqa: E731
+    assert shapes(small) == shapes(large)
+    hybrid = _model(True)
+    assert set(hybrid.item_indexed_parameters()) == {"item_emb.weight", "item_bias"}
+    assert shapes(build_model(SeqRecConfig(hidden=16, layers=1, heads=2, item_id="input"), _codes(30), 8, 10)) != \
+        shapes(build_model(SeqRecConfig(hidden=16, layers=1, heads=2, item_id="input"), _codes(300), 8, 10))
+
+
+def test_catalogue_head_scores_are_the_log_softmax_over_composed_semantic_id_embeddings():
+    torch.manual_seed(0)
+    m = QBert4Rec(_codes(), num_codes=8, hidden=16, layers=2, heads=2, dropout=0.0, max_len=10, repeat_bias=True)
+    with torch.no_grad():  # non-zero prefix tables and repeat weight, so every term is exercised
+        m.prefix_out.normal_(0, 0.1)
+        m.prefix_out_bias.normal_(0, 0.1)
+        m.prefix_in.weight[:-1].normal_(0, 0.1)
+        m.repeat_raw.fill_(0.2)
+    m.eval()
+    hist = _tokens(B=4, L=9)
+    with torch.no_grad():
+        scores = m.score(hist)
+        inp = m.append_mask(hist)
+        q = m.out_transform(m(inp)[:, -1])
+        for b in range(4):
+            seen = {int(t) - 1 for t in inp[b] if 0 < int(t) <= m.num_items}
+            logits = []
+            for item in range(m.num_items):
+                c = m.codes[item]
+                vec = sum(m.code_out[lev, c[lev]] for lev in range(m.K))
+                bias = sum(m.code_bias[lev, c[lev]] for lev in range(m.K))
+                for j, n in enumerate(m.prefix_lengths):
+                    bucket = int(m.item_buckets[item, j])
+                    vec = vec + m.prefix_out[bucket]
+                    bias = bias + m.prefix_out_bias[bucket]
+                logits.append(float(q[b] @ vec + bias) + (2.0 if item in seen else 0.0))
+            torch.testing.assert_close(scores[b], torch.log_softmax(torch.tensor(logits), 0), atol=1e-4, rtol=1e-4)
+    assert torch.allclose(scores.exp().sum(1), torch.ones(4), atol=1e-4)  # a distribution over the catalogue's IDs
+    m.train()
+    tok = _tokens()
+    loss, logs = m.masked_loss(tok, masks.random_mask(tok != 0, 0.3, torch.Generator().manual_seed(0)))
+    assert set(logs) == {"code_loss", "item_loss"}
+    loss.backward()
+    for name in ("prefix_in.weight", "prefix_out", "prefix_out_bias", "code_out", "repeat_raw"):
+        assert dict(m.named_parameters())[name].grad.abs().sum() > 0, name
+
+
+def test_prefix_buckets_are_deterministic_shared_by_equal_prefixes_and_configurable():
+    from qbert.seqrec.qbert4rec import prefix_hash
+
+    codes = torch.tensor([[1, 2, 3], [1, 2, 4], [5, 2, 3]])
+    b = prefix_hash(codes, [2, 3], 1000)
+    assert b[0, 0] == b[1, 0] and b[0, 1] != b[1, 1] and b[0, 0] != b[2, 0]
+    assert torch.equal(b, prefix_hash(codes.clone(), [2, 3], 1000)) and int(b.max()) < 1000
+    assert prefix_hash(codes, [], 10).shape == (3, 0)
+    m = QBert4Rec(_codes(), num_codes=8, hidden=16, layers=1, heads=2, max_len=10, prefix_lengths=[], prefix_buckets=7)
+    assert m.prefix_in is None and m.prefix_out is None
+    with pytest.raises(ValueError, match="prefix_lengths"):
+        QBert4Rec(_codes(), num_codes=8, hidden=16, layers=1, heads=2, max_len=10, prefix_lengths=[1])
+    with pytest.raises(ValueError, match="item_id"):
+        QBert4Rec(_codes(), num_codes=8, hidden=16, layers=1, heads=2, max_len=10, item_id="yes")
+
+
+def _planted_cold_start(seed: int = 0):
+    """Items in 8 clusters (code 0 = cluster); sequences walk within one cluster. Items 0..7 of each
+    cluster are known, 8..9 new: no training row holds a new item; each test user's target is a new
+    item of its history's cluster."""
+    rng = np.random.default_rng(seed)
+    clusters, per = 8, 10
+    n = clusters * per
+    pairs = np.concatenate([rng.permutation(64)[:per] for _ in range(clusters)])  # distinct (c1, c2) per cluster
+    codes = np.stack([np.repeat(np.arange(clusters), per), pairs // 8, pairs % 8], 1)  # every code also a known item's
+    known = [np.arange(c * per, c * per + 8) for c in range(clusters)]
+    train = [[int(x) for x in rng.choice(known[c], int(rng.integers(4, 8)))] for c in rng.integers(0, clusters, 600)]
+    test_hist, test_tgt = [], []
+    for c in range(clusters):
+        for _ in range(10):
+            test_hist.append([int(x) + 1 for x in rng.choice(known[c], 5)])
+            test_tgt.append(c * per + 8 + int(rng.integers(0, 2)))
+    return codes, train, np.array(test_hist), np.array(test_tgt), n
+
+
+def test_new_items_are_ranked_well_by_the_semantic_id_model_and_not_by_the_item_id_model():
+    codes, train, hist, tgt, n = _planted_cold_start()
+    split = LeaveOneOutSplit(from_sequences("cold", train, n), 10)
+    hr = {}
+    for name, extra in {"semantic_ids": {}, "item_ids": {"item_id": "input_and_head", "head": "levels",
+                                                          "code_score_weight": 0.0}}.items():
+        torch.manual_seed(0)
+        model = build_model(SeqRecConfig(hidden=32, layers=1, heads=2, dropout=0.0, **extra), codes, 8, 10)
+        finetune(model, split, FinetuneConfig(epochs=15, batch_size=64, lr=3e-3, patience=0), seed=0, progress=False)
+        model.eval()
+        with torch.no_grad():
+            ranks = target_ranks(model.score(torch.as_tensor(hist)), torch.as_tensor(tgt))
+        hr[name] = float((ranks < 10).float().mean())
+    # 80 items, 2 new per cluster: the right cluster's new items are reachable only through their codes
+    assert hr["semantic_ids"] >= 0.8, hr
+    assert hr["item_ids"] <= 0.3, hr

@@ -23,6 +23,41 @@ def history_mask(hist: torch.Tensor, num_items: int, pad: int = 0, shift: int = 
 
 
 @torch.no_grad()
+def rank_targets(score_fn: ScoreFn, histories: np.ndarray, targets: np.ndarray, num_items: int,
+                 batch_size: int = 1024, protocols: tuple[str, ...] = ("kept",), history_pad: int = 0,
+                 history_shift: int = 0, device: torch.device | str = "cpu", progress: bool = False,
+                 desc: str = "eval") -> dict[str, torch.Tensor]:
+    """0-based rank of every user's target among all items, per protocol, in the users' order.
+
+    ``protocols``: ``"kept"`` ranks history items too (RecBole's full sort, the paper's);
+    ``"excluded"`` removes them (items stored as ``item + history_shift``, ``history_pad`` for
+    padding). Both come from one scoring pass. Users are scored in order of history length, so
+    each batch is trimmed to its own longest history rather than the longest overall.
+    """
+    unknown = set(protocols) - {"kept", "excluded"}
+    if unknown or not protocols:
+        raise ValueError(f"protocols must be a non-empty subset of ('kept', 'excluded'), got {protocols}")
+    device = torch.device(device)
+    hist_all = np.asarray(histories)
+    n = len(targets)
+    order = np.argsort((hist_all != history_pad).sum(axis=1), kind="stable") if n else np.zeros(0, np.int64)
+    ranks = {p: torch.zeros(n, dtype=torch.long) for p in protocols}
+    for lo in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False):
+        idx = order[lo : lo + batch_size]
+        hist = torch.as_tensor(hist_all[idx], device=device)
+        tgt = torch.as_tensor(np.asarray(targets)[idx], device=device)
+        scores = score_fn(hist)
+        if scores.shape != (len(tgt), num_items):
+            raise ValueError(f"score_fn returned shape {tuple(scores.shape)}, expected {(len(tgt), num_items)}")
+        where = torch.from_numpy(idx)
+        if "kept" in ranks:
+            ranks["kept"][where] = target_ranks(scores, tgt).cpu()
+        if "excluded" in ranks:
+            ranks["excluded"][where] = target_ranks(scores, tgt, history_mask(hist, num_items, history_pad,
+                                                                               history_shift)).cpu()
+    return ranks
+
+
 def evaluate_ranking(score_fn: ScoreFn, histories: np.ndarray, targets: np.ndarray, num_items: int,
                      batch_size: int = 1024, exclude_history: bool = False, history_pad: int = 0,
                      history_shift: int = 0, device: torch.device | str = "cpu",
@@ -30,22 +65,13 @@ def evaluate_ranking(score_fn: ScoreFn, histories: np.ndarray, targets: np.ndarr
     """Rank every item for every user; return HR@{1,5,10}, NDCG@{5,10} and the user count.
 
     ``score_fn`` maps a history batch [B, L] (as given) to scores [B, num_items].
-    With ``exclude_history`` the items of the history (stored as ``item + history_shift``,
-    ``history_pad`` for padding) are removed from the ranking; the default keeps them, as
-    RecBole's full-sort evaluation of sequential models does. Every user counts exactly once.
+    With ``exclude_history`` the items of the history are removed from the ranking; the
+    default keeps them, as RecBole's full-sort evaluation of sequential models does. Every
+    user counts exactly once.
     """
-    device = torch.device(device)
-    ranks = []
-    n = len(targets)
-    for lo in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False):
-        hist = torch.as_tensor(histories[lo : lo + batch_size], device=device)
-        tgt = torch.as_tensor(targets[lo : lo + batch_size], device=device)
-        scores = score_fn(hist)
-        if scores.shape != (len(tgt), num_items):
-            raise ValueError(f"score_fn returned shape {tuple(scores.shape)}, expected {(len(tgt), num_items)}")
-        exclude = history_mask(hist, num_items, history_pad, history_shift) if exclude_history else None
-        ranks.append(target_ranks(scores, tgt, exclude).cpu())
-    r = torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)
+    protocol = "excluded" if exclude_history else "kept"
+    r = rank_targets(score_fn, histories, targets, num_items, batch_size, (protocol,), history_pad,
+                     history_shift, device, progress, desc)[protocol]
     out = metrics_from_ranks(r)
     out["users"] = int(len(r))
     return out

@@ -530,8 +530,7 @@ def run_pipeline_on_ray(cfg: Any, out_dir: str | os.PathLike, *, scaling: RaySca
     import time
 
     from qbert import pipeline as P
-    from qbert.utils.io import atomic_write_json
-    from qbert.utils.runtime import git_commit, machine_info, pick_device, seed_everything
+    from qbert.utils.runtime import git_commit, seed_everything
 
     out = Path(out_dir).resolve()
     started = time.time()
@@ -568,23 +567,7 @@ def run_pipeline_on_ray(cfg: Any, out_dir: str | os.PathLike, *, scaling: RaySca
                                input_files=PIPELINE_STAGE_INPUTS[stage], per_rank_batch_keys=PIPELINE_BATCH_KEYS.get(stage, ()))
         reports[stage] = res.value
         timings[stage] = time.perf_counter() - t0
-    ft = dict(reports["finetune"])
-    history = ft.pop("history", [])
-    reports["finetune"] = ft
-    metrics = {"model": "qbert4rec", "test": ft["test"], "valid": ft["valid"], "best_epoch": ft["best_epoch"],
-               "epochs_run": ft["epochs_run"], "params": ft["params"], "stages": reports,
-               "timing": {"stage_seconds": timings, "total_seconds": time.time() - started,
-                          "eval_seconds_per_user": ft["eval_seconds_per_user"],
-                          "finetune_samples_per_s": ft["samples_per_second"]},
-               "history": history,
-               "ray": {"num_workers": (scaling or RayScalingConfig()).num_workers, "name": name}}
-    plots = []
-    if cfg.plots:
-        plots = P.write_plots(out, reports["fusion"], P.read_codes(out, data.all_items.num_items), cfg.quantize.sizes)
-    summary = {"git_commit": commit, "machine": machine_info(), "device": str(pick_device(cfg.device)),
-               "data": {"source": cfg.data.source, "fingerprint": data.target.fingerprint(), "stats": data.target.stats()},
-               "timings": {**timings, "total": time.time() - started}, "test": metrics["test"],
-               "valid": metrics["valid"], "plots": plots, "config": cfg.to_dict(), "ray": metrics["ray"]}
-    atomic_write_json(out / "metrics.json", metrics)
-    atomic_write_json(out / "summary.json", summary)
-    return metrics
+    reports["finetune"] = dict(reports["finetune"])
+    ray_info = {"ray": {"num_workers": (scaling or RayScalingConfig()).num_workers, "name": name}}
+    return P.finish_run(cfg, out, data, reports, timings, started, commit, extra=ray_info)
+

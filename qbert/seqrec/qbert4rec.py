@@ -4,35 +4,47 @@ Token convention (shared with the split's ``pad=0, shift=1`` views): 0 = padding
 1..N = catalogue items, N+1 = [MASK]. The model holds the catalogue's semantic-ID table
 ``codes`` [N, K] as a buffer; :meth:`QBert4Rec.set_catalogue` swaps it, which is how one
 encoder is pretrained over several domains (each with its own table, all sharing the code
-embeddings) and then fine-tuned on another.
+vocabulary) and then fine-tuned on another.
 
-Input of a position: the sum of its K code embeddings (one 256-entry table per level, plus
-two extra rows per level for padding and [MASK]) -- or, with ``combine="concat"``, their
-concatenation projected to ``hidden`` -- plus a learned position embedding, plus an item-ID
-embedding when the "id" modality is on. Summing keeps the input width independent of K and
-lets items sharing a code prefix share most of their representation.
+**The paper's model (``item_id="none"``, the default) holds no table indexed by item ID.**
+Every learned item-dependent parameter is indexed by a code token or by a hashed code prefix:
 
-Output at a position: K code distributions. Each level has its own projection of the hidden
-state (initialised to the identity, so the encoder gets full-strength gradients from the
-start), scored against that level's output code embeddings. These are untied from the input
-ones by default (``tie_codes``): tied, the unpredictable deeper levels pull the shared input
-embeddings towards their mean and training stalls for hundreds of steps before it learns any
-transition (measured on planted data; see tests/test_qbert4rec.py). The loss (Eq. 11) is the
-cross-entropy of the true code tokens at masked positions, averaged over levels; with the
-"id" modality an item-ID softmax (tied to the item embedding) is added.
+- input of a position: the sum of its K code embeddings (one 256-entry table per level, plus
+  two extra rows per level for padding and [MASK]) -- or, with ``combine="concat"``, their
+  concatenation projected to ``hidden`` -- plus the embeddings of its code prefixes of the
+  lengths in ``prefix_lengths`` (Singh et al. 2023's prefix n-grams; default 2..K-1), each
+  hashed into one shared table of ``prefix_buckets`` rows whose size does not grow with the
+  catalogue, plus a learned position embedding. The full K-code tuple is left out by default:
+  it is unique per item, so its embedding acts as an item ID and learns to push down items
+  never seen in training (on the planted cold-start test, new items' HR@10 falls from 0.875
+  to 0.0 with it);
+- output at a position (``head="catalogue"``, the default): a softmax over the catalogue's
+  semantic IDs, the logit of item i being ``<q(h), e_i> + b_i`` where ``e_i`` is composed the
+  same way from output code and prefix embeddings and ``b_i`` from per-code and per-prefix
+  biases. This is P(z_item | context) normalised over the semantic IDs that exist, the
+  quantity the inference rule ranks by (Sec. 3.6). ``head="levels"`` keeps the independent
+  per-level product prod_l p_l(c_l) instead (normalised over all C^K tuples, most of which
+  name no item): measured weaker, kept as an ablation (docs/method.md).
+
+The masked loss (Eq. 11) is the cross-entropy of the true code tokens at masked positions,
+averaged over levels (weighted by ``code_loss_weight``), plus, with the catalogue head, the
+cross-entropy of the true item's semantic ID against every catalogue semantic ID.
+
+Item IDs, the hybrid (a baseline, not the paper's model): ``item_id="input"`` adds an item-ID
+embedding to the input; ``"input_and_head"`` also trains an item-ID softmax tied to it and
+ranks by ``code_score_weight * code term + log p(item)``.
 
 With ``repeat_bias`` a learned scalar is added to the item logit of every item already visible
-in the sequence, in training (the unmasked items of the row) and at ranking (the history): the
-model learns from the training data how likely a repeat is, which a bidirectional encoder with
-tied item embeddings otherwise gets wrong (the [MASK] state resembles its context items, so
-history items score high). The evaluation protocol is unchanged: history items are still ranked.
+in the sequence, in training (the unmasked items of the row) and at ranking (the history); with
+``prefix_bias`` one per prefix length for items sharing a prefix with one. Both shift the item
+softmax (the item-ID head when there is one, else the catalogue head) and are not item-indexed.
 
-Ranking: put [MASK] after the history, take the K log-softmaxes there and score each item
-as w * sum_l log p_l(code_l(item)) (+ log p(item) with the id modality): a gather over the code
-table, [B, N] in one shot. ``code_score_weight`` w is 1 (the paper's plain sum) unless chosen on
-valid; the per-level distributions are independent, so their product is a smoothing prior
-over items that share codes, and how much of it helps next to the item softmax is an empirical
-question (``finetune.select_code_weight`` answers it on valid; docs/benchmarks.md has Instruments).
+Per-level output projections start at the identity, so the encoder gets full-strength gradients
+from the start; output code embeddings are untied from the input ones by default
+(``tie_codes``): tied, the unpredictable deeper levels pull the shared input embeddings towards
+their mean and training stalls (measured on planted data; see tests/test_qbert4rec.py).
+Prefix tables start at zero, so a prefix never seen in training (a new item's full tuple)
+contributes nothing rather than noise.
 """
 
 from __future__ import annotations
@@ -45,14 +57,35 @@ from qbert.seqrec.layers import TransformerEncoder, init_weights, trim_left_padd
 
 PAD = 0
 REPEAT_SCALE = 10.0  # repeat_weight = REPEAT_SCALE * repeat_raw, so Adam moves it ~10 x lr per step
+ITEM_ID_MODES = ("none", "input", "input_and_head")
+HEADS = ("catalogue", "levels")
+_HASH_MULT = 0x9E3779B97F4A7C15 - (1 << 64)  # 64-bit golden-ratio multiplier, as a signed int64
+
+
+def prefix_hash(codes: torch.Tensor, lengths: list[int], buckets: int) -> torch.Tensor:
+    """[N, K] code tuples -> [N, len(lengths)] bucket of each item's prefix of each length.
+
+    A deterministic multiply-xorshift hash of (length, c_1, ..., c_n) in int64 arithmetic, so
+    the bucket of a prefix is the same in every domain and every run (the vocabulary transfers).
+    """
+    codes = torch.as_tensor(codes, dtype=torch.long)
+    out = []
+    for n in lengths:
+        h = torch.full((codes.shape[0],), n, dtype=torch.long)
+        for level in range(n):
+            h = (h * _HASH_MULT + codes[:, level] + 1) & 0x7FFFFFFFFFFFFFFF
+            h = h ^ (h >> 29)
+        out.append(h % buckets)
+    return torch.stack(out, 1) if out else torch.zeros(codes.shape[0], 0, dtype=torch.long)
 
 
 class QBert4Rec(nn.Module):
     """Bidirectional encoder over semantic-ID item sequences."""
 
     def __init__(self, codes: torch.Tensor, num_codes: int = 256, hidden: int = 128, layers: int = 4,
-                 heads: int = 4, dropout: float = 0.2, max_len: int = 50, use_id: bool = False,
-                 combine: str = "sum", ffn_mult: int = 4, pre_ln: bool = False,
+                 heads: int = 4, dropout: float = 0.2, max_len: int = 50, item_id: str = "none",
+                 head: str = "catalogue", prefix_lengths: list[int] | None = None, prefix_buckets: int = 32768,
+                 code_loss_weight: float = 1.0, combine: str = "sum", ffn_mult: int = 4, pre_ln: bool = False,
                  level_sizes: list[int] | None = None, tie_codes: bool = False,
                  code_score_weight: float = 1.0, repeat_bias: bool = False, prefix_bias: bool = False) -> None:
         super().__init__()
@@ -61,20 +94,35 @@ class QBert4Rec(nn.Module):
             raise ValueError(f"codes must be a non-empty [num_items, K] table, got shape {tuple(codes.shape)}")
         if combine not in ("sum", "concat"):
             raise ValueError(f"combine must be 'sum' or 'concat', got {combine!r}")
+        if item_id not in ITEM_ID_MODES:
+            raise ValueError(f"item_id must be one of {ITEM_ID_MODES}, got {item_id!r}")
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+        self.K = int(codes.shape[1])
+        lengths = list(range(2, self.K)) if prefix_lengths is None else sorted(set(prefix_lengths))
+        if any(not 2 <= n <= self.K for n in lengths):
+            raise ValueError(f"prefix_lengths must lie in [2, {self.K}] (length 1 is the level-1 code), got {prefix_lengths}")
+        if prefix_buckets < 1:
+            raise ValueError(f"prefix_buckets must be >= 1, got {prefix_buckets}")
+        self.id_head = item_id == "input_and_head"
+        self.head = head
         for name, on in (("repeat_bias", repeat_bias), ("prefix_bias", prefix_bias)):
-            if on and not use_id:
-                raise ValueError(f"{name} needs the 'id' modality (it shifts the item softmax)")
+            if on and not self.item_softmax:
+                raise ValueError(f"{name} shifts an item softmax: it needs head='catalogue' or item_id='input_and_head'")
         if hidden % heads:
             raise ValueError(f"hidden ({hidden}) must be divisible by heads ({heads})")
-        self.K = int(codes.shape[1])
+        if code_score_weight < 0 or code_loss_weight < 0:
+            raise ValueError(f"code_score_weight and code_loss_weight must be >= 0, got {code_score_weight}, "
+                             f"{code_loss_weight}")
         self.C = int(num_codes)
         self.hidden = hidden
         self.max_len = max_len
-        self.use_id = use_id
+        self.item_id = item_id
         self.combine = combine
-        if code_score_weight < 0:
-            raise ValueError(f"code_score_weight must be >= 0, got {code_score_weight}")
         self.code_score_weight = float(code_score_weight)  # ranking only; not a parameter
+        self.code_loss_weight = float(code_loss_weight)
+        self.prefix_lengths = lengths
+        self.prefix_buckets = int(prefix_buckets)
         self.code_emb = nn.Embedding(self.K * (self.C + 2), hidden)  # level l uses rows [l*(C+2), (l+1)*(C+2))
         self.register_buffer("level_offset", torch.arange(self.K) * (self.C + 2), persistent=False)
         self.code_proj = nn.Linear(self.K * hidden, hidden) if combine == "concat" else None
@@ -86,6 +134,12 @@ class QBert4Rec(nn.Module):
         self.level_head = nn.Linear(hidden, self.K * hidden)
         self.code_bias = nn.Parameter(torch.zeros(self.K, self.C))
         self.code_out = None if tie_codes else nn.Parameter(torch.zeros(self.K, self.C, hidden))
+        # hashed prefix n-gram tables (row `prefix_buckets` = padding/[MASK], never trained)
+        P = len(lengths)
+        self.prefix_in = nn.Embedding(self.prefix_buckets + 1, hidden, padding_idx=self.prefix_buckets) if P else None
+        catalogue = head == "catalogue"
+        self.prefix_out = nn.Parameter(torch.zeros(self.prefix_buckets, hidden)) if P and catalogue else None
+        self.prefix_out_bias = nn.Parameter(torch.zeros(self.prefix_buckets)) if P and catalogue else None
         # levels with a smaller codebook than C never predict the codes they lack
         sizes = torch.as_tensor(level_sizes if level_sizes is not None else [self.C] * self.K)
         if sizes.shape != (self.K,) or bool((sizes < 1).any()) or bool((sizes > self.C).any()):
@@ -96,6 +150,8 @@ class QBert4Rec(nn.Module):
         init_weights(self)
         if self.code_out is not None:
             nn.init.normal_(self.code_out, std=0.02)
+        if self.prefix_in is not None:
+            nn.init.zeros_(self.prefix_in.weight)
         # learned logit shift of items already in the visible sequence (0 at start: no prior). A
         # scalar moves about lr per Adam step; the shift it needs is a few nats, so it is trained
         # as REPEAT_SCALE * a raw parameter (read it through ``repeat_weight``)
@@ -117,8 +173,13 @@ class QBert4Rec(nn.Module):
     def mask_token(self) -> int:
         return self.num_items + 1
 
+    @property
+    def item_softmax(self) -> bool:
+        """Whether training has a softmax over the catalogue (the catalogue head or the item-ID head)."""
+        return self.head == "catalogue" or self.id_head
+
     def set_catalogue(self, codes: torch.Tensor) -> None:
-        """Use a (new) semantic-ID table; re-creates the item-ID embedding when its size changes."""
+        """Use a (new) semantic-ID table; re-creates the item-ID embedding (hybrid only) when its size changes."""
         codes = torch.as_tensor(codes, dtype=torch.long)
         if codes.ndim != 2 or codes.shape[1] != self.K:
             raise ValueError(f"codes must be [num_items, {self.K}], got shape {tuple(codes.shape)}")
@@ -136,19 +197,28 @@ class QBert4Rec(nn.Module):
                              torch.zeros(0, n, dtype=torch.long, device=device), persistent=False)
         self.prefix_counts = [int(ids.max()) + 1 for ids in prefix]  # distinct prefixes per length
         self.register_buffer("token_codes", torch.cat([special[:1], codes, special[1:]]).to(device), persistent=False)
-        if self.use_id and (self.item_emb is None or self.item_emb.num_embeddings != n + 2):
+        buckets = prefix_hash(codes, self.prefix_lengths, self.prefix_buckets)  # [N, P]
+        blank = torch.full((1, buckets.shape[1]), self.prefix_buckets, dtype=torch.long)
+        self.register_buffer("item_buckets", buckets.to(device), persistent=False)
+        self.register_buffer("token_buckets", torch.cat([blank, buckets, blank]).to(device), persistent=False)
+        if self.item_id != "none" and (self.item_emb is None or self.item_emb.num_embeddings != n + 2):
             self.item_emb = nn.Embedding(n + 2, self.hidden, padding_idx=PAD).to(device)
             nn.init.normal_(self.item_emb.weight, std=0.02)
             with torch.no_grad():
                 self.item_emb.weight[PAD].zero_()
-            self.item_bias = nn.Parameter(torch.zeros(n, device=device))
+            self.item_bias = nn.Parameter(torch.zeros(n, device=device)) if self.id_head else None
 
     def catalogue_keys(self) -> set[str]:
         """State-dict keys that belong to a catalogue (not transferred across domains)."""
         keys = {"codes"}
-        if self.use_id:
+        if self.item_id != "none":
             keys |= {"item_emb.weight", "item_bias"}
         return keys
+
+    def item_indexed_parameters(self) -> list[str]:
+        """Names of learned tensors indexed by item ID (empty for the paper's model, item_id 'none')."""
+        return [name for name, p in self.named_parameters()
+                if p is self.item_bias or (self.item_emb is not None and p is self.item_emb.weight)]
 
     def load_encoder(self, state: dict[str, torch.Tensor], with_catalogue: bool = False) -> list[str]:
         """Load pretrained weights; catalogue-specific ones only when ``with_catalogue``.
@@ -166,6 +236,8 @@ class QBert4Rec(nn.Module):
         codes = self.token_codes[tokens] + self.level_offset  # [B, L, K]
         e = self.code_emb(codes)  # [B, L, K, H]
         x = self.code_proj(e.flatten(2)) if self.code_proj is not None else e.sum(dim=2)
+        if self.prefix_in is not None:
+            x = x + self.prefix_in(self.token_buckets[tokens]).sum(dim=2)
         if self.item_emb is not None:
             x = x + self.item_emb(tokens)
         L = tokens.shape[1]
@@ -178,27 +250,53 @@ class QBert4Rec(nn.Module):
         """tokens [B, L] -> hidden states [B, L, H]."""
         return self.encoder(self.embed(tokens), tokens == PAD)
 
+    def _code_table(self) -> torch.Tensor:
+        """Output code embeddings [K, C, H] (tied to the input ones with ``tie_codes``)."""
+        if self.code_out is not None:
+            return self.code_out
+        return self.code_emb.weight.view(self.K, self.C + 2, self.hidden)[:, : self.C]
+
     def code_logits(self, h: torch.Tensor) -> torch.Tensor:
-        """hidden [M, H] -> code logits [M, K, C] against the tied code embeddings."""
+        """hidden [M, H] -> per-level code logits [M, K, C]."""
         q = self.level_head(self.out_transform(h)).view(-1, self.K, self.hidden)
-        table = (self.code_emb.weight.view(self.K, self.C + 2, self.hidden)[:, : self.C]  # [K, C, H]
-                 if self.code_out is None else self.code_out)
-        logits = torch.einsum("mkh,kch->mkc", q, table) + self.code_bias
+        logits = torch.einsum("mkh,kch->mkc", q, self._code_table()) + self.code_bias
         return logits.masked_fill(~self.code_valid, -1e4)
 
-    def id_logits(self, h: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
-        """hidden [M, H] -> item logits [M, N] (tied to the item-ID embedding).
+    def item_vectors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Output embedding [N, H] and bias [N] of every catalogue item, composed from its codes
+        and hashed prefixes (no item-indexed parameter)."""
+        level = torch.arange(self.K, device=self.codes.device)
+        vec = self._code_table()[level, self.codes].sum(1)  # [N, H]
+        bias = self.code_bias[level, self.codes].sum(1)  # [N]
+        if self.prefix_out is not None:
+            vec = vec + self.prefix_out[self.item_buckets].sum(1)
+            bias = bias + self.prefix_out_bias[self.item_buckets].sum(1)
+        return vec, bias
 
-        ``visible`` [M, L]: the input tokens each row sees; with ``repeat_bias`` the items among
-        them get the learned shift ``repeat_weight``.
-        """
+    def catalogue_logits(self, h: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [M, H] -> logits [M, N] of every catalogue semantic ID (the catalogue head)."""
+        vec, bias = self.item_vectors()
+        return self._shift(self.out_transform(h) @ vec.T + bias, visible)
+
+    def id_logits(self, h: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [M, H] -> item logits [M, N] of the item-ID head (hybrid only, tied to the item-ID embedding)."""
         assert self.item_emb is not None and self.item_bias is not None
-        logits = self.out_transform(h) @ self.item_emb.weight[1 : self.num_items + 1].T + self.item_bias
-        if self.repeat_weight is not None and visible is not None:
+        return self._shift(self.out_transform(h) @ self.item_emb.weight[1 : self.num_items + 1].T + self.item_bias,
+                           visible)
+
+    def _shift(self, logits: torch.Tensor, visible: torch.Tensor | None) -> torch.Tensor:
+        """Add the repeat and prefix biases of the items visible in each row (``visible`` [M, L])."""
+        if visible is None:
+            return logits
+        if self.repeat_weight is not None:
             logits = logits + self.repeat_weight * self.seen_items(visible)
-        if self.prefix_raw is not None and visible is not None:
+        if self.prefix_raw is not None:
             logits = logits + self.seen_prefixes(visible)
         return logits
+
+    def item_logits(self, h: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
+        """The item softmax that the repeat/prefix biases shift: the ID head if any, else the catalogue head."""
+        return self.id_logits(h, visible) if self.id_head else self.catalogue_logits(h, visible)
 
     def seen_prefixes(self, visible: torch.Tensor) -> torch.Tensor:
         """[M, L] tokens -> [M, N]: sum over l of prefix_weight[l] * (item shares its first l + 1
@@ -234,16 +332,18 @@ class QBert4Rec(nn.Module):
 
     def masked_loss(self, tokens: torch.Tensor, mask: torch.Tensor,
                     label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
-        """Eq. (11): cross-entropy of the semantic-ID tokens of the masked items.
+        """Eq. (11): cross-entropy of the semantic IDs of the masked items.
 
-        ``tokens`` [B, L] are the original (unmasked) item tokens, ``mask`` [B, L] bool.
-        ``label_smoothing`` applies to the item-ID softmax only (it spreads that share of the
-        target over the whole catalogue); the code targets stay one-hot.
+        ``tokens`` [B, L] are the original (unmasked) item tokens, ``mask`` [B, L] bool. The loss
+        is ``code_loss_weight`` x the per-level code cross-entropy, plus the cross-entropy of the
+        item softmax (the catalogue head's semantic IDs, or the hybrid's item-ID head).
+        ``label_smoothing`` applies to that item softmax only; the code targets stay one-hot.
         """
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing}")
-        if label_smoothing and self.item_emb is None:
-            raise ValueError("label_smoothing needs the 'id' modality (it smooths the item softmax)")
+        if label_smoothing and not self.item_softmax:
+            raise ValueError("label_smoothing smooths an item softmax: it needs head='catalogue' or "
+                             "item_id='input_and_head'")
         if bool((mask & (tokens == PAD)).any()):
             raise ValueError("mask covers padding positions")
         keep = trim_left_padding(tokens).shape[1]  # columns that are padding in every row do no work
@@ -251,18 +351,18 @@ class QBert4Rec(nn.Module):
         items = tokens[mask] - 1  # [M] 0-based item ids
         inp = tokens.masked_fill(mask, self.mask_token)
         h = self(inp)[mask]  # [M, H]
-        rows = mask.nonzero()[:, 0]  # the row of each masked position
-        logits = self.code_logits(h)
-        target = self.codes[items]  # [M, K]
-        code_loss = F.cross_entropy(logits.reshape(-1, self.C), target.reshape(-1))
-        loss = code_loss
-        logs = {"code_loss": float(code_loss.detach())}
-        if self.item_emb is not None:
+        logs: dict[str, torch.Tensor] = {}
+        loss = h.new_zeros(())
+        if self.code_loss_weight > 0 or not self.item_softmax:
+            code_loss = F.cross_entropy(self.code_logits(h).reshape(-1, self.C), self.codes[items].reshape(-1))
+            loss = loss + (self.code_loss_weight if self.item_softmax else 1.0) * code_loss
+            logs["code_loss"] = code_loss.detach()
+        if self.item_softmax:
             biased = self.repeat_raw is not None or self.prefix_raw is not None
-            id_loss = F.cross_entropy(self.id_logits(h, inp[rows] if biased else None), items,
-                                      label_smoothing=label_smoothing)
-            loss = loss + id_loss
-            logs["id_loss"] = float(id_loss.detach())
+            visible = inp[mask.nonzero()[:, 0]] if biased else None  # the row each masked position sees
+            item_loss = F.cross_entropy(self.item_logits(h, visible), items, label_smoothing=label_smoothing)
+            loss = loss + item_loss
+            logs["id_loss" if self.id_head else "item_loss"] = item_loss.detach()
         return loss, logs
 
     # ------------------------------------------------------------------ ranking
@@ -281,16 +381,25 @@ class QBert4Rec(nn.Module):
         return F.log_softmax(self.code_logits(h), dim=-1), h, inp
 
     def score_parts(self, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(sum over levels of log p(code_l of item) [B, N], log p(item) [B, N] or None without id)."""
-        lp, h, inp = self.code_log_probs(history)
-        codes = lp[:, 0, self.codes[:, 0]]
-        for level in range(1, self.K):
-            codes = codes + lp[:, level, self.codes[:, level]]
-        ids = F.log_softmax(self.id_logits(h, inp), dim=-1) if self.item_emb is not None else None
+        """(log P(semantic ID of each item | history) [B, N], log p(item) of the item-ID head [B, N] or None).
+
+        The first part is the catalogue head's log-softmax over the catalogue's semantic IDs, or
+        with ``head="levels"`` the sum over levels of log p_l(code_l of item).
+        """
+        inp = self.append_mask(history)
+        h = self(inp)[:, -1]
+        if self.head == "catalogue":
+            codes = F.log_softmax(self.catalogue_logits(h, None if self.id_head else inp), dim=-1)
+        else:
+            lp = F.log_softmax(self.code_logits(h), dim=-1)
+            level = torch.arange(self.K, device=lp.device)
+            codes = lp[:, level, self.codes].sum(-1)  # [B, N]
+        ids = F.log_softmax(self.id_logits(h, inp), dim=-1) if self.id_head else None
         return codes, ids
 
     def score(self, history: torch.Tensor) -> torch.Tensor:
-        """Full-ranking scores [B, N]: code_score_weight * sum_l log p(code_l) (+ log p(item))."""
+        """Full-ranking scores [B, N]: log P(semantic ID | history); the hybrid adds log p(item) with
+        the semantic-ID term weighted by ``code_score_weight``."""
         codes, ids = self.score_parts(history)
         return codes if ids is None else self.code_score_weight * codes + ids
 

@@ -20,7 +20,7 @@ from pydantic import Field, field_validator
 
 from qbert.config import Config
 from qbert.data.split import LeaveOneOutSplit, windows
-from qbert.eval.evaluator import evaluate_ranking, history_mask
+from qbert.eval.evaluator import history_mask, rank_targets
 from qbert.eval.metrics import metrics_from_ranks, target_ranks
 from qbert.seqrec import masks
 from qbert.seqrec.batching import batch_indices
@@ -32,20 +32,31 @@ MaskFn = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 
 class SeqRecConfig(Config):
-    """The bidirectional encoder over semantic IDs (paper: 4 layers, 4 heads, dropout 0.2)."""
+    """The bidirectional encoder over semantic IDs (paper: 4 layers, 4 heads, dropout 0.2).
+
+    ``item_id`` none (the paper's model): items enter and leave the model only through their
+    semantic IDs; ``input`` / ``input_and_head``: the hybrid baseline with an item-ID embedding
+    (and an item-ID softmax). ``head``: how P(semantic ID | context) is estimated (see
+    :mod:`qbert.seqrec.qbert4rec`).
+    """
 
     hidden: int = Field(128, gt=0)
     layers: int = Field(4, ge=1)
     heads: int = Field(4, ge=1)
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
     ffn_mult: int = Field(4, ge=1)
+    item_id: Literal["none", "input", "input_and_head"] = "none"
+    head: Literal["catalogue", "levels"] = "catalogue"
+    prefix_lengths: list[int] | None = None  # hashed prefix n-grams; None = lengths 2..K-1, [] = none
+    prefix_buckets: int = Field(32768, ge=1)  # rows of the one shared prefix table (fixed; not the catalogue size)
+    code_loss_weight: float = Field(1.0, ge=0.0)  # the per-level code cross-entropy next to the item softmax
     combine: Literal["sum", "concat"] = "sum"  # how an item's K code embeddings become one vector
     pre_ln: bool = False  # post-LN (BERT/RecBole) by default
     tie_codes: bool = False  # output code embeddings = input ones; untied trains much faster here
-    code_score_weight: float = Field(1.0, ge=0.0)  # ranking weight of the semantic-ID term next to
-    # the item-ID term (with the id modality); 1 = the paper's plain sum of log-probabilities
-    repeat_bias: bool = False  # id modality: learn one logit shift for items already in the sequence
-    prefix_bias: bool = False  # id modality: and one per code-prefix length for items sharing a prefix with them
+    code_score_weight: float = Field(1.0, ge=0.0)  # hybrid (item_id input_and_head): ranking weight of
+    # the semantic-ID term next to the item-ID term
+    repeat_bias: bool = False  # learn one logit shift for items already in the sequence
+    prefix_bias: bool = False  # and one per code-prefix length for items sharing a prefix with them
 
 
 class ScheduleConfig(Config):
@@ -95,9 +106,9 @@ class FinetuneConfig(ScheduleConfig):
     eval_every: int = Field(1, ge=1)
     ema_decay: float = Field(0.0, ge=0.0, lt=1.0)  # > 0: validate, select and keep an EMA of the weights
     ema_ramp: float = Field(10.0, ge=1.0)  # decay at step t: min(ema_decay, (1 + t) / (ema_ramp + t)); see LoopConfig
-    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)  # of the item-ID softmax (id modality only)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)  # of the item softmax (catalogue or item-ID head)
     select_code_weight: list[float] = Field(default_factory=list)  # after training, re-rank valid
-    # with each ranking weight of the semantic-ID term and keep the best (id modality only; cheap:
+    # with each ranking weight of the semantic-ID term and keep the best (hybrid only; cheap:
     # the model runs once per user). Empty: keep model.code_score_weight
 
     @field_validator("select_code_weight")
@@ -109,15 +120,17 @@ class FinetuneConfig(ScheduleConfig):
 
 
 # ---------------------------------------------------------------------------- helpers
-def build_model(cfg: SeqRecConfig, codes: np.ndarray | torch.Tensor, num_codes: int | list[int], max_len: int,
-                use_id: bool) -> QBert4Rec:
+def build_model(cfg: SeqRecConfig, codes: np.ndarray | torch.Tensor, num_codes: int | list[int],
+                max_len: int) -> QBert4Rec:
     """``num_codes``: one codebook size, or one per level (the model uses the largest)."""
     sizes = list(num_codes) if isinstance(num_codes, (list, tuple)) else None
     return QBert4Rec(torch.as_tensor(np.asarray(codes), dtype=torch.long), num_codes=max(sizes) if sizes else num_codes,
                      hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads, dropout=cfg.dropout, max_len=max_len,
-                     use_id=use_id, combine=cfg.combine, ffn_mult=cfg.ffn_mult, pre_ln=cfg.pre_ln, level_sizes=sizes,
-                     tie_codes=cfg.tie_codes, code_score_weight=cfg.code_score_weight,
-                     repeat_bias=cfg.repeat_bias and use_id, prefix_bias=cfg.prefix_bias and use_id)
+                     item_id=cfg.item_id, head=cfg.head, prefix_lengths=cfg.prefix_lengths,
+                     prefix_buckets=cfg.prefix_buckets, code_loss_weight=cfg.code_loss_weight, combine=cfg.combine,
+                     ffn_mult=cfg.ffn_mult, pre_ln=cfg.pre_ln, level_sizes=sizes, tie_codes=cfg.tie_codes,
+                     code_score_weight=cfg.code_score_weight, repeat_bias=cfg.repeat_bias,
+                     prefix_bias=cfg.prefix_bias)
 
 
 def full_sequences(ds, max_len: int) -> np.ndarray:
@@ -192,19 +205,28 @@ def masked_step(model: QBert4Rec, batch: dict[str, torch.Tensor],
     return model.masked_loss(batch["tokens"], batch["mask"], label_smoothing)
 
 
-def evaluate_split(model: QBert4Rec, split: LeaveOneOutSplit, which: str, batch_size: int = 1024,
-                   device: torch.device | str = "cpu", exclude_history: bool = False) -> dict[str, float]:
-    """Full-ranking metrics of ``which`` in {'valid', 'test'} with the foundation's evaluator."""
+def split_ranks(model: QBert4Rec, split: LeaveOneOutSplit, which: str, batch_size: int = 1024,
+                device: torch.device | str = "cpu",
+                protocols: tuple[str, ...] = ("kept", "excluded")) -> dict[str, torch.Tensor]:
+    """Per-user 0-based target ranks of ``which`` in {'valid', 'test'} under each ranking protocol
+    (history items kept / excluded), from one scoring pass."""
     if model.num_items != split.num_items:
         raise ValueError(f"model catalogue has {model.num_items} items, split has {split.num_items}")
     was_training = model.training
     model.eval()
     try:
-        return evaluate_ranking(model.score, split.history(which, pad=0, shift=1), split.targets(which), split.num_items,
-                                batch_size=batch_size, exclude_history=exclude_history, history_pad=0,
-                                history_shift=1, device=device)
+        return rank_targets(model.score, split.history(which, pad=0, shift=1), split.targets(which), split.num_items,
+                            batch_size=batch_size, protocols=protocols, history_pad=0, history_shift=1, device=device)
     finally:
         model.train(was_training)
+
+
+def evaluate_split(model: QBert4Rec, split: LeaveOneOutSplit, which: str, batch_size: int = 1024,
+                   device: torch.device | str = "cpu", exclude_history: bool = False) -> dict[str, float]:
+    """Full-ranking metrics of ``which`` in {'valid', 'test'} with the foundation's evaluator."""
+    protocol = "excluded" if exclude_history else "kept"
+    r = split_ranks(model, split, which, batch_size, device, (protocol,))[protocol]
+    return {**metrics_from_ranks(r), "users": int(len(r))}
 
 
 @torch.no_grad()
@@ -219,8 +241,9 @@ def select_code_weight(model: QBert4Rec, split: LeaveOneOutSplit, weights: Seque
     """
     if not weights:
         raise ValueError("select_code_weight needs at least one weight")
-    if model.item_emb is None:
-        raise ValueError("select_code_weight needs the 'id' modality: without it the weight does not change the ranking")
+    if not model.id_head:
+        raise ValueError("select_code_weight needs the hybrid's item-ID head (model.item_id: input_and_head): "
+                         "without it the weight does not change the ranking")
     was_training = model.training
     model.eval()
     hist, tgt = split.history("valid", pad=0, shift=1), split.targets("valid")
