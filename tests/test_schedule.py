@@ -38,7 +38,8 @@ def test_a_stage_decays_to_the_floor_at_the_end_of_its_budget(stage, tmp_path):
     torch.manual_seed(0)
     ds, codes = _planted(num_users=90)
     split = LeaveOneOutSplit(ds, 12)
-    model = build_model(SeqRecConfig(hidden=16, layers=1, heads=2, dropout=0.0), codes, 16, 12, use_id=True)
+    model = build_model(SeqRecConfig(hidden=16, layers=1, heads=2, dropout=0.0, item_id="input_and_head", head="levels"),
+                        codes, 16, 12)
     kw = dict(epochs=3, batch_size=32, lr=2e-3, schedule="cosine", warmup_epochs=0.5, min_lr_ratio=0.1)
     if stage == "pretrain":  # rank 0 of 2: a step is a global batch of both ranks
         rows = split.train_sequences(0, 1)
