@@ -164,7 +164,7 @@ def quickstart_config() -> PipelineConfig:
         "fusion": {"dim": 64, "epochs": 20, "batch_size": 256},
         "quantize": {"levels": 3, "codebook_size": 32, "hidden": [128, 64], "code_dim": 16, "epochs": 60,
                      "batch_size": 256},
-        "model": {"hidden": 64, "layers": 2, "heads": 2, "dropout": 0.1},
+        "model": {"hidden": 64, "layers": 2, "heads": 2, "dropout": 0.1, "prefix_buckets": 1024},
         "pretrain": {"strategy": "multi", "epochs": 10, "batch_size": 128, "lr": 1e-3},
         "finetune": {"epochs": 40, "batch_size": 64, "lr": 1e-3, "patience": 5},
         "eval": {"exclude_history": False},
