@@ -16,7 +16,8 @@ Run directory::
     pretrain.pt               encoder after pretraining (absent for strategy "none")
     model.pt                  fine-tuned model (best valid epoch)
     checkpoints/<stage>/      last.pt of each stage (resume)
-    metrics.json              test/valid HR@1/5/10, NDCG@5/10 + per-stage reports
+    metrics.json              test/valid HR@1/5/10, NDCG@5/10 (both ranking protocols) + per-stage reports
+    test_ranks.parquet        user, target, 0-based test rank with history kept / excluded
     summary.json              git commit, data fingerprints, machine, timings, config
     plots/*.png               activated layers, codebook utilisation
 

@@ -8,7 +8,6 @@ import torch
 
 from qbert.data.dataset import from_sequences
 from qbert.data.split import LeaveOneOutSplit
-from qbert.eval.metrics import target_ranks
 from qbert.seqrec import masks
 from qbert.seqrec.qbert4rec import QBert4Rec
 from qbert.seqrec.stage import (FinetuneConfig, PretrainConfig, SeqRecConfig, build_model, evaluate_split, finetune,
@@ -412,38 +411,26 @@ def test_prefix_buckets_are_deterministic_shared_by_equal_prefixes_and_configura
         QBert4Rec(_codes(), num_codes=8, hidden=16, layers=1, heads=2, max_len=10, item_id="yes")
 
 
-def _planted_cold_start(seed: int = 0):
-    """Items in 8 clusters (code 0 = cluster); sequences walk within one cluster. Items 0..7 of each
-    cluster are known, 8..9 new: no training row holds a new item; each test user's target is a new
-    item of its history's cluster."""
-    rng = np.random.default_rng(seed)
-    clusters, per = 8, 10
-    n = clusters * per
-    pairs = np.concatenate([rng.permutation(64)[:per] for _ in range(clusters)])  # distinct (c1, c2) per cluster
-    codes = np.stack([np.repeat(np.arange(clusters), per), pairs // 8, pairs % 8], 1)  # every code also a known item's
-    known = [np.arange(c * per, c * per + 8) for c in range(clusters)]
-    train = [[int(x) for x in rng.choice(known[c], int(rng.integers(4, 8)))] for c in rng.integers(0, clusters, 600)]
-    test_hist, test_tgt = [], []
-    for c in range(clusters):
-        for _ in range(10):
-            test_hist.append([int(x) + 1 for x in rng.choice(known[c], 5)])
-            test_tgt.append(c * per + 8 + int(rng.integers(0, 2)))
-    return codes, train, np.array(test_hist), np.array(test_tgt), n
+def _cold_start_bench():
+    """benchmarks/prefix_cold_start.py, whose planted data and runner this test shares."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "prefix_cold_start.py"
+    spec = importlib.util.spec_from_file_location("bench_prefix_cold_start", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def test_new_items_are_ranked_well_by_the_semantic_id_model_and_not_by_the_item_id_model():
-    codes, train, hist, tgt, n = _planted_cold_start()
-    split = LeaveOneOutSplit(from_sequences("cold", train, n), 10)
-    hr = {}
-    for name, extra in {"semantic_ids": {}, "item_ids": {"item_id": "input_and_head", "head": "levels",
-                                                          "code_score_weight": 0.0}}.items():
-        torch.manual_seed(0)
-        model = build_model(SeqRecConfig(hidden=32, layers=1, heads=2, dropout=0.0, **extra), codes, 8, 10)
-        finetune(model, split, FinetuneConfig(epochs=15, batch_size=64, lr=3e-3, patience=0), seed=0, progress=False)
-        model.eval()
-        with torch.no_grad():
-            ranks = target_ranks(model.score(torch.as_tensor(hist)), torch.as_tensor(tgt))
-        hr[name] = float((ranks < 10).float().mean())
+    bench = _cold_start_bench()
+    base = {"hidden": 32, "layers": 1, "heads": 2, "dropout": 0.0}
+    hr = {name: float((bench.new_item_ranks(SeqRecConfig(**base, **extra), seed=0) < 10).float().mean())
+          for name, extra in {"semantic_ids": {}, "item_ids": {"item_id": "input_and_head", "head": "levels",
+                                                                "code_score_weight": 0.0}}.items()}
     # 80 items, 2 new per cluster: the right cluster's new items are reachable only through their codes
     assert hr["semantic_ids"] >= 0.8, hr
     assert hr["item_ids"] <= 0.3, hr

@@ -38,14 +38,14 @@ def rank_targets(score_fn: ScoreFn, histories: np.ndarray, targets: np.ndarray, 
     if unknown or not protocols:
         raise ValueError(f"protocols must be a non-empty subset of ('kept', 'excluded'), got {protocols}")
     device = torch.device(device)
-    hist_all = np.asarray(histories)
-    n = len(targets)
+    hist_all, tgt_all = np.asarray(histories), np.asarray(targets)
+    n = len(tgt_all)
     order = np.argsort((hist_all != history_pad).sum(axis=1), kind="stable") if n else np.zeros(0, np.int64)
     ranks = {p: torch.zeros(n, dtype=torch.long) for p in protocols}
     for lo in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False):
         idx = order[lo : lo + batch_size]
         hist = torch.as_tensor(hist_all[idx], device=device)
-        tgt = torch.as_tensor(np.asarray(targets)[idx], device=device)
+        tgt = torch.as_tensor(tgt_all[idx], device=device)
         scores = score_fn(hist)
         if scores.shape != (len(tgt), num_items):
             raise ValueError(f"score_fn returned shape {tuple(scores.shape)}, expected {(len(tgt), num_items)}")

@@ -24,7 +24,8 @@ Every learned item-dependent parameter is indexed by a code token or by a hashed
   biases. This is P(z_item | context) normalised over the semantic IDs that exist, the
   quantity the inference rule ranks by (Sec. 3.6). ``head="levels"`` keeps the independent
   per-level product prod_l p_l(c_l) instead (normalised over all C^K tuples, most of which
-  name no item): measured weaker, kept as an ablation (docs/method.md).
+  name no item), the estimate this code used before; the two are not yet compared on
+  Instruments (docs/method.md).
 
 The masked loss (Eq. 11) is the cross-entropy of the true code tokens at masked positions,
 averaged over levels (weighted by ``code_loss_weight``), plus, with the catalogue head, the
@@ -43,8 +44,9 @@ Per-level output projections start at the identity, so the encoder gets full-str
 from the start; output code embeddings are untied from the input ones by default
 (``tie_codes``): tied, the unpredictable deeper levels pull the shared input embeddings towards
 their mean and training stalls (measured on planted data; see tests/test_qbert4rec.py).
-Prefix tables start at zero, so a prefix never seen in training (a new item's full tuple)
-contributes nothing rather than noise.
+Prefix tables start at zero, so a prefix that no training step touches contributes nothing
+rather than noise (a prefix of an item that is only ever a negative in the item softmax is
+touched: that is why the full-length prefix is off by default).
 """
 
 from __future__ import annotations
