@@ -37,7 +37,8 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from qbert.baselines import BaselineConfig, Trainer, build_model, make_adam, run_baseline  # noqa: E402
+from qbert.baselines import BaselineConfig, Trainer, build_model, run_baseline  # noqa: E402
+from qbert.train.optim import build_optimizer  # noqa: E402
 from qbert.data.readers import read_source  # noqa: E402
 from qbert.data.split import LeaveOneOutSplit  # noqa: E402
 from qbert.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
@@ -60,7 +61,7 @@ def time_sasrec_epoch(dataset, mode: str, bucket: bool, seed: int, max_batches: 
     split = LeaveOneOutSplit(dataset, max_len=cfg.max_len)
     trainer = Trainer(cfg, split, torch.device("cpu"))
     model = build_model(cfg, split.num_items)
-    opt = make_adam(model, cfg.lr)
+    opt = build_optimizer(model, cfg.lr, kind="adam")
     model.train()
     n_batches = -(-len(trainer.inputs) // cfg.batch_size)
     targets = 0

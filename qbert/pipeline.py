@@ -54,6 +54,7 @@ from qbert.eval.metrics import metrics_from_ranks
 from qbert.seqrec.stage import (FinetuneConfig, PretrainConfig, SeqRecConfig, build_model, evaluate_split, finetune,
                                 full_sequences, pretrain, select_code_weight, split_ranks)
 from qbert.train.loop import Callback
+from qbert.train.optim import resolve_precision
 from qbert.utils.io import atomic_path, atomic_write_json
 from qbert.utils.runtime import git_commit, machine_info, pick_device, seed_everything
 
@@ -403,7 +404,8 @@ def run_finetune_stage(cfg: PipelineConfig, data: PipelineData, out_dir: str | P
     weights: dict[str, Any] = {}
     if cfg.finetune.select_code_weight:  # on valid only, before test is looked at (hybrid only)
         best, table = select_code_weight(model, split, cfg.finetune.select_code_weight, cfg.finetune.monitor,
-                                         cfg.eval.batch_size, device, cfg.eval.exclude_history)
+                                         cfg.eval.batch_size, device, cfg.eval.exclude_history,
+                                         cfg.finetune.precision)
         valid = {k: table[best][k] for k in METRIC_KEYS}
         weights = {"code_score_weight": best, "code_weight_valid": {str(w): m for w, m in table.items()}}
         log.info("ranking weight of the semantic-ID term chosen on valid: %g (%s %.4f)", best,
@@ -414,11 +416,11 @@ def run_finetune_stage(cfg: PipelineConfig, data: PipelineData, out_dir: str | P
         weights["prefix_weight"] = [float(w) for w in model.prefix_weight.detach()]
     t0 = time.perf_counter()
     protocols = ("kept", "excluded")
-    valid_ranks = split_ranks(model, split, "valid", cfg.eval.batch_size, device, protocols)
+    valid_ranks = split_ranks(model, split, "valid", cfg.eval.batch_size, device, protocols, cfg.finetune.precision)
     by_protocol = {"valid": {PROTOCOL_KEYS[p]: metrics_from_ranks(r) for p, r in valid_ranks.items()}}
     test: dict[str, float] = {}
     if cfg.eval.test:
-        test_ranks = split_ranks(model, split, "test", cfg.eval.batch_size, device, protocols)
+        test_ranks = split_ranks(model, split, "test", cfg.eval.batch_size, device, protocols, cfg.finetune.precision)
         by_protocol["test"] = {PROTOCOL_KEYS[p]: metrics_from_ranks(r) for p, r in test_ranks.items()}
         test = by_protocol["test"][PROTOCOL_KEYS["excluded" if cfg.eval.exclude_history else "kept"]]
         write_ranks(out / "test_ranks.parquet", split, "test", test_ranks)
@@ -609,7 +611,7 @@ def evaluate_run(run_dir: str | Path, which: str = "test", exclude_history: bool
                         f"{run_dir} was trained on ({trained_on}); evaluate on the data the model was trained on")
     split = LeaveOneOutSplit(data.target, cfg.data.max_len)
     excl = cfg.eval.exclude_history if exclude_history is None else exclude_history
-    res = evaluate_split(model, split, which, cfg.eval.batch_size, device, excl)
+    res = evaluate_split(model, split, which, cfg.eval.batch_size, device, excl, cfg.finetune.precision)
     return {**{k: res[k] for k in METRIC_KEYS}, "users": res.get("users"), "exclude_history": excl,
             "code_score_weight": model.code_score_weight}
 
@@ -692,6 +694,8 @@ def finish_run(cfg: PipelineConfig, out: Path, data: PipelineData, reports: dict
         "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "machine": machine_info(),
         "device": str(pick_device(cfg.device)),
+        "precision": {s: resolve_precision(getattr(cfg, s).precision, pick_device(cfg.device))
+                      for s in ("pretrain", "finetune")},  # what "auto" resolved to on this machine
         "data": {"source": cfg.data.source, "fingerprint": data.target.fingerprint(), "stats": data.target.stats(),
                  "pretrain_sources": [{"source": s, "fingerprint": d.fingerprint(), "stats": d.stats()}
                                       for s, d in zip(cfg.pretrain_sources, data.sources)]},

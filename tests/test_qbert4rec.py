@@ -350,22 +350,28 @@ def test_default_model_has_no_item_indexed_tensor_and_its_size_does_not_grow_wit
     small = build_model(SeqRecConfig(hidden=16, layers=1, heads=2), _codes(30), 8, 10)
     large = build_model(SeqRecConfig(hidden=16, layers=1, heads=2), _codes(300), 8, 10)
     assert small.item_indexed_parameters() == [] and small.head == "catalogue" and small.item_id == "none"
-    shapes = lambda m: {k: tuple(p.shape) for k, p in m.named_parameters()}  # noqa: E731
+    # what the model is (its saved tensors, less the catalogue's own code table) has one shape for
+    # every catalogue size; the prefix rows it trains are the catalogue's share of fixed-size tables
+    shapes = lambda m: {k: tuple(p.shape) for k, p in m.state_dict().items() if k not in m.catalogue_keys()}  # noqa: E731
     assert shapes(small) == shapes(large)
+    trained = lambda m: {k: tuple(p.shape) for k, p in m.named_parameters() if not k.startswith("prefix.")}  # noqa: E731
+    assert trained(small) == trained(large)
+    for m in (small, large):
+        assert m.prefix.out.shape[0] == len(torch.unique(m.item_buckets)) <= m.prefix_buckets
     hybrid = _model(True)
     assert set(hybrid.item_indexed_parameters()) == {"item_emb.weight", "item_bias"}
-    assert shapes(build_model(SeqRecConfig(hidden=16, layers=1, heads=2, item_id="input"), _codes(30), 8, 10)) != \
-        shapes(build_model(SeqRecConfig(hidden=16, layers=1, heads=2, item_id="input"), _codes(300), 8, 10))
+    assert trained(build_model(SeqRecConfig(hidden=16, layers=1, heads=2, item_id="input"), _codes(30), 8, 10)) != \
+        trained(build_model(SeqRecConfig(hidden=16, layers=1, heads=2, item_id="input"), _codes(300), 8, 10))
 
 
 def test_catalogue_head_scores_are_the_log_softmax_over_composed_semantic_id_embeddings():
     torch.manual_seed(0)
     m = QBert4Rec(_codes(), num_codes=8, hidden=16, layers=2, heads=2, dropout=0.0, max_len=10, repeat_bias=True)
-    with torch.no_grad():  # non-zero prefix tables and repeat weight, so every term is exercised
-        m.prefix_out.normal_(0, 0.1)
-        m.prefix_out_bias.normal_(0, 0.1)
-        m.prefix_in.weight[:-1].normal_(0, 0.1)
-        m.repeat_raw.fill_(0.2)
+    state = m.state_dict()  # non-zero prefix tables and repeat weight, so every term is exercised
+    for name in ("prefix.inp_table", "prefix.out_table", "prefix.out_bias_table"):
+        state[name].normal_(0, 0.1)
+    state["repeat_raw"].fill_(0.2)
+    m.load_state_dict(state)  # loading refreshes the compact trained rows from the tables
     m.eval()
     hist = _tokens(B=4, L=9)
     with torch.no_grad():
@@ -381,8 +387,8 @@ def test_catalogue_head_scores_are_the_log_softmax_over_composed_semantic_id_emb
                 bias = sum(m.code_bias[lev, c[lev]] for lev in range(m.K))
                 for j, n in enumerate(m.prefix_lengths):
                     bucket = int(m.item_buckets[item, j])
-                    vec = vec + m.prefix_out[bucket]
-                    bias = bias + m.prefix_out_bias[bucket]
+                    vec = vec + state["prefix.out_table"][bucket]
+                    bias = bias + state["prefix.out_bias_table"][bucket]
                 logits.append(float(q[b] @ vec + bias) + (2.0 if item in seen else 0.0))
             torch.testing.assert_close(scores[b], torch.log_softmax(torch.tensor(logits), 0), atol=1e-4, rtol=1e-4)
     assert torch.allclose(scores.exp().sum(1), torch.ones(4), atol=1e-4)  # a distribution over the catalogue's IDs
@@ -391,8 +397,9 @@ def test_catalogue_head_scores_are_the_log_softmax_over_composed_semantic_id_emb
     loss, logs = m.masked_loss(tok, masks.random_mask(tok != 0, 0.3, torch.Generator().manual_seed(0)))
     assert set(logs) == {"code_loss", "item_loss"}
     loss.backward()
-    for name in ("prefix_in.weight", "prefix_out", "prefix_out_bias", "code_out", "repeat_raw"):
+    for name in ("prefix.inp", "prefix.out", "prefix.out_bias", "code_out", "repeat_raw"):
         assert dict(m.named_parameters())[name].grad.abs().sum() > 0, name
+    assert float(m.prefix.inp.grad[m.prefix.blank].abs().sum()) == 0  # padding/[MASK] row never trains
 
 
 def test_prefix_buckets_are_deterministic_shared_by_equal_prefixes_and_configurable():
@@ -404,7 +411,7 @@ def test_prefix_buckets_are_deterministic_shared_by_equal_prefixes_and_configura
     assert torch.equal(b, prefix_hash(codes.clone(), [2, 3], 1000)) and int(b.max()) < 1000
     assert prefix_hash(codes, [], 10).shape == (3, 0)
     m = QBert4Rec(_codes(), num_codes=8, hidden=16, layers=1, heads=2, max_len=10, prefix_lengths=[], prefix_buckets=7)
-    assert m.prefix_in is None and m.prefix_out is None
+    assert m.prefix is None
     with pytest.raises(ValueError, match="prefix_lengths"):
         QBert4Rec(_codes(), num_codes=8, hidden=16, layers=1, heads=2, max_len=10, prefix_lengths=[1])
     with pytest.raises(ValueError, match="item_id"):

@@ -19,6 +19,7 @@ from qbert.fusion.config import FEATURE_MODALITIES, FusionConfig
 from qbert.fusion.losses import fusion_loss
 from qbert.fusion.modules import FusionModel
 from qbert.train import Callback, FitResult, LoopConfig, fit
+from qbert.train.optim import build_optimizer
 from qbert.utils.io import atomic_path, atomic_write_json
 from qbert.utils.runtime import pick_device, seed_everything
 
@@ -125,7 +126,7 @@ def train_fusion(features: Mapping[str, Any], cfg: FusionConfig, loop_cfg: LoopC
     loop_cfg = loop_cfg or default_loop_config(cfg)
     fit_result = None
     if model.transformer is not None and loop_cfg.epochs > 0:
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = build_optimizer(model, cfg.lr, cfg.weight_decay)
         bs = min(cfg.batch_size, n)
 
         def batches(epoch: int):

@@ -16,6 +16,7 @@ from qbert.quantize.reallocate import ReallocationInfo, collision_rate, realloca
 from qbert.quantize.rqvae import RQVAE
 from qbert.quantize.semantic_ids import write_semantic_ids
 from qbert.train import Callback, FitResult, LoopConfig, fit
+from qbert.train.optim import build_optimizer
 from qbert.utils.io import atomic_path, atomic_write_json
 from qbert.utils.runtime import pick_device, seed_everything
 
@@ -87,7 +88,7 @@ def train_rqvae(embeddings: np.ndarray, cfg: QuantizeConfig, loop_cfg: LoopConfi
     loop_cfg = loop_cfg or default_loop_config(cfg)
     fit_result = None
     if loop_cfg.epochs > 0:
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = build_optimizer(model, cfg.lr, cfg.weight_decay)
         bs = min(cfg.batch_size, n)
         reseeded: list[list[int]] = []
 

@@ -43,12 +43,15 @@ class MultiHeadSelfAttention(nn.Module):
         self.out = nn.Linear(hidden, hidden)
         self.attn_dropout = attn_dropout
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, L, H] -> [B, L, H]; with ``keep`` [B, L] bool, only the kept positions' outputs [M, H]
+        (the output projection then runs on those rows alone)."""
         B, L, H = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.heads, H // self.heads).permute(2, 0, 3, 1, 4)
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                              dropout_p=self.attn_dropout if self.training else 0.0)
-        return self.out(ctx.transpose(1, 2).reshape(B, L, H))
+        ctx = ctx.transpose(1, 2).reshape(B, L, H)
+        return self.out(ctx if keep is None else ctx[keep])
 
 
 class TransformerBlock(nn.Module):
@@ -64,11 +67,15 @@ class TransformerBlock(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.pre_ln = pre_ln
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, L, H] -> [B, L, H], or with ``keep`` [B, L] bool the kept positions' outputs [M, H]:
+        every position is still a key and value, but the output projection, residual and FFN run
+        on the kept rows only (exact: a position's output depends on the others only through attention)."""
+        res = x if keep is None else x[keep]
         if self.pre_ln:
-            x = x + self.drop(self.attn(self.ln1(x), mask))
+            x = res + self.drop(self.attn(self.ln1(x), mask, keep))
             return x + self.drop(self.ffn(self.ln2(x)))
-        x = self.ln1(x + self.drop(self.attn(x, mask)))
+        x = self.ln1(res + self.drop(self.attn(x, mask, keep)))
         return self.ln2(x + self.drop(self.ffn(x)))
 
 
@@ -91,10 +98,13 @@ class TransformerEncoder(nn.Module):
         ])
         self.final_ln = nn.LayerNorm(hidden, eps=eps) if pre_ln else nn.Identity()
 
-    def forward(self, x: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pad_mask: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """``keep`` [B, L] bool: return only those positions' outputs [M, H] (row-major order, as
+        ``out[keep]``); the last block then does its per-position work on them alone."""
         mask = attention_mask(pad_mask, self.causal)
-        for block in self.blocks:
-            x = block(x, mask)
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask, keep if i == last else None)
         return self.final_ln(x)
 
 

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from qbert.train.optim import build_optimizer
+
 MaskFn = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 
@@ -90,7 +92,7 @@ def training_throughput(model: nn.Module, rows: torch.Tensor, mask_fn: MaskFn, b
         raise ValueError("training_throughput needs at least one row")
     m = copy.deepcopy(model).train()
     dev = _device(m)
-    opt = torch.optim.AdamW(m.parameters(), lr=lr)
+    opt = build_optimizer(m, lr)
     rows_np = rows.cpu().numpy() if isinstance(rows, torch.Tensor) else rows
     epoch = masked_batches(rows_np, batch_size, mask_fn, seed, dev, bucket=bucket)
 

@@ -56,31 +56,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from qbert.seqrec.layers import TransformerEncoder, init_weights, trim_left_padding
+from qbert.seqrec.prefix_tables import PrefixTables, prefix_hash
+
+__all__ = ["QBert4Rec", "prefix_hash", "count_parameters"]
 
 PAD = 0
 REPEAT_SCALE = 10.0  # repeat_weight = REPEAT_SCALE * repeat_raw, so Adam moves it ~10 x lr per step
 ITEM_ID_MODES = ("none", "input", "input_and_head")
 HEADS = ("catalogue", "levels")
-_HASH_MULT = 0x9E3779B97F4A7C15 - (1 << 64)  # 64-bit golden-ratio multiplier, as a signed int64
-
-
-def prefix_hash(codes: torch.Tensor, lengths: list[int], buckets: int) -> torch.Tensor:
-    """[N, K] code tuples -> [N, len(lengths)] bucket of each item's prefix of each length.
-
-    A deterministic multiply-xorshift hash of (length, c_1, ..., c_n) in int64 arithmetic, so
-    the bucket of a prefix is the same in every domain and every run (the vocabulary transfers).
-    """
-    codes = torch.as_tensor(codes, dtype=torch.long)
-    out = []
-    for n in lengths:
-        h = torch.full((codes.shape[0],), n, dtype=torch.long)
-        for level in range(n):
-            h = (h * _HASH_MULT + codes[:, level] + 1) & 0x7FFFFFFFFFFFFFFF
-            h = h ^ (h >> 29)
-        out.append(h % buckets)
-    return torch.stack(out, 1) if out else torch.zeros(codes.shape[0], 0, dtype=torch.long)
-
-
 class QBert4Rec(nn.Module):
     """Bidirectional encoder over semantic-ID item sequences."""
 
@@ -136,12 +119,8 @@ class QBert4Rec(nn.Module):
         self.level_head = nn.Linear(hidden, self.K * hidden)
         self.code_bias = nn.Parameter(torch.zeros(self.K, self.C))
         self.code_out = None if tie_codes else nn.Parameter(torch.zeros(self.K, self.C, hidden))
-        # hashed prefix n-gram tables (row `prefix_buckets` = padding/[MASK], never trained)
-        P = len(lengths)
-        self.prefix_in = nn.Embedding(self.prefix_buckets + 1, hidden, padding_idx=self.prefix_buckets) if P else None
-        catalogue = head == "catalogue"
-        self.prefix_out = nn.Parameter(torch.zeros(self.prefix_buckets, hidden)) if P and catalogue else None
-        self.prefix_out_bias = nn.Parameter(torch.zeros(self.prefix_buckets)) if P and catalogue else None
+        # hashed prefix n-gram tables of a fixed size; training touches the rows the catalogue uses
+        self.prefix = PrefixTables(self.prefix_buckets, hidden, with_out=head == "catalogue") if lengths else None
         # levels with a smaller codebook than C never predict the codes they lack
         sizes = torch.as_tensor(level_sizes if level_sizes is not None else [self.C] * self.K)
         if sizes.shape != (self.K,) or bool((sizes < 1).any()) or bool((sizes > self.C).any()):
@@ -152,8 +131,6 @@ class QBert4Rec(nn.Module):
         init_weights(self)
         if self.code_out is not None:
             nn.init.normal_(self.code_out, std=0.02)
-        if self.prefix_in is not None:
-            nn.init.zeros_(self.prefix_in.weight)
         # learned logit shift of items already in the visible sequence (0 at start: no prior). A
         # scalar moves about lr per Adam step; the shift it needs is a few nats, so it is trained
         # as REPEAT_SCALE * a raw parameter (read it through ``repeat_weight``)
@@ -199,10 +176,13 @@ class QBert4Rec(nn.Module):
                              torch.zeros(0, n, dtype=torch.long, device=device), persistent=False)
         self.prefix_counts = [int(ids.max()) + 1 for ids in prefix]  # distinct prefixes per length
         self.register_buffer("token_codes", torch.cat([special[:1], codes, special[1:]]).to(device), persistent=False)
-        buckets = prefix_hash(codes, self.prefix_lengths, self.prefix_buckets)  # [N, P]
-        blank = torch.full((1, buckets.shape[1]), self.prefix_buckets, dtype=torch.long)
+        buckets = prefix_hash(codes, self.prefix_lengths, self.prefix_buckets)  # [N, P] rows of the fixed tables
         self.register_buffer("item_buckets", buckets.to(device), persistent=False)
-        self.register_buffer("token_buckets", torch.cat([blank, buckets, blank]).to(device), persistent=False)
+        rows = self.prefix.bind(buckets) if self.prefix is not None else buckets  # [N, P] compact trained rows
+        blank = torch.full((1, buckets.shape[1]), self.prefix.blank if self.prefix is not None else 0, dtype=torch.long)
+        self.register_buffer("item_prefix_rows", rows.to(device), persistent=False)
+        self.register_buffer("token_prefix_rows", torch.cat([blank, rows.cpu(), blank]).to(device), persistent=False)
+        self.register_buffer("item_code_rows", (codes + torch.arange(self.K) * self.C).to(device), persistent=False)
         if self.item_id != "none" and (self.item_emb is None or self.item_emb.num_embeddings != n + 2):
             self.item_emb = nn.Embedding(n + 2, self.hidden, padding_idx=PAD).to(device)
             nn.init.normal_(self.item_emb.weight, std=0.02)
@@ -236,10 +216,12 @@ class QBert4Rec(nn.Module):
     # ------------------------------------------------------------------ forward
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         codes = self.token_codes[tokens] + self.level_offset  # [B, L, K]
-        e = self.code_emb(codes)  # [B, L, K, H]
-        x = self.code_proj(e.flatten(2)) if self.code_proj is not None else e.sum(dim=2)
-        if self.prefix_in is not None:
-            x = x + self.prefix_in(self.token_buckets[tokens]).sum(dim=2)
+        if self.code_proj is not None:
+            x = self.code_proj(self.code_emb(codes).flatten(2))
+        else:  # sums as embedding bags: no [B, L, K, H] intermediate, and a cheaper backward
+            x = _bag(codes, self.code_emb.weight)
+        if self.prefix is not None:
+            x = x + _bag(self.token_prefix_rows[tokens], self.prefix.inp, self.prefix.blank)
         if self.item_emb is not None:
             x = x + self.item_emb(tokens)
         L = tokens.shape[1]
@@ -248,9 +230,16 @@ class QBert4Rec(nn.Module):
         x = x + self.pos_emb.weight[self.max_len - L :].unsqueeze(0)  # right-aligned positions
         return self.in_drop(self.in_norm(x))
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [B, L] -> hidden states [B, L, H]."""
-        return self.encoder(self.embed(tokens), tokens == PAD)
+    def forward(self, tokens: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [B, L] -> hidden states [B, L, H]; with ``keep`` [B, L] bool only the kept
+        positions' states [M, H] (= ``forward(tokens)[keep]``, with less work in the last block)."""
+        return self.encoder(self.embed(tokens), tokens == PAD, keep)
+
+    def last_hidden(self, inp: torch.Tensor) -> torch.Tensor:
+        """[B, L] model input -> [B, H] hidden state at the last position (where ranking puts [MASK])."""
+        keep = torch.zeros_like(inp, dtype=torch.bool)
+        keep[:, -1] = True
+        return self(inp, keep)
 
     def _code_table(self) -> torch.Tensor:
         """Output code embeddings [K, C, H] (tied to the input ones with ``tie_codes``)."""
@@ -267,12 +256,14 @@ class QBert4Rec(nn.Module):
     def item_vectors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Output embedding [N, H] and bias [N] of every catalogue item, composed from its codes
         and hashed prefixes (no item-indexed parameter)."""
-        level = torch.arange(self.K, device=self.codes.device)
-        vec = self._code_table()[level, self.codes].sum(1)  # [N, H]
-        bias = self.code_bias[level, self.codes].sum(1)  # [N]
-        if self.prefix_out is not None:
-            vec = vec + self.prefix_out[self.item_buckets].sum(1)
-            bias = bias + self.prefix_out_bias[self.item_buckets].sum(1)
+        # embedding look-ups rather than advanced indexing: their backward is an index_add into the
+        # table, several times faster on CPU than index_put's accumulate (measured, #21)
+        flat = self.item_code_rows  # [N, K] rows of the flattened [K * C] code tables
+        vec = _bag(flat, self._code_table().reshape(self.K * self.C, self.hidden))  # [N, H]
+        bias = _bag(flat, self.code_bias.view(-1, 1))[:, 0]  # [N]
+        if self.prefix is not None and self.prefix.with_out:
+            vec = vec + _bag(self.item_prefix_rows, self.prefix.out)
+            bias = bias + _bag(self.item_prefix_rows, self.prefix.out_bias.view(-1, 1))[:, 0]
         return vec, bias
 
     def catalogue_logits(self, h: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
@@ -352,7 +343,7 @@ class QBert4Rec(nn.Module):
         tokens, mask = tokens[:, tokens.shape[1] - keep :], mask[:, mask.shape[1] - keep :]
         items = tokens[mask] - 1  # [M] 0-based item ids
         inp = tokens.masked_fill(mask, self.mask_token)
-        h = self(inp)[mask]  # [M, H]
+        h = self(inp, keep=mask)  # [M, H]
         logs: dict[str, torch.Tensor] = {}
         loss = h.new_zeros(())
         if self.code_loss_weight > 0 or not self.item_softmax:
@@ -379,8 +370,10 @@ class QBert4Rec(nn.Module):
     def code_log_probs(self, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(code log-probs [B, K, C], hidden at the [MASK] [B, H], the model's input [B, L'])."""
         inp = self.append_mask(history)
-        h = self(inp)[:, -1]
-        return F.log_softmax(self.code_logits(h), dim=-1), h, inp
+        h = self.last_hidden(inp)
+        with _full_precision(h):
+            h = h.float()
+            return F.log_softmax(self.code_logits(h), dim=-1), h, inp
 
     def score_parts(self, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(log P(semantic ID of each item | history) [B, N], log p(item) of the item-ID head [B, N] or None).
@@ -389,14 +382,16 @@ class QBert4Rec(nn.Module):
         with ``head="levels"`` the sum over levels of log p_l(code_l of item).
         """
         inp = self.append_mask(history)
-        h = self(inp)[:, -1]
-        if self.head == "catalogue":
-            codes = F.log_softmax(self.catalogue_logits(h, None if self.id_head else inp), dim=-1)
-        else:
-            lp = F.log_softmax(self.code_logits(h), dim=-1)
-            level = torch.arange(self.K, device=lp.device)
-            codes = lp[:, level, self.codes].sum(-1)  # [B, N]
-        ids = F.log_softmax(self.id_logits(h, inp), dim=-1) if self.id_head else None
+        h = self.last_hidden(inp)
+        with _full_precision(h):  # the encoder may run in bf16; scores are ranked in fp32 (no ties from rounding)
+            h = h.float()
+            if self.head == "catalogue":
+                codes = F.log_softmax(self.catalogue_logits(h, None if self.id_head else inp), dim=-1)
+            else:
+                lp = F.log_softmax(self.code_logits(h), dim=-1)
+                level = torch.arange(self.K, device=lp.device)
+                codes = lp[:, level, self.codes].sum(-1)  # [B, N]
+            ids = F.log_softmax(self.id_logits(h, inp), dim=-1) if self.id_head else None
         return codes, ids
 
     def score(self, history: torch.Tensor) -> torch.Tensor:
@@ -404,6 +399,18 @@ class QBert4Rec(nn.Module):
         the semantic-ID term weighted by ``code_score_weight``."""
         codes, ids = self.score_parts(history)
         return codes if ids is None else self.code_score_weight * codes + ids
+
+
+def _bag(rows: torch.Tensor, table: torch.Tensor, padding_idx: int | None = None) -> torch.Tensor:
+    """[..., n] row indices -> [..., H]: the sum of those rows of ``table`` [R, H] (an embedding bag;
+    ``padding_idx`` rows count as zero)."""
+    out = F.embedding_bag(rows.reshape(-1, rows.shape[-1]), table, mode="sum", padding_idx=padding_idx)
+    return out.view(*rows.shape[:-1], table.shape[1])
+
+
+def _full_precision(x: torch.Tensor) -> torch.autocast:
+    """A region where autocast (if any) is off: ranking scores are computed in fp32."""
+    return torch.autocast(x.device.type, enabled=False)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -26,6 +26,7 @@ from qbert.seqrec import masks
 from qbert.seqrec.batching import batch_indices
 from qbert.seqrec.qbert4rec import QBert4Rec
 from qbert.train.loop import Callback, FitResult, LoopConfig, fit
+from qbert.train.optim import Precision, autocast, build_optimizer
 from qbert.train.schedule import build_scheduler
 
 MaskFn = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
@@ -67,7 +68,15 @@ class ScheduleConfig(Config):
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
 
 
-class PretrainConfig(ScheduleConfig):
+class TrainStageConfig(ScheduleConfig):
+    """What the two stage-3 training steps share besides the schedule."""
+
+    # bf16: the step's matrix products in bfloat16 under autocast (weights, optimizer and ranking
+    # scores stay fp32); auto: bf16 where the hardware has bf16 matrix units (docs/method.md, "Speed")
+    precision: Precision = "auto"
+
+
+class PretrainConfig(TrainStageConfig):
     """Multi-mask pretraining (Sec. 3.6): batch 512, lr 5e-4, span/multi-region/tail masks."""
 
     strategy: Literal["none", "mlm", "multi"] = "multi"  # Table 4 ablation rows
@@ -90,7 +99,7 @@ class PretrainConfig(ScheduleConfig):
         return v
 
 
-class FinetuneConfig(ScheduleConfig):
+class FinetuneConfig(TrainStageConfig):
     """Target-domain fine-tuning: random mask 0.3, batch 256, lr 1e-4, early stop on valid NDCG@10."""
 
     epochs: int = Field(100, ge=1)
@@ -206,33 +215,38 @@ def masked_step(model: QBert4Rec, batch: dict[str, torch.Tensor],
 
 
 def split_ranks(model: QBert4Rec, split: LeaveOneOutSplit, which: str, batch_size: int = 1024,
-                device: torch.device | str = "cpu",
-                protocols: tuple[str, ...] = ("kept", "excluded")) -> dict[str, torch.Tensor]:
+                device: torch.device | str = "cpu", protocols: tuple[str, ...] = ("kept", "excluded"),
+                precision: Precision = "fp32") -> dict[str, torch.Tensor]:
     """Per-user 0-based target ranks of ``which`` in {'valid', 'test'} under each ranking protocol
-    (history items kept / excluded), from one scoring pass."""
+    (history items kept / excluded), from one scoring pass. ``precision`` is the encoder's (the
+    scores themselves are always fp32)."""
     if model.num_items != split.num_items:
         raise ValueError(f"model catalogue has {model.num_items} items, split has {split.num_items}")
     was_training = model.training
     model.eval()
     try:
-        return rank_targets(model.score, split.history(which, pad=0, shift=1), split.targets(which), split.num_items,
-                            batch_size=batch_size, protocols=protocols, history_pad=0, history_shift=1, device=device)
+        with autocast(device, precision):
+            return rank_targets(model.score, split.history(which, pad=0, shift=1), split.targets(which),
+                                split.num_items, batch_size=batch_size, protocols=protocols, history_pad=0,
+                                history_shift=1, device=device)
     finally:
         model.train(was_training)
 
 
 def evaluate_split(model: QBert4Rec, split: LeaveOneOutSplit, which: str, batch_size: int = 1024,
-                   device: torch.device | str = "cpu", exclude_history: bool = False) -> dict[str, float]:
+                   device: torch.device | str = "cpu", exclude_history: bool = False,
+                   precision: Precision = "fp32") -> dict[str, float]:
     """Full-ranking metrics of ``which`` in {'valid', 'test'} with the foundation's evaluator."""
     protocol = "excluded" if exclude_history else "kept"
-    r = split_ranks(model, split, which, batch_size, device, (protocol,))[protocol]
+    r = split_ranks(model, split, which, batch_size, device, (protocol,), precision)[protocol]
     return {**metrics_from_ranks(r), "users": int(len(r))}
 
 
 @torch.no_grad()
 def select_code_weight(model: QBert4Rec, split: LeaveOneOutSplit, weights: Sequence[float], monitor: str = "NDCG@10",
                        batch_size: int = 1024, device: torch.device | str = "cpu",
-                       exclude_history: bool = False) -> tuple[float, dict[float, dict[str, float]]]:
+                       exclude_history: bool = False, precision: Precision = "fp32"
+                       ) -> tuple[float, dict[float, dict[str, float]]]:
     """Choose the ranking weight of the semantic-ID term on **valid** (never test).
 
     Runs the model once per valid user and re-combines its two score parts for every weight.
@@ -252,7 +266,8 @@ def select_code_weight(model: QBert4Rec, split: LeaveOneOutSplit, weights: Seque
         for lo in range(0, len(tgt), batch_size):
             h = torch.as_tensor(hist[lo : lo + batch_size], device=device)
             t = torch.as_tensor(tgt[lo : lo + batch_size], device=device)
-            codes, ids = model.score_parts(h)
+            with autocast(device, precision):
+                codes, ids = model.score_parts(h)
             assert ids is not None
             exclude = history_mask(h, split.num_items, pad=0, shift=1) if exclude_history else None
             for w in ranks:
@@ -265,10 +280,6 @@ def select_code_weight(model: QBert4Rec, split: LeaveOneOutSplit, weights: Seque
     best = max(table, key=lambda w: table[w][monitor])  # max keeps the first of equal values
     model.code_score_weight = best
     return best, table
-
-
-def _optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
 
 
 def _scheduler(optimizer: torch.optim.Optimizer, cfg: PretrainConfig | FinetuneConfig, sequences: np.ndarray,
@@ -301,8 +312,9 @@ def pretrain(model: QBert4Rec, sequences: np.ndarray, cfg: PretrainConfig, devic
                          f"got range [{seqs.min()}, {seqs.max()}]")
     device = torch.device(device)
     model.to(device)
-    loop = LoopConfig(epochs=cfg.epochs, patience=0, monitor="loss", mode="min", progress=progress)
-    opt = _optimizer(model, cfg.lr, cfg.weight_decay)
+    loop = LoopConfig(epochs=cfg.epochs, patience=0, monitor="loss", mode="min", progress=progress,
+                      precision=cfg.precision)
+    opt = build_optimizer(model, cfg.lr, cfg.weight_decay)
     batches = masked_batches(seqs, cfg.batch_size, pretrain_mask_fn(cfg), seed, device, shard)
     return fit(model, opt, batches, masked_step, loop, scheduler=_scheduler(opt, cfg, seqs, shard), callbacks=callbacks,
                checkpoint_dir=checkpoint_dir, desc=f"pretrain[{cfg.strategy}]")
@@ -325,14 +337,14 @@ def finetune(model: QBert4Rec, split: LeaveOneOutSplit, cfg: FinetuneConfig, dev
     mask_fn: MaskFn = lambda valid, g: masks.finetune_mask(valid, cfg.mask_ratio, cfg.last_prob, g)  # noqa: E731
 
     def evaluate(m: torch.nn.Module, epoch: int) -> dict[str, float]:
-        out = evaluate_split(model, split, "valid", cfg.eval_batch_size, device, exclude_history)
+        out = evaluate_split(model, split, "valid", cfg.eval_batch_size, device, exclude_history, cfg.precision)
         out.pop("users", None)
         return out
 
     loop = LoopConfig(epochs=cfg.epochs, patience=cfg.patience, monitor=cfg.monitor, mode="max",
                       eval_every=cfg.eval_every, progress=progress, ema_decay=cfg.ema_decay,
-                      ema_ramp=cfg.ema_ramp)
-    opt = _optimizer(model, cfg.lr, cfg.weight_decay)
+                      ema_ramp=cfg.ema_ramp, precision=cfg.precision)
+    opt = build_optimizer(model, cfg.lr, cfg.weight_decay)
     batches = masked_batches(seqs, cfg.batch_size, mask_fn, seed, device, shard)
     step = partial(masked_step, label_smoothing=cfg.label_smoothing)
     return fit(model, opt, batches, step, loop, evaluate=evaluate, scheduler=_scheduler(opt, cfg, seqs, shard),

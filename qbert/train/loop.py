@@ -25,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qbert.config import Config
+from qbert.train.optim import Precision, autocast
 from qbert.utils.io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class LoopConfig(Config):
     # after ~9,000 steps; 2 averages every step so far until then; 1 is a constant decay
     ema_decay: float = Field(0.0, ge=0.0, lt=1.0)
     ema_ramp: float = Field(10.0, ge=1.0)
+    precision: Precision = "fp32"  # the step's autocast (qbert.train.optim); evaluation is the caller's
 
     @classmethod
     def fixed_epochs(cls, epochs: int) -> "LoopConfig":
@@ -192,23 +194,26 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Callable[[i
         cb.on_fit_start(model, state)
 
     size_of = batch_size_of or _default_batch_size
+    device = next(iter(unwrap(model).parameters())).device
+    params = [p for p in model.parameters() if p.requires_grad]
     samples = 0
     train_seconds = 0.0
     while state.epoch < cfg.epochs and not state.stopped_early:
         epoch = state.epoch
         model.train()
         t0 = time.perf_counter()
-        tot_loss, n_steps, extras = 0.0, 0, {}
+        # running sums stay on the device: no host synchronisation inside a step (one every 20 steps
+        # for the finiteness check and the progress bar)
+        tot_loss, n_steps, extras = torch.zeros((), device=device), 0, {}
         bar = tqdm(batches(epoch), desc=f"{desc} epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False)
         for batch in bar:
-            out = step(model, batch)
+            with autocast(device, cfg.precision):
+                out = step(model, batch)
             loss, logs = out if isinstance(out, tuple) else (out, {})
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{desc}: non-finite loss {loss.item()} at epoch {epoch + 1}, step {state.step}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
@@ -217,15 +222,17 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Callable[[i
             state.step += 1
             n_steps += 1
             samples += size_of(batch)
-            tot_loss += float(loss.detach())
+            tot_loss += loss.detach().float()
             for k, v in logs.items():
-                extras[k] = extras.get(k, 0.0) + float(v)
+                extras[k] = extras.get(k, 0.0) + (v.detach().float() if isinstance(v, torch.Tensor) else float(v))
             if n_steps % 20 == 0:
-                bar.set_postfix(loss=f"{tot_loss / n_steps:.4f}")
+                _check_finite(tot_loss, desc, epoch, state.step)
+                bar.set_postfix(loss=f"{float(tot_loss) / n_steps:.4f}")
+        _check_finite(tot_loss, desc, epoch, state.step)
         epoch_time = time.perf_counter() - t0
         train_seconds += epoch_time
-        metrics: dict[str, float] = {"loss": tot_loss / max(n_steps, 1), "epoch_time_s": epoch_time}
-        metrics.update({k: v / max(n_steps, 1) for k, v in extras.items()})
+        metrics: dict[str, float] = {"loss": float(tot_loss) / max(n_steps, 1), "epoch_time_s": epoch_time}
+        metrics.update({k: float(v) / max(n_steps, 1) for k, v in extras.items()})
         if ema is not None:
             ema.swap_in()  # evaluation and the best-weights copy below see the average
         if evaluate is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
@@ -270,6 +277,13 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Callable[[i
     for cb in callbacks:
         cb.on_fit_end(model, state, result)
     return result
+
+
+def _check_finite(total_loss: torch.Tensor, desc: str, epoch: int, step: int) -> None:
+    """Raise once the running loss sum is NaN/inf (it stays so once any step's loss was)."""
+    if not bool(torch.isfinite(total_loss)):
+        raise FloatingPointError(f"{desc}: non-finite loss at epoch {epoch + 1}, by step {step} (the training "
+                                 "diverged: lower the learning rate, or use precision fp32)")
 
 
 def _default_batch_size(batch: Any) -> int:
