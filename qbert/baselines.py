@@ -31,7 +31,7 @@ from qbert.seqrec.bert4rec import BERT4Rec, mask_items
 from qbert.seqrec.sasrec import SASRec
 from qbert.train.loop import FitResult, LoopConfig, fit
 from qbert.train.optim import build_optimizer
-from qbert.utils.io import atomic_path, atomic_write_json
+from qbert.utils.io import atomic_path, atomic_write_json, load_weights
 from qbert.utils.runtime import git_commit, machine_info, pick_device, seed_everything
 
 log = logging.getLogger(__name__)
@@ -237,7 +237,7 @@ def load_run(run_dir: str | Path, device: str = "auto") -> tuple[nn.Module, Base
     path = Path(run_dir) / "model.pt"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: not a finished baseline run directory")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    payload = load_weights(path, "baseline model")
     cfg = BaselineConfig.from_dict(payload["config"], source=str(path))
     model = build_model(cfg, int(payload["num_items"]))
     model.load_state_dict(payload["model"])
@@ -249,7 +249,7 @@ def load_run_info(run_dir: str | Path) -> dict[str, Any]:
     path = Path(run_dir) / "model.pt"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: not a finished baseline run directory")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    payload = load_weights(path, "baseline model")
     return {k: v for k, v in payload.items() if k != "model"}
 
 

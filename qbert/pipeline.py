@@ -55,7 +55,7 @@ from qbert.seqrec.stage import (FinetuneConfig, PretrainConfig, SeqRecConfig, bu
                                 full_sequences, pretrain, select_code_weight, split_ranks)
 from qbert.train.loop import Callback
 from qbert.train.optim import resolve_precision
-from qbert.utils.io import atomic_path, atomic_write_json
+from qbert.utils.io import atomic_path, atomic_write_json, load_weights
 from qbert.utils.runtime import git_commit, machine_info, pick_device, seed_everything
 
 log = logging.getLogger(__name__)
@@ -393,7 +393,7 @@ def run_finetune_stage(cfg: PipelineConfig, data: PipelineData, out_dir: str | P
     init = "scratch"
     pre = out / "pretrain.pt"
     if cfg.pretrain.strategy != "none" and pre.is_file():
-        payload = torch.load(pre, map_location="cpu", weights_only=False)
+        payload = load_weights(pre, "pretrained encoder")
         same_catalogue = not payload.get("multi_domain") and payload.get("num_items") == model.num_items
         model.load_encoder(payload["model"], with_catalogue=same_catalogue)
         init = "pretrained" + ("" if same_catalogue else " (shared encoder and code embeddings)")
@@ -587,7 +587,7 @@ def _load_run(run_dir: str | Path, device: str | torch.device = "cpu"):
     path = run_dir / "model.pt"
     if not path.is_file():
         raise FileNotFoundError(f"no fine-tuned model in {run_dir} (model.pt missing)")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    payload = load_weights(path, "model file")
     cfg = PipelineConfig.from_dict(payload["config"], source=str(path))
     codes = read_codes(run_dir, int(payload["num_items"]))
     model = build_model(cfg.model, codes, cfg.quantize.sizes, cfg.data.max_len)
@@ -617,22 +617,32 @@ def evaluate_run(run_dir: str | Path, which: str = "test", exclude_history: bool
 
 
 # ---------------------------------------------------------------------------------------- driver
-def _same_config(path: Path, cfg: PipelineConfig) -> bool:
+def config_differences(path: Path, cfg: PipelineConfig) -> list[str] | None:
+    """Dotted keys where the run config at ``path`` differs from ``cfg`` (settings of where a run
+    executes, such as device and progress bars, aside); None when there is no config there."""
+    if not path.is_file():
+        return None
     try:
-        return PipelineConfig.from_yaml(path) == cfg
+        theirs = flatten_dict(PipelineConfig.from_yaml(path).to_dict())
     except ConfigError:
-        return False
+        return [f"{path.name} (unreadable with this version)"]
+    mine = flatten_dict(cfg.to_dict())
+    skip = lambda k: k.split(".")[-1] in _RUNTIME_KEYS  # noqa: E731
+    return sorted(k for k in set(mine) | set(theirs) if not skip(k) and mine.get(k) != theirs.get(k))
 
 
 def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, callbacks_factory: CallbacksFactory | None = None,
-                 resume: bool = True) -> dict[str, Any]:
+                 resume: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Run every stage in order; return the metrics dict also written to ``metrics.json``.
 
     ``callbacks_factory(stage)`` gives the training callbacks of each stage (MLflow, Ray).
-    All inputs are checked before the first stage trains. With ``resume`` an interrupted run
-    of the *same* config continues from its stage checkpoints; a different config (or
-    ``resume=False``) discards them, since their weights belong to another setting.
+    All inputs are checked before the first stage trains. The run holds ``out_dir``'s lock
+    throughout (a second run on it fails at once). With ``resume`` an interrupted run of the
+    *same* config continues from its stage checkpoints (``resume=False`` discards them); a
+    directory holding a run of another config is refused unless ``overwrite`` (which empties it).
     """
+    from qbert.utils.rundir import claim_run_dir, run_lock
+
     out = Path(out_dir)
     started = time.time()
     commit = git_commit()  # the code this run executes (the tree may change while it trains)
@@ -640,11 +650,17 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, callbacks_factory: Ca
     data = load_data(cfg)
     check_inputs(cfg, data)
     check_reuse(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpts = out / "checkpoints"
-    if ckpts.exists() and (not resume or not _same_config(out / "config.yaml", cfg)):
-        log.info("discarding checkpoints of %s (%s)", out, "resume off" if not resume else "config changed")
-        shutil.rmtree(ckpts)
+    with run_lock(out):
+        claim_run_dir(out, config_differences(out / "config.yaml", cfg), overwrite)
+        ckpts = out / "checkpoints"
+        if ckpts.exists() and not resume:
+            log.info("discarding checkpoints of %s (resume off)", out)
+            shutil.rmtree(ckpts)
+        return _run_stages(cfg, out, data, callbacks_factory, started, commit)
+
+
+def _run_stages(cfg: PipelineConfig, out: Path, data: PipelineData, callbacks_factory: CallbacksFactory | None,
+                started: float, commit: str) -> dict[str, Any]:
     cfg.to_yaml(out / "config.yaml")
     cbs = callbacks_factory or (lambda stage: ())
     timings: dict[str, float] = {}

@@ -31,8 +31,10 @@ def tiny(**over) -> PipelineConfig:
         "quantize": {"levels": 3, "codebook_size": 16, "hidden": [64, 32], "code_dim": 16, "epochs": 15,
                      "batch_size": 150},
         "model": {"hidden": 32, "layers": 2, "heads": 2, "dropout": 0.1},
-        "pretrain": {"strategy": "multi", "epochs": 3, "batch_size": 128, "lr": 2e-3},
-        "finetune": {"epochs": 12, "batch_size": 64, "lr": 3e-3, "patience": 4, "eval_batch_size": 512},
+        # fp32: the margins below were set in fp32, and "auto" is bf16 only on CPUs with bf16 units
+        "pretrain": {"strategy": "multi", "epochs": 3, "batch_size": 128, "lr": 2e-3, "precision": "fp32"},
+        "finetune": {"epochs": 12, "batch_size": 64, "lr": 3e-3, "patience": 4, "eval_batch_size": 512,
+                     "precision": "fp32"},
         "seed": 0, "device": "cpu", "plots": True,
     }
     cfg = PipelineConfig.from_dict(base)

@@ -34,6 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "checkpoints/, metrics.json, summary.json, plots/).")
     _add_common(p, "run directory to write (RUN_DIR)",
                 "PipelineConfig YAML (default: the built-in synthetic quick start = configs/synthetic.yaml)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a run of another config in RUN_DIR (default: refuse; a run of the same config resumes)")
     p.set_defaults(func=pipeline_cmd)
     for stage in ("pretrain", "finetune"):
         q = sub.add_parser(stage, help=f"run only the stage-3 {stage} step inside an existing run directory",
@@ -67,7 +69,7 @@ def pipeline_cmd(args: argparse.Namespace) -> int:
     _setup(args)
     cfg = load_config(args.config, args.overrides)
     cfg = _with_progress(cfg, args)
-    metrics = run_pipeline(cfg, args.out)
+    metrics = run_pipeline(cfg, args.out, overwrite=args.overwrite)
     print(json.dumps({"test": metrics["test"], "valid": metrics["valid"], "best_epoch": metrics["best_epoch"],
                       "run": str(Path(args.out) / "metrics.json")}, indent=2))
     return 0

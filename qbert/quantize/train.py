@@ -107,7 +107,7 @@ def train_rqvae(embeddings: np.ndarray, cfg: QuantizeConfig, loop_cfg: LoopConfi
                               "commit": out.commit_loss.detach()}
 
         fit_result = fit(model, opt, batches, step, loop_cfg, callbacks=callbacks,
-                         checkpoint_dir=checkpoint_dir, desc="rqvae")
+                         checkpoint_dir=checkpoint_dir, desc="rqvae", generators=[gen])
     model.eval()
     raw = assign_codes(model, x, cfg.infer_batch_size)
     report = quantize_report(model, x, raw, cfg)

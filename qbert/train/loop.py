@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from qbert.config import Config
 from qbert.train.optim import Precision, autocast
-from qbert.utils.io import atomic_path
+from qbert.utils.io import atomic_path, load_weights
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,8 @@ class LoopState:
     bad_epochs: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
     stopped_early: bool = False
+    train_seconds: float = 0.0  # over every epoch so far, including those before a resume
+    samples: int = 0
 
 
 @dataclass
@@ -148,10 +150,27 @@ class WeightAverage:
             self._saved = None
 
 
+def rng_states(generators: Iterable[torch.Generator] = ()) -> dict[str, Any]:
+    """Every random state a training step draws from: the global CPU (dropout) and CUDA
+    generators and a stage's own ``generators`` (e.g. the RQ-VAE's dead-code reseeding)."""
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "generators": [g.get_state() for g in generators]}
+
+
+def set_rng_states(states: dict[str, Any], generators: Iterable[torch.Generator] = ()) -> None:
+    torch.set_rng_state(states["torch"])
+    if states.get("cuda") and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    for g, st in zip(generators, states.get("generators", []), strict=False):
+        g.set_state(st)
+
+
 def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: LoopState,
                     best_state: dict[str, torch.Tensor] | None, scheduler: Any = None,
-                    ema: WeightAverage | None = None) -> None:
+                    ema: WeightAverage | None = None, generators: Iterable[torch.Generator] = ()) -> None:
     payload = {
+        "rng": rng_states(generators),
         "ema": [t.detach().cpu() for t in ema.shadow] if ema is not None else None,
         "model": unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -166,7 +185,8 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
 def fit(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Callable[[int], Iterable[Any]],
         step: StepFn, cfg: LoopConfig, evaluate: Callable[[nn.Module, int], dict[str, float]] | None = None,
         scheduler: Any = None, callbacks: Iterable[Callback] = (), checkpoint_dir: str | Path | None = None,
-        resume: bool = True, desc: str = "train", batch_size_of: Callable[[Any], int] | None = None) -> FitResult:
+        resume: bool = True, desc: str = "train", batch_size_of: Callable[[Any], int] | None = None,
+        generators: Iterable[torch.Generator] = ()) -> FitResult:
     """Train ``model``; return the best epoch's metrics with the best weights loaded into ``model``.
 
     ``batches(epoch)`` yields the batches of one epoch (so samplers can reshuffle per epoch and
@@ -176,12 +196,16 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Callable[[i
     every evaluation, the best weights and the returned model are those of the EMA.
     """
     callbacks = list(callbacks)
+    generators = list(generators)
     state = LoopState()
     best_state: dict[str, torch.Tensor] | None = None
     ema_shadow: list[torch.Tensor] | None = None
     ckpt_path = Path(checkpoint_dir) / "last.pt" if checkpoint_dir else None
+    if ckpt_path is not None and ckpt_path.parent.is_dir():  # writes a killed run left half-done
+        for stale in ckpt_path.parent.glob(f".{ckpt_path.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
     if ckpt_path is not None and resume and ckpt_path.is_file():
-        payload = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        payload = load_weights(ckpt_path, "training checkpoint")
         unwrap(model).load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
         if scheduler is not None and payload.get("scheduler") is not None:
@@ -189,6 +213,8 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Callable[[i
         state = LoopState(**payload["loop"])
         best_state = payload.get("best_model")
         ema_shadow = payload.get("ema")
+        if payload.get("rng") is not None:  # so the resumed epochs draw what they would have drawn
+            set_rng_states(payload["rng"], generators)
     ema = WeightAverage(model, cfg.ema_decay, ema_shadow, cfg.ema_ramp) if cfg.ema_decay > 0 else None
     for cb in callbacks:
         cb.on_fit_start(model, state)
@@ -196,8 +222,6 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Callable[[i
     size_of = batch_size_of or _default_batch_size
     device = next(iter(unwrap(model).parameters())).device
     params = [p for p in model.parameters() if p.requires_grad]
-    samples = 0
-    train_seconds = 0.0
     while state.epoch < cfg.epochs and not state.stopped_early:
         epoch = state.epoch
         model.train()
@@ -221,7 +245,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Callable[[i
                 ema.update(state.step)
             state.step += 1
             n_steps += 1
-            samples += size_of(batch)
+            state.samples += size_of(batch)
             tot_loss += loss.detach().float()
             for k, v in logs.items():
                 extras[k] = extras.get(k, 0.0) + (v.detach().float() if isinstance(v, torch.Tensor) else float(v))
@@ -230,7 +254,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Callable[[i
                 bar.set_postfix(loss=f"{float(tot_loss) / n_steps:.4f}")
         _check_finite(tot_loss, desc, epoch, state.step)
         epoch_time = time.perf_counter() - t0
-        train_seconds += epoch_time
+        state.train_seconds += epoch_time
         metrics: dict[str, float] = {"loss": float(tot_loss) / max(n_steps, 1), "epoch_time_s": epoch_time}
         metrics.update({k: float(v) / max(n_steps, 1) for k, v in extras.items()})
         if ema is not None:
@@ -256,7 +280,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Callable[[i
         log.info("%s epoch %d/%d: %s", desc, epoch + 1, cfg.epochs,
                  " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k not in ("epoch",) and isinstance(v, float)))
         if ckpt_path is not None:
-            save_checkpoint(ckpt_path, model, optimizer, state, best_state, scheduler, ema)
+            save_checkpoint(ckpt_path, model, optimizer, state, best_state, scheduler, ema, generators)
         for cb in callbacks:
             cb.on_epoch_end(model, state, metrics, ckpt_path)
 
@@ -271,8 +295,8 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Callable[[i
         best_metrics=state.best_metrics,
         history=state.history,
         stopped_early=state.stopped_early,
-        train_seconds=train_seconds,
-        samples_per_second=samples / train_seconds if train_seconds > 0 else 0.0,
+        train_seconds=state.train_seconds,
+        samples_per_second=state.samples / state.train_seconds if state.train_seconds > 0 else 0.0,
     )
     for cb in callbacks:
         cb.on_fit_end(model, state, result)

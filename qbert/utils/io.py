@@ -78,3 +78,24 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def load_weights(path: str | os.PathLike, what: str = "checkpoint") -> dict[str, Any]:
+    """A ``torch.save``d payload of tensors and plain data, loaded weights-only: a file from
+    elsewhere (a run directory pulled from S3) cannot run code. A truncated, corrupt or foreign
+    file raises :class:`~qbert.data.errors.DataError` naming it (the CLI prints ``error: ...``)."""
+    import pickle
+
+    import torch
+
+    from qbert.data.errors import DataError
+
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, AttributeError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{path}: not a readable {what} ({reason[:200]}); delete it or re-run the stage "
+                        "that writes it") from None
+    if not isinstance(payload, dict):
+        raise DataError(f"{path}: not a {what} (holds a {type(payload).__name__}, expected a dict)")
+    return payload
