@@ -36,9 +36,10 @@ if str(_REPO) not in sys.path:
 
 from qbert.config import ConfigError, parse_overrides  # noqa: E402
 from qbert.data.errors import DataError  # noqa: E402
+from qbert.pipeline import STAGES  # noqa: E402
 
 log = logging.getLogger("qbert.ray_jobs")
-ALL_STAGES = ("fusion", "quantize", "pretrain", "finetune")
+ALL_STAGES = STAGES  # the pipeline's registry (qbert.pipeline.REGISTRY) names them once
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:
@@ -142,21 +143,18 @@ def _execute(cfg: Any, local: Path, stages: Sequence[str], args: argparse.Namesp
         def callbacks(stage: str) -> list:
             if run is None:
                 return []
-            model = "finetune" if stage == "finetune" and not args.no_model else None
+            model = stage if P.REGISTRY[stage].model and not args.no_model else None
             return [MLflowCallback(run, prefix=f"{stage}/", model_name=model)]
 
         if tuple(stages) == ALL_STAGES:
             return P.run_pipeline(cfg, local, callbacks_factory=callbacks)
         data = P.load_data(cfg)
         P.check_inputs(cfg, data)
-        fns = {"fusion": P.run_fusion_stage, "quantize": P.run_quantize_stage,
-               "pretrain": P.run_pretrain_stage, "finetune": P.run_finetune_stage}
-        return {s: fns[s](cfg, data, local, callbacks(s)) for s in stages}
+        return {s: P.REGISTRY[s].run(cfg, data, local, callbacks(s)) for s in stages}
 
     import ray
 
-    from qbert.platform.ray_train import (PIPELINE_BATCH_KEYS, PIPELINE_STAGE_INPUTS, run_pipeline_on_ray,
-                                          run_stage_on_ray, tracking_handle)
+    from qbert.platform.ray_train import run_pipeline_on_ray, run_stage_on_ray, tracking_handle
 
     if not ray.is_initialized():
         ray.init()
@@ -168,14 +166,13 @@ def _execute(cfg: Any, local: Path, stages: Sequence[str], args: argparse.Namesp
 
     data = P.load_data(cfg)
     P.check_inputs(cfg, data)
-    fns = {"fusion": P.run_fusion_stage, "quantize": P.run_quantize_stage,
-           "pretrain": P.run_pretrain_stage, "finetune": P.run_finetune_stage}
     out = {}
     for s in stages:
-        res = run_stage_on_ray(fns[s], cfg, functools.partial(P.load_data, cfg), local, scaling=scaling,
+        st = P.REGISTRY[s]
+        res = run_stage_on_ray(st.run, cfg, functools.partial(P.load_data, cfg), local, scaling=scaling,
                                name=f"{name}-{s}", stage=s, tracking=tracking_handle(run) if run else None,
-                               log_model=s == "finetune" and not args.no_model, input_files=PIPELINE_STAGE_INPUTS[s],
-                               per_rank_batch_keys=PIPELINE_BATCH_KEYS.get(s, ()))
+                               log_model=st.model and not args.no_model, input_files=st.reads,
+                               per_rank_batch_keys=st.batch_keys)
         out[s] = res.value
     if len(stages) == 1 and isinstance(out[stages[0]], dict):
         return out[stages[0]]

@@ -19,7 +19,7 @@ from qbert.data.dataset import SeqDataset, from_sequences
 from qbert.features.config import FeatureConfig, TemplateConfig
 from qbert.features.extract import done_item_ids, load_features
 from qbert.features.templates import assemble_texts
-from qbert.features.testing import make_tiny_clip, make_tiny_llama, tiny_items, write_images
+from feature_fixtures import make_tiny_clip, make_tiny_llama, tiny_items, write_images
 
 ray = pytest.importorskip("ray")
 N_ITEMS = 14

@@ -23,7 +23,7 @@ from qbert.features.extract import (FeatureError, done_item_ids, extract_local, 
                                     part_name)
 from qbert.features.image import ImageEncoder, ImageLoadError, load_image
 from qbert.features.templates import assemble_texts
-from qbert.features.testing import make_tiny_clip, make_tiny_llama, tiny_items, write_images
+from feature_fixtures import make_tiny_clip, make_tiny_llama, tiny_items, write_images
 from qbert.features.text import TextEncoder, pool, resolve_model_path
 
 N_ITEMS = 10

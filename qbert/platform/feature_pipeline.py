@@ -163,8 +163,9 @@ def extract_modality(cfg: FeatureConfig, modality: str) -> dict[str, Any]:
     summaries: list[dict[str, Any]] = []
     items = missing = 0  # running totals for the progress bar
     t0 = time.perf_counter()
+    rows = iter(ds.iter_rows())
     try:
-        for row in ds.iter_rows():
+        for row in rows:
             summaries.append(dict(row))
             items, missing = items + int(row["items"]), missing + int(row["missing"])
             if bar is not None:
@@ -172,6 +173,8 @@ def extract_modality(cfg: FeatureConfig, modality: str) -> dict[str, Any]:
                 bar.set_postfix(items_s=f"{items / (time.perf_counter() - t0):.1f}", missing=missing)
     except BaseException as e:  # a failed batch, a timeout, Ctrl-C: the writes already begun finish first
         open_writes = _settle(gate, SETTLE_TIMEOUT_S)
+        _release(rows)  # the actor pool holds its CPUs until its executor shuts down: a resume in this
+        # Ray session would otherwise wait for them forever on a small node
         if open_writes:
             log.warning("%s: %d batch write(s) did not finish within %ss of the failure; a re-run checks "
                         "what was committed", modality, open_writes, SETTLE_TIMEOUT_S)
@@ -199,6 +202,14 @@ def extract_modality(cfg: FeatureConfig, modality: str) -> dict[str, Any]:
     log.info("%s: encoded %d items in %.1fs (%.1f items/s, %d actor(s)); %d skipped as done",
              modality, report["encoded"], report["seconds"], report["items_per_s"], actors, report["skipped_done"])
     return report
+
+
+def _release(rows: Any) -> None:
+    """Shut down the streaming execution behind a Ray Data row iterator (its actors go with it)."""
+    close = getattr(rows, "close", None)
+    if close is not None:
+        with contextlib.suppress(Exception):
+            close()
 
 
 def _progress(cfg: FeatureConfig, p: Any, modality: str) -> Any:

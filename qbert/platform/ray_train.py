@@ -229,7 +229,7 @@ def _relative(path: Path, root: Path) -> Path:
 # --------------------------------------------------------------------------- worker body
 @dataclass
 class _Spec:
-    stage_fn: Callable[..., Any]
+    stage_fn: Callable[..., Any] | None
     cfg: Any
     dataset: Any  # a SeqDataset or a zero-argument callable returning one
     out_dir: str
@@ -374,7 +374,7 @@ def resolve_use_gpu(use_gpu: bool | str) -> bool:
     return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
 
 
-def run_stage_on_ray(stage_fn: Callable[..., Any], cfg: Any, dataset: Any, out_dir: str | os.PathLike, *,
+def run_stage_on_ray(stage_fn: Callable[..., Any] | None, cfg: Any, dataset: Any, out_dir: str | os.PathLike, *,
                      scaling: RayScalingConfig | None = None, name: str, stage: str | None = None,
                      stage_kwargs: dict[str, Any] | None = None, tracking: dict[str, Any] | None = None,
                      log_model: bool = True, fail_at_epoch: int | None = None,
@@ -388,6 +388,8 @@ def run_stage_on_ray(stage_fn: Callable[..., Any], cfg: Any, dataset: Any, out_d
     worker once after that epoch (fault drills; ``QBERT_FAIL_AT_EPOCH`` sets it from outside).
     ``input_files`` (relative to ``out_dir``) are shipped to every worker; ``per_rank_batch_keys``
     (dotted config keys) are divided by the number of workers so the global batch is unchanged.
+    ``worker`` replaces the default worker body (``stage_fn`` may then be None: the pipeline's
+    worker runs the registered stages itself).
     """
     import ray
     import ray.train
@@ -438,22 +440,6 @@ def tracking_handle(run: Any) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- the whole pipeline
-class _PipelineStage:
-    """Placeholder stage_fn for the one-trainer pipeline (the worker body runs the stages)."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> None:  # pragma: no cover
-        raise RuntimeError("run by _pipeline_worker")
-
-PIPELINE_STAGE_INPUTS = {
-    "fusion": (),
-    "quantize": ("fused_embeddings.parquet",),
-    "pretrain": ("semantic_ids.parquet",),
-    "finetune": ("semantic_ids.parquet", "pretrain.pt"),
-}
-PIPELINE_BATCH_KEYS = {"pretrain": ("pretrain.batch_size",), "finetune": ("finetune.batch_size",)}
-MODEL_STAGE = "finetune"  # the stage whose model is logged to MLflow (the one evaluation loads)
-
-
 def _broadcast_files(out_dir: Path, rels: tuple[str, ...], rank: int) -> None:
     """Rank 0 sends the files the next stage reads to every rank (works across nodes)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -481,8 +467,6 @@ def _pipeline_worker(spec: _Spec) -> Any:
     done_files: list[str] = list(meta.get("files", []))
     resumed = {"stage": meta.get("stage"), "epoch": meta.get("epoch")} if meta else None
     data = spec.dataset() if callable(spec.dataset) else spec.dataset
-    fns = {"fusion": P.run_fusion_stage, "quantize": P.run_quantize_stage,
-           "pretrain": P.run_pretrain_stage, "finetune": P.run_finetune_stage}
     run = None
     if spec.tracking and rank == 0:
         from qbert.platform.retry import RetryConfig
@@ -493,7 +477,7 @@ def _pipeline_worker(spec: _Spec) -> Any:
     for stage in P.STAGES:
         if stage in reports:
             continue
-        _broadcast_files(out_dir, PIPELINE_STAGE_INPUTS[stage], rank)
+        _broadcast_files(out_dir, P.REGISTRY[stage].reads, rank)
         carry = lambda: (list(done_files), {"reports": reports})  # noqa: E731
         callbacks: list[Callback] = [GradSyncCallback(), RayReportCallback(rank, out_dir, stage, carry)]
         if spec.fail_at_epoch is not None and rank == world - 1 and stage == os.environ.get("QBERT_FAIL_STAGE", "finetune"):
@@ -502,16 +486,16 @@ def _pipeline_worker(spec: _Spec) -> Any:
             from qbert.platform.tracking import MLflowCallback
 
             callbacks.append(MLflowCallback(run, prefix=f"{stage}/",
-                                            model_name=stage if spec.log_model and stage == MODEL_STAGE else None))
-        fn = fns[stage]
+                                            model_name=stage if spec.log_model and stage == P.MODEL_STAGE else None))
+        fn = P.REGISTRY[stage].run
         kwargs = {}
         cfg = spec.cfg
         if _accepts(fn, "shard"):
             kwargs["shard"] = (rank, world)
-            cfg = per_rank_config(spec.cfg, PIPELINE_BATCH_KEYS.get(stage, ()), world)
+            cfg = per_rank_config(spec.cfg, P.REGISTRY[stage].batch_keys, world)
         reports[stage] = fn(cfg, data, out_dir, callbacks=callbacks, **kwargs)
         if rank == 0:
-            done_files += [f for f in P.STAGE_ARTIFACTS[stage] if (out_dir / f).is_file()]
+            done_files += [f for f in P.REGISTRY[stage].writes if (out_dir / f).is_file()]
     final = {"stage": "pipeline", "done": True, "resumed": json.dumps(resumed)}
     _report_final(rank, out_dir, final)
     return reports if rank == 0 else None
@@ -541,17 +525,15 @@ def run_pipeline_on_ray(cfg: Any, out_dir: str | os.PathLike, *, scaling: RaySca
     P.check_reuse(cfg)
     out.mkdir(parents=True, exist_ok=True)
     cfg.to_yaml(out / "config.yaml")
-    stage_fns = {"fusion": P.run_fusion_stage, "quantize": P.run_quantize_stage,
-                 "pretrain": P.run_pretrain_stage, "finetune": P.run_finetune_stage}
     handle = tracking_handle(tracked_run) if tracked_run is not None else None
     # reused stages: the driver copies their artifacts in, and every worker gets them as inputs
     reused = {stage: P.reuse_stage(cfg, stage, out) for stage in cfg.reuse.stages}
-    reused_files = tuple(f for stage in reused for f in P.STAGE_ARTIFACTS[stage] if (out / f).is_file())
+    reused_files = tuple(f for stage in reused for f in P.REGISTRY[stage].writes if (out / f).is_file())
     reports: dict[str, Any] = dict(reused)
     timings: dict[str, float] = {}
     if not trainer_per_stage:
         t0 = time.perf_counter()
-        res = run_stage_on_ray(_PipelineStage(), cfg, functools.partial(P.load_data, cfg), out, scaling=scaling,
+        res = run_stage_on_ray(None, cfg, functools.partial(P.load_data, cfg), out, scaling=scaling,
                                name=name, stage="pipeline", tracking=handle, log_model=log_model,
                                worker=_pipeline_worker, stage_kwargs={"reused": reused}, input_files=reused_files)
         reports = dict(res.value)
@@ -561,10 +543,11 @@ def run_pipeline_on_ray(cfg: Any, out_dir: str | os.PathLike, *, scaling: RaySca
             continue
         t0 = time.perf_counter()
         log.info("stage %s on Ray (%d workers)", stage, (scaling or RayScalingConfig()).num_workers)
-        res = run_stage_on_ray(stage_fns[stage], cfg, functools.partial(P.load_data, cfg), out, scaling=scaling,
+        st = P.REGISTRY[stage]
+        res = run_stage_on_ray(st.run, cfg, functools.partial(P.load_data, cfg), out, scaling=scaling,
                                name=f"{name}-{stage}", stage=stage, tracking=handle,
-                               log_model=log_model and stage == MODEL_STAGE,
-                               input_files=PIPELINE_STAGE_INPUTS[stage], per_rank_batch_keys=PIPELINE_BATCH_KEYS.get(stage, ()))
+                               log_model=log_model and st.model, input_files=st.reads,
+                               per_rank_batch_keys=st.batch_keys)
         reports[stage] = res.value
         timings[stage] = time.perf_counter() - t0
     reports["finetune"] = dict(reports["finetune"])

@@ -1,0 +1,132 @@
+"""The pipeline's typed configuration: one section per stage, loadable from YAML, paper defaults."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from qbert.config import Config
+from qbert.data.synthetic import SyntheticConfig
+from qbert.fusion.config import FusionConfig
+from qbert.quantize.config import QuantizeConfig
+from qbert.seqrec.stage import FinetuneConfig, PretrainConfig, SeqRecConfig
+from qbert.train.loop import Callback
+
+Modality = Literal["text", "image", "id"]
+METRIC_KEYS = ("HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10")
+CallbacksFactory = Callable[[str], Iterable[Callback]]
+
+
+
+
+class DataSection(Config):
+    """Where the target dataset comes from and which modality inputs feed stage 1."""
+
+    source: str = "synthetic"  # "synthetic", "synthetic:k=v,...", or a path read_source understands
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)  # used when source == "synthetic"
+    options: dict[str, Any] = Field(default_factory=dict)  # reader options (e.g. with_codes: true)
+    max_len: int = Field(50, ge=2)  # history length (the [MASK] takes one slot at inference)
+    modalities: list[Modality] | None = None  # None: fusion.modalities; else it overrides fusion.modalities
+    features: dict[str, str | list[str]] = Field(default_factory=lambda: {"text": "text", "image": "image"})
+    # modality -> feature column name without "feat_" (e.g. {"text": "lemb_codes"} on Instruments),
+    # or a list of columns: each is L2-normalised, then they are concatenated into one vector, so
+    # two views of one modality (real title embeddings and the LLaMA code file) weigh equally
+
+    def columns(self, modality: str) -> list[str]:
+        col = self.features[modality]
+        return [col] if isinstance(col, str) else list(col)
+
+    @field_validator("features")
+    @classmethod
+    def _columns(cls, v: dict[str, str | list[str]]) -> dict[str, str | list[str]]:
+        for m, col in v.items():
+            if not isinstance(col, str) and (not col or len(set(col)) != len(col)):
+                raise ValueError(f"data.features.{m} must be a column name or a non-empty list of distinct "
+                                 f"column names, got {col!r}")
+        return v
+
+
+class EvalSection(Config):
+    exclude_history: bool = False  # the protocol that selects on valid; RecBole's full sort keeps history items
+    batch_size: int = Field(1024, ge=1)
+    test: bool = True  # False: never score test (search runs choose on valid and keep it off)
+
+
+class ReuseSection(Config):
+    """Take the first stages' outputs from a finished run instead of training them again.
+
+    For sweeps over later-stage settings (Fig. 5's fine-tuning mask probability needs neither a
+    new fusion, nor new semantic IDs, nor a new pretraining): the run copies those stages'
+    artifacts from ``from_run`` after checking that every setting they depend on is the same.
+    """
+
+    from_run: str | None = None  # a run directory of an earlier `qbert pipeline`
+    stages: list[Literal["fusion", "quantize", "pretrain"]] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _prefix(self) -> "ReuseSection":
+        from qbert.pipeline.stages import STAGES
+
+        if self.stages and self.stages != list(STAGES[: len(self.stages)]):
+            raise ValueError(f"reuse.stages must be the first stages in order {list(STAGES[:3])}, got {self.stages}")
+        if self.stages and not self.from_run:
+            raise ValueError("reuse.stages is set but reuse.from_run names no run directory")
+        return self
+
+
+class PipelineConfig(Config):
+    """Everything one Q-BERT4Rec run needs. The top-level ``seed``/``device`` apply to every stage."""
+
+    data: DataSection = Field(default_factory=DataSection)
+    pretrain_sources: list[str] = Field(default_factory=list)  # extra domains; empty = target's training part
+    fusion: FusionConfig = Field(default_factory=FusionConfig)
+    quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
+    model: SeqRecConfig = Field(default_factory=SeqRecConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    reuse: ReuseSection = Field(default_factory=ReuseSection)
+    seed: int = 42
+    device: str = "auto"
+    progress: bool = False
+    plots: bool = True
+
+    @model_validator(mode="after")
+    def _sync(self) -> "PipelineConfig":
+        # data.modalities (when set) is the one switch: stage 1 and stage 3 both follow it
+        if self.data.modalities is not None and self.fusion.modalities != self.data.modalities:
+            fusion = FusionConfig.from_dict({**self.fusion.to_dict(), "modalities": list(self.data.modalities)})
+            object.__setattr__(self, "fusion", fusion)
+        for m in self.fusion.feature_modalities:
+            if m not in self.data.features:
+                raise ValueError(f"modality '{m}' is enabled but data.features names no column for it")
+        if self.finetune.label_smoothing and self.model.head == "levels" and self.model.item_id != "input_and_head":
+            raise ValueError(f"finetune.label_smoothing ({self.finetune.label_smoothing}) smooths an item softmax: "
+                             "it needs model.head 'catalogue' or model.item_id 'input_and_head'")
+        if self.finetune.select_code_weight and self.model.item_id != "input_and_head":
+            raise ValueError("finetune.select_code_weight chooses the hybrid's ranking weight: it needs "
+                             f"model.item_id 'input_and_head' (got {self.model.item_id!r})")
+        object.__setattr__(self, "fusion", self.fusion.model_copy(update={"seed": self.seed, "device": self.device}))
+        object.__setattr__(self, "quantize", self.quantize.model_copy(update={"seed": self.seed, "device": self.device}))
+        return self
+
+
+def quickstart_config() -> PipelineConfig:
+    """The embedded default of ``qbert pipeline`` (= ``configs/synthetic.yaml``; a test keeps them
+    equal): synthetic data, sized for a few minutes on 2 CPU cores. Built in, so an installed
+    package without the repository's ``configs/`` still runs the quick start."""
+    return PipelineConfig.from_dict({
+        "data": {"source": "synthetic", "max_len": 20, "modalities": ["text", "image", "id"],
+                 "synthetic": {"seed": 0, "num_users": 1000, "num_items": 400, "num_clusters": 20}},
+        "fusion": {"dim": 64, "epochs": 20, "batch_size": 256},
+        "quantize": {"levels": 3, "codebook_size": 32, "hidden": [128, 64], "code_dim": 16, "epochs": 60,
+                     "batch_size": 256},
+        "model": {"hidden": 64, "layers": 2, "heads": 2, "dropout": 0.1, "prefix_buckets": 1024},
+        "pretrain": {"strategy": "multi", "epochs": 10, "batch_size": 128, "lr": 1e-3},
+        "finetune": {"epochs": 40, "batch_size": 64, "lr": 1e-3, "patience": 5},
+        "eval": {"exclude_history": False},
+        "seed": 42, "device": "auto",
+    }, source="quickstart_config")
+
+

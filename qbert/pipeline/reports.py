@@ -1,0 +1,103 @@
+"""What a finished run writes besides the stages' artifacts: metrics.json, summary.json, plots."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qbert.pipeline.config import PipelineConfig
+from qbert.pipeline.data import PipelineData
+from qbert.pipeline.stages import read_codes
+from qbert.train.optim import resolve_precision
+from qbert.utils.io import atomic_path, atomic_write_json
+from qbert.utils.runtime import machine_info, pick_device
+
+
+def write_plots(out_dir: str | Path, fusion_report: dict[str, Any], codes: np.ndarray, sizes: list[int]) -> list[str]:
+    """Activated-layer histogram (paper Fig. 7) and per-level codebook usage, as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pdir = Path(out_dir) / "plots"
+    pdir.mkdir(parents=True, exist_ok=True)
+    written = []
+    counts = fusion_report.get("activated_layer_counts")
+    if counts:
+        fig, ax = plt.subplots(figsize=(4, 3))
+        ax.bar(np.arange(1, len(counts) + 1), counts)
+        ax.set_xlabel("activated layers")
+        ax.set_ylabel("items")
+        ax.set_title(f"fusion depth (median {fusion_report.get('activated_layers_median')})")
+        fig.tight_layout()
+        with atomic_path(pdir / "activated_layers.png") as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
+        plt.close(fig)
+        written.append(str(pdir / "activated_layers.png"))
+    fig, axes = plt.subplots(1, len(sizes), figsize=(3 * len(sizes), 2.6), squeeze=False)
+    for level, (ax, size) in enumerate(zip(axes[0], sizes)):
+        c = np.sort(np.bincount(codes[:, level], minlength=size))[::-1]
+        ax.bar(np.arange(size), c, width=1.0)
+        ax.set_title(f"level {level}: {int((c > 0).sum())}/{size} used")
+        ax.set_xlabel("code (by frequency)")
+    axes[0][0].set_ylabel("items")
+    fig.tight_layout()
+    with atomic_path(pdir / "codebook_utilisation.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    written.append(str(pdir / "codebook_utilisation.png"))
+    return written
+
+
+
+
+def finish_run(cfg: PipelineConfig, out: Path, data: PipelineData, reports: dict[str, Any],
+               timings: dict[str, float], started: float, commit: str,
+               extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The run's ``metrics.json``, ``summary.json`` and plots from its stage reports; the one
+    writer of both files for local and Ray runs (``extra`` adds executor fields to both)."""
+    ft = reports["finetune"]
+    history = ft.pop("history", [])
+    metrics = {
+        "model": "qbert4rec",
+        "test": ft["test"],
+        "valid": ft["valid"],
+        "by_protocol": ft.get("by_protocol", {}),
+        "stage3_item_table": bool(ft.get("item_indexed_parameters")),
+        "best_epoch": ft["best_epoch"],
+        "epochs_run": ft["epochs_run"],
+        "params": ft["params"],
+        "stages": reports,
+        "timing": {"stage_seconds": timings, "total_seconds": time.time() - started,
+                   "eval_seconds_per_user": ft["eval_seconds_per_user"],
+                   "finetune_samples_per_s": ft["samples_per_second"]},
+        "history": history,
+        **(extra or {}),
+    }
+    plots: list[str] = []
+    if cfg.plots:
+        plots = write_plots(out, reports["fusion"], read_codes(out, data.all_items.num_items), cfg.quantize.sizes)
+    summary = {
+        "git_commit": commit,
+        "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "machine": machine_info(),
+        "device": str(pick_device(cfg.device)),
+        "precision": {s: resolve_precision(getattr(cfg, s).precision, pick_device(cfg.device))
+                      for s in ("pretrain", "finetune")},  # what "auto" resolved to on this machine
+        "data": {"source": cfg.data.source, "fingerprint": data.target.fingerprint(), "stats": data.target.stats(),
+                 "pretrain_sources": [{"source": s, "fingerprint": d.fingerprint(), "stats": d.stats()}
+                                      for s, d in zip(cfg.pretrain_sources, data.sources)]},
+        "timings": {**timings, "total": time.time() - started},
+        "test": metrics["test"],
+        "valid": metrics["valid"],
+        "plots": plots,
+        "config": cfg.to_dict(),
+        **(extra or {}),
+    }
+    atomic_write_json(out / "metrics.json", metrics)
+    atomic_write_json(out / "summary.json", summary)
+    return metrics

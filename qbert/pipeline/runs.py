@@ -1,0 +1,186 @@
+"""Run directories: reuse of finished stages, the driver, and reloading a finished run."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qbert.config import ConfigError, flatten_dict
+from qbert.data.errors import DataError
+from qbert.data.split import LeaveOneOutSplit
+from qbert.pipeline.config import METRIC_KEYS, CallbacksFactory, PipelineConfig
+from qbert.pipeline.data import PipelineData, check_inputs, load_data
+from qbert.pipeline.reports import finish_run
+from qbert.pipeline.stages import REGISTRY, STAGES, read_codes
+from qbert.seqrec.stage import build_model, evaluate_split
+from qbert.utils.io import atomic_path, load_weights
+from qbert.utils.runtime import git_commit, seed_everything
+
+log = logging.getLogger(__name__)
+
+# where a stage ran, not what it computed; and settings only ranking reads (no stage output depends on them)
+_RUNTIME_KEYS = {"device", "progress", "code_score_weight"}
+
+
+def _stage_inputs(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
+    d = cfg.to_dict()
+    deps = [k for s in STAGES[: STAGES.index(stage) + 1] for k in REGISTRY[s].depends_on]
+
+    def clean(v: Any) -> Any:
+        return {k: clean(x) for k, x in v.items() if k not in _RUNTIME_KEYS} if isinstance(v, dict) else v
+
+    return {k: clean(d[k]) for k in deps}
+
+
+def check_reuse(cfg: PipelineConfig) -> None:
+    """Before anything runs: every reused stage's source was made with the same settings (for it
+    and every stage before it) and has its artifacts. ConfigError names the first difference."""
+    if not cfg.reuse.stages:
+        return
+    src = Path(cfg.reuse.from_run or "")
+    src_cfg_path = src / "config.yaml"
+    if not src_cfg_path.is_file():
+        raise ConfigError(f"reuse.from_run: no finished run at {src} (missing {src_cfg_path})")
+    src_cfg = PipelineConfig.from_yaml(src_cfg_path)
+    for stage in cfg.reuse.stages:
+        mine, theirs = _stage_inputs(cfg, stage), _stage_inputs(src_cfg, stage)
+        if mine != theirs:
+            a, b = flatten_dict(mine), flatten_dict(theirs)
+            diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            raise ConfigError(f"reuse.from_run {src}: its {stage} stage was made with other settings "
+                              f"({', '.join(f'{k}: {b.get(k)!r} there, {a.get(k)!r} here' for k in diff[:3])})")
+        if stage == "pretrain" and cfg.pretrain.strategy == "none":
+            continue
+        missing = [n for n in REGISTRY[stage].writes if not (src / n).is_file()]
+        if missing:
+            raise ConfigError(f"reuse.from_run {src}: missing {', '.join(missing)} of the {stage} stage")
+
+
+def reuse_stage(cfg: PipelineConfig, stage: str, out_dir: str | Path) -> dict[str, Any]:
+    """Copy ``stage``'s artifacts from ``cfg.reuse.from_run`` into ``out_dir``; return its report
+    (the source's, plus ``reused_from``). :func:`check_reuse` must have passed."""
+    src = Path(cfg.reuse.from_run or "")
+    if stage == "pretrain" and cfg.pretrain.strategy == "none":
+        return {"strategy": "none", "skipped": True}
+    out = Path(out_dir)
+    for name in REGISTRY[stage].writes:
+        with atomic_path(out / name) as tmp:
+            shutil.copyfile(src / name, tmp)
+    report: dict[str, Any] = {}
+    metrics = src / "metrics.json"
+    if metrics.is_file():
+        report = json.loads(metrics.read_text()).get("stages", {}).get(stage, {})
+    elif (src / f"{stage}_report.json").is_file():
+        report = json.loads((src / f"{stage}_report.json").read_text())
+    return {**report, "reused_from": str(src.resolve())}
+
+
+def config_differences(path: Path, cfg: PipelineConfig) -> list[str] | None:
+    """Dotted keys where the run config at ``path`` differs from ``cfg`` (settings of where a run
+    executes, such as device and progress bars, aside); None when there is no config there."""
+    if not path.is_file():
+        return None
+    try:
+        theirs = flatten_dict(PipelineConfig.from_yaml(path).to_dict())
+    except ConfigError:
+        return [f"{path.name} (unreadable with this version)"]
+    mine = flatten_dict(cfg.to_dict())
+    skip = lambda k: k.split(".")[-1] in _RUNTIME_KEYS  # noqa: E731
+    return sorted(k for k in set(mine) | set(theirs) if not skip(k) and mine.get(k) != theirs.get(k))
+
+
+def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, callbacks_factory: CallbacksFactory | None = None,
+                 resume: bool = True, overwrite: bool = False) -> dict[str, Any]:
+    """Run every stage in order; return the metrics dict also written to ``metrics.json``.
+
+    ``callbacks_factory(stage)`` gives the training callbacks of each stage (MLflow, Ray).
+    All inputs are checked before the first stage trains. The run holds ``out_dir``'s lock
+    throughout (a second run on it fails at once). With ``resume`` an interrupted run of the
+    *same* config continues from its stage checkpoints (``resume=False`` discards them); a
+    directory holding a run of another config is refused unless ``overwrite`` (which empties it).
+    """
+    from qbert.utils.rundir import claim_run_dir, run_lock
+
+    out = Path(out_dir)
+    started = time.time()
+    commit = git_commit()  # the code this run executes (the tree may change while it trains)
+    seed_everything(cfg.seed)
+    data = load_data(cfg)
+    check_inputs(cfg, data)
+    check_reuse(cfg)
+    with run_lock(out):
+        claim_run_dir(out, config_differences(out / "config.yaml", cfg), overwrite)
+        ckpts = out / "checkpoints"
+        if ckpts.exists() and not resume:
+            log.info("discarding checkpoints of %s (resume off)", out)
+            shutil.rmtree(ckpts)
+        return _run_stages(cfg, out, data, callbacks_factory, started, commit)
+
+
+def _run_stages(cfg: PipelineConfig, out: Path, data: PipelineData, callbacks_factory: CallbacksFactory | None,
+                started: float, commit: str) -> dict[str, Any]:
+    cfg.to_yaml(out / "config.yaml")
+    cbs = callbacks_factory or (lambda stage: ())
+    timings: dict[str, float] = {}
+    reports: dict[str, Any] = {}
+    for stage in STAGES:
+        t0 = time.perf_counter()
+        if stage in cfg.reuse.stages:
+            log.info("stage %s: reused from %s", stage, cfg.reuse.from_run)
+            reports[stage] = reuse_stage(cfg, stage, out)
+        else:
+            log.info("stage %s", stage)
+            reports[stage] = REGISTRY[stage].run(cfg, data, out, cbs(stage))
+        timings[stage] = time.perf_counter() - t0
+    return finish_run(cfg, out, data, reports, timings, started, commit)
+
+
+
+
+def load_run_model(run_dir: str | Path, device: str | torch.device = "cpu"):
+    """(model, config) of a finished pipeline run, rebuilt from ``model.pt`` and its semantic IDs."""
+    model, cfg, _ = _load_run(run_dir, device)
+    return model, cfg
+
+
+def _load_run(run_dir: str | Path, device: str | torch.device = "cpu"):
+    """(model, config, the rest of the ``model.pt`` payload), reading the checkpoint once."""
+    run_dir = Path(run_dir)
+    path = run_dir / "model.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"no fine-tuned model in {run_dir} (model.pt missing)")
+    payload = load_weights(path, "model file")
+    cfg = PipelineConfig.from_dict(payload["config"], source=str(path))
+    codes = read_codes(run_dir, int(payload["num_items"]))
+    model = build_model(cfg.model, codes, cfg.quantize.sizes, cfg.data.max_len)
+    model.load_state_dict(payload["model"])
+    model.code_score_weight = float(payload.get("code_score_weight", cfg.model.code_score_weight))  # chosen on valid
+    return model.to(device).eval(), cfg, {k: v for k, v in payload.items() if k != "model"}
+
+
+def evaluate_run(run_dir: str | Path, which: str = "test", exclude_history: bool | None = None,
+                 device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Re-evaluate a finished pipeline run's ``model.pt`` on its own data (at its chosen ranking weight).
+
+    ``exclude_history`` None keeps the run's ``eval.exclude_history``. Refuses data whose
+    fingerprint differs from the one the model was trained on.
+    """
+    model, cfg, payload = _load_run(run_dir, device)
+    data = load_data(cfg)
+    trained_on = payload.get("data_fingerprint")
+    if trained_on not in (None, data.target.fingerprint()):
+        raise DataError(f"{cfg.data.source}: fingerprint {data.target.fingerprint()} differs from the one "
+                        f"{run_dir} was trained on ({trained_on}); evaluate on the data the model was trained on")
+    split = LeaveOneOutSplit(data.target, cfg.data.max_len)
+    excl = cfg.eval.exclude_history if exclude_history is None else exclude_history
+    res = evaluate_split(model, split, which, cfg.eval.batch_size, device, excl, cfg.finetune.precision)
+    return {**{k: res[k] for k in METRIC_KEYS}, "users": res.get("users"), "exclude_history": excl,
+            "code_score_weight": model.code_score_weight}
+
+

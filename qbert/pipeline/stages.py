@@ -1,0 +1,244 @@
+"""The four stages, each defined once (:data:`REGISTRY`): what it runs, reads, writes and depends on."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from qbert.data.errors import DataError
+from qbert.data.split import LeaveOneOutSplit
+from qbert.eval.metrics import metrics_from_ranks
+from qbert.pipeline.config import METRIC_KEYS, PipelineConfig
+from qbert.pipeline.data import PipelineData, pretraining_rows, stage_features
+from qbert.seqrec.stage import (
+    build_model,
+    finetune,
+    pretrain,
+    select_code_weight,
+    split_ranks,
+)
+from qbert.train.loop import Callback
+from qbert.utils.io import atomic_path, atomic_write_json, load_weights
+from qbert.utils.runtime import pick_device, seed_everything
+
+log = logging.getLogger(__name__)
+
+def _cbs(callbacks: Iterable[Callback] | None) -> list[Callback]:
+    return list(callbacks or ())
+
+
+def run_fusion_stage(cfg: PipelineConfig, data: PipelineData, out_dir: str | Path,
+                     callbacks: Iterable[Callback] = ()) -> dict[str, Any]:
+    """Stage 1 -> ``fused_embeddings.parquet``, ``fusion_report.json``, ``fusion_model.pt``."""
+    from qbert.fusion.train import train_fusion, write_fusion_embeddings
+
+    out = Path(out_dir)
+    items = data.all_items
+    res = train_fusion(stage_features(cfg, data), cfg.fusion, callbacks=_cbs(callbacks),
+                       checkpoint_dir=out / "checkpoints" / "fusion", num_items=items.num_items)
+    write_fusion_embeddings(out / "fused_embeddings.parquet", res.embeddings, np.arange(items.num_items))
+    with atomic_path(out / "fusion_model.pt") as tmp:
+        torch.save({"config": cfg.fusion.to_dict(), "num_items": items.num_items,
+                    "state_dict": res.model.state_dict()}, tmp)
+    atomic_write_json(out / "fusion_report.json", res.report)
+    return res.report
+
+
+def run_quantize_stage(cfg: PipelineConfig, data: PipelineData, out_dir: str | Path,
+                       callbacks: Iterable[Callback] = ()) -> dict[str, Any]:
+    """Stage 2: ``fused_embeddings.parquet`` -> ``rqvae.pt``, ``semantic_ids.parquet``, report."""
+    from qbert.fusion.train import read_fusion_embeddings
+    from qbert.quantize import train_rqvae
+    from qbert.quantize.semantic_ids import semantic_id_table
+
+    out = Path(out_dir)
+    ids, emb = read_fusion_embeddings(out / "fused_embeddings.parquet")
+    if len(ids) != data.all_items.num_items:
+        raise DataError(f"{out / 'fused_embeddings.parquet'}: {len(ids)} items, data has {data.all_items.num_items}")
+    res = train_rqvae(emb, cfg.quantize, callbacks=_cbs(callbacks), checkpoint_dir=out / "checkpoints" / "quantize")
+    codes = np.asarray(res.codes, dtype=np.int64)
+    if np.unique(codes, axis=0).shape[0] != len(codes) and cfg.quantize.reallocate:
+        raise DataError("stage 2 returned colliding semantic IDs despite reallocation")
+    table = semantic_id_table(codes, ids)
+    if data.union is not None:
+        table = table.append_column("domain", data.union.items.column("domain"))
+    with atomic_path(out / "semantic_ids.parquet") as tmp:
+        pq.write_table(table, tmp)
+    with atomic_path(out / "rqvae.pt") as tmp:
+        torch.save({"config": cfg.quantize.to_dict(), "state_dict": res.model.state_dict()}, tmp)
+    report = dict(res.report)
+    report["utilisation_per_level"] = codebook_utilisation(codes, cfg.quantize.sizes)
+    atomic_write_json(out / "quantize_report.json", report)
+    return report
+
+
+def codebook_utilisation(codes: np.ndarray, sizes: list[int]) -> list[dict[str, float]]:
+    """Per level: share of codes used, perplexity of the code distribution."""
+    out = []
+    for level, size in enumerate(sizes):
+        counts = np.bincount(codes[:, level], minlength=size).astype(float)
+        p = counts / counts.sum()
+        nz = p[p > 0]
+        out.append({"used": int((counts > 0).sum()), "size": int(size), "utilisation": float((counts > 0).mean()),
+                    "perplexity": float(np.exp(-(nz * np.log(nz)).sum()))})
+    return out
+
+
+def read_codes(out_dir: str | Path, num_items: int) -> np.ndarray:
+    """[num_items, K] codes of items 0..num_items-1 of the run's semantic-ID table."""
+    p = Path(out_dir) / "semantic_ids.parquet"
+    if not p.is_file():
+        raise FileNotFoundError(f"semantic-ID table not found: {p} (run the quantize stage first)")
+    t = pq.read_table(p)
+    ids = t.column("item_id").to_numpy()
+    K = sum(1 for c in t.column_names if c.startswith("code_"))
+    codes = np.stack([t.column(f"code_{l}").to_numpy() for l in range(K)], 1).astype(np.int64)
+    codes = codes[np.argsort(ids, kind="stable")]
+    if len(codes) < num_items or not np.array_equal(np.sort(ids)[:num_items], np.arange(num_items)):
+        raise DataError(f"{p}: expected codes for items 0..{num_items - 1}, got {len(ids)} rows")
+    return codes[:num_items]
+
+
+def _model_for(cfg: PipelineConfig, codes: np.ndarray):
+    return build_model(cfg.model, codes, cfg.quantize.sizes, cfg.data.max_len)
+
+
+def run_pretrain_stage(cfg: PipelineConfig, data: PipelineData, out_dir: str | Path,
+                       callbacks: Iterable[Callback] = (), shard: tuple[int, int] | None = None) -> dict[str, Any]:
+    """Stage 3a: masked pretraining -> ``pretrain.pt``. Strategy ``none`` writes nothing."""
+    out = Path(out_dir)
+    if cfg.pretrain.strategy == "none" or cfg.pretrain.epochs == 0:
+        (out / "pretrain.pt").unlink(missing_ok=True)
+        return {"strategy": cfg.pretrain.strategy, "skipped": True}
+    device = pick_device(cfg.device)
+    seed_everything(cfg.seed)
+    codes = read_codes(out, data.all_items.num_items)
+    rows = pretraining_rows(cfg, data)
+    model = _model_for(cfg, codes)
+    res = pretrain(model, rows, cfg.pretrain, device, seed=cfg.seed, callbacks=_cbs(callbacks),
+                   checkpoint_dir=out / "checkpoints" / "pretrain", shard=shard, progress=cfg.progress)
+    with atomic_path(out / "pretrain.pt") as tmp:
+        torch.save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                    "num_items": model.num_items, "multi_domain": data.multi_domain,
+                    "strategy": cfg.pretrain.strategy}, tmp)
+    assert res is not None
+    return {"strategy": cfg.pretrain.strategy, "rows": int(len(rows)), "epochs": len(res.history),
+            "final_loss": res.history[-1]["loss"] if res.history else None, "train_seconds": res.train_seconds,
+            "samples_per_second": res.samples_per_second, "domains": list(data.domain_ranges())}
+
+
+def run_finetune_stage(cfg: PipelineConfig, data: PipelineData, out_dir: str | Path,
+                       callbacks: Iterable[Callback] = (), shard: tuple[int, int] | None = None) -> dict[str, Any]:
+    """Stage 3b: fine-tune on the target (from ``pretrain.pt`` when present) -> ``model.pt``;
+    returns valid (best epoch) and test metrics."""
+    out = Path(out_dir)
+    device = pick_device(cfg.device)
+    seed_everything(cfg.seed + 1)
+    split = LeaveOneOutSplit(data.target, cfg.data.max_len)
+    model = _model_for(cfg, read_codes(out, data.target.num_items))
+    init = "scratch"
+    pre = out / "pretrain.pt"
+    if cfg.pretrain.strategy != "none" and pre.is_file():
+        payload = load_weights(pre, "pretrained encoder")
+        same_catalogue = not payload.get("multi_domain") and payload.get("num_items") == model.num_items
+        model.load_encoder(payload["model"], with_catalogue=same_catalogue)
+        init = "pretrained" + ("" if same_catalogue else " (shared encoder and code embeddings)")
+    res = finetune(model, split, cfg.finetune, device, seed=cfg.seed, callbacks=_cbs(callbacks),
+                   checkpoint_dir=out / "checkpoints" / "finetune", shard=shard,
+                   exclude_history=cfg.eval.exclude_history, progress=cfg.progress)
+    valid = {k: res.best_metrics[k] for k in METRIC_KEYS if k in res.best_metrics}
+    weights: dict[str, Any] = {}
+    if cfg.finetune.select_code_weight:  # on valid only, before test is looked at (hybrid only)
+        best, table = select_code_weight(model, split, cfg.finetune.select_code_weight, cfg.finetune.monitor,
+                                         cfg.eval.batch_size, device, cfg.eval.exclude_history,
+                                         cfg.finetune.precision)
+        valid = {k: table[best][k] for k in METRIC_KEYS}
+        weights = {"code_score_weight": best, "code_weight_valid": {str(w): m for w, m in table.items()}}
+        log.info("ranking weight of the semantic-ID term chosen on valid: %g (%s %.4f)", best,
+                 cfg.finetune.monitor, table[best][cfg.finetune.monitor])
+    if model.repeat_weight is not None:  # the learned logit shift of items already in the history
+        weights["repeat_weight"] = float(model.repeat_weight.detach())
+    if model.prefix_weight is not None:  # ... and of items sharing their first 1..K-1 codes with one
+        weights["prefix_weight"] = [float(w) for w in model.prefix_weight.detach()]
+    t0 = time.perf_counter()
+    protocols = ("kept", "excluded")
+    valid_ranks = split_ranks(model, split, "valid", cfg.eval.batch_size, device, protocols, cfg.finetune.precision)
+    by_protocol = {"valid": {PROTOCOL_KEYS[p]: metrics_from_ranks(r) for p, r in valid_ranks.items()}}
+    test: dict[str, float] = {}
+    if cfg.eval.test:
+        test_ranks = split_ranks(model, split, "test", cfg.eval.batch_size, device, protocols, cfg.finetune.precision)
+        by_protocol["test"] = {PROTOCOL_KEYS[p]: metrics_from_ranks(r) for p, r in test_ranks.items()}
+        test = by_protocol["test"][PROTOCOL_KEYS["excluded" if cfg.eval.exclude_history else "kept"]]
+        write_ranks(out / "test_ranks.parquet", split, "test", test_ranks)
+    eval_seconds = time.perf_counter() - t0
+    with atomic_path(out / "model.pt") as tmp:
+        torch.save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                    "config": cfg.to_dict(), "num_items": model.num_items,
+                    "code_score_weight": model.code_score_weight,
+                    "data_fingerprint": data.target.fingerprint()}, tmp)
+    return {"init": init, "valid": valid, "test": {k: test[k] for k in METRIC_KEYS if k in test},
+            "by_protocol": by_protocol, **weights, "best_epoch": res.best_epoch,
+            "epochs_run": len(res.history), "stopped_early": res.stopped_early, "train_seconds": res.train_seconds,
+            "samples_per_second": res.samples_per_second,
+            "eval_seconds_per_user": eval_seconds / (split.num_users * (2 if cfg.eval.test else 1)),
+            "params": sum(p.numel() for p in model.parameters()),
+            "item_indexed_parameters": model.item_indexed_parameters(),
+            "history": [{k: v for k, v in h.items()} for h in res.history]}
+
+
+PROTOCOL_KEYS = {"kept": "history_kept", "excluded": "history_excluded"}
+
+
+def write_ranks(path: Path, split: LeaveOneOutSplit, which: str, ranks: dict[str, torch.Tensor]) -> None:
+    """Per-user target ranks (0-based, both protocols) beside the run, so slices such as
+    cold-start targets are computed from the one test evaluation instead of a second one."""
+    import pyarrow as pa
+
+    cols = {"user": pa.array(np.arange(split.num_users, dtype=np.int64)),
+            "target": pa.array(np.asarray(split.targets(which), dtype=np.int64))}
+    cols.update({f"rank_{PROTOCOL_KEYS[p]}": pa.array(r.numpy().astype(np.int64)) for p, r in ranks.items()})
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.table(cols), tmp)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of the method, defined once; every driver and executor reads this.
+
+    ``run(cfg, data, out_dir, callbacks=(), shard=None) -> report`` trains through
+    :func:`qbert.train.fit`; ``depends_on`` are the config sections its output depends on (for
+    reuse: with the stages before it); ``reads`` / ``writes`` the run-directory artifacts it needs
+    from earlier stages / leaves; ``batch_keys`` the global batch sizes a data-parallel executor
+    divides among its workers; ``model`` marks the stage whose model evaluation loads.
+    """
+
+    name: str
+    run: Callable[..., dict[str, Any]]
+    depends_on: tuple[str, ...]
+    reads: tuple[str, ...]
+    writes: tuple[str, ...]
+    batch_keys: tuple[str, ...] = ()
+    model: bool = False
+
+
+REGISTRY: dict[str, Stage] = {s.name: s for s in (
+    Stage("fusion", run_fusion_stage, ("data", "pretrain_sources", "fusion", "seed"), (),
+          ("fused_embeddings.parquet", "fusion_model.pt", "fusion_report.json")),
+    Stage("quantize", run_quantize_stage, ("quantize",), ("fused_embeddings.parquet",),
+          ("rqvae.pt", "semantic_ids.parquet", "quantize_report.json")),
+    Stage("pretrain", run_pretrain_stage, ("model", "pretrain"), ("semantic_ids.parquet",), ("pretrain.pt",),
+          ("pretrain.batch_size",)),
+    Stage("finetune", run_finetune_stage, ("finetune", "eval"), ("semantic_ids.parquet", "pretrain.pt"),
+          ("model.pt", "test_ranks.parquet"), ("finetune.batch_size",), model=True),
+)}
+STAGES = tuple(REGISTRY)  # in order; ReuseSection's first three
+MODEL_STAGE = next(s.name for s in REGISTRY.values() if s.model)
+
+
