@@ -3,7 +3,9 @@
 
 Each stage is a function of ``(cfg, data, out_dir, callbacks)`` that reads its inputs from and
 writes its outputs to ``out_dir``, so a platform adapter (Ray Train worker, Tune trial) can run
-one stage alone. ``run_pipeline`` chains them and adds the run summary and plots.
+one stage alone. ``run_pipeline`` (the one driver) runs them through an executor -- in this process
+(:class:`LocalExecutor`) or on Ray Train workers (:class:`qbert.platform.ray_train.RayExecutor`) --
+and adds the run summary and plots. The stages themselves are listed once, in :data:`REGISTRY`.
 
 Run directory::
 
@@ -28,50 +30,18 @@ uses the sources' whole sequences plus (``pretrain.include_target``) the target'
 part; fine-tuning and evaluation use the target alone with its own rows of the table.
 """
 
-from qbert.pipeline.config import (
-                                   METRIC_KEYS,
-                                   DataSection,
-                                   EvalSection,
-                                   Modality,
-                                   PipelineConfig,
-                                   ReuseSection,
-                                   quickstart_config,
-)
-from qbert.pipeline.data import (
-                                   PipelineData,
-                                   check_inputs,
-                                   load_data,
-                                   load_source,
-                                   pretraining_rows,
-                                   stage_features,
-)
+from qbert.pipeline.config import (METRIC_KEYS, DataSection, EvalSection, Modality, PipelineConfig, ReuseSection,
+                                   quickstart_config)
+from qbert.pipeline.data import PipelineData, check_inputs, load_data, load_source, pretraining_rows, stage_features
 from qbert.pipeline.reports import finish_run, write_plots
-from qbert.pipeline.runs import (
-                                   check_reuse,
-                                   config_differences,
-                                   evaluate_run,
-                                   load_run_model,
-                                   reuse_stage,
-                                   run_pipeline,
-)
-from qbert.pipeline.stages import (
-                                   MODEL_STAGE,
-                                   PROTOCOL_KEYS,
-                                   REGISTRY,
-                                   STAGES,
-                                   Stage,
-                                   codebook_utilisation,
-                                   read_codes,
-                                   run_finetune_stage,
-                                   run_fusion_stage,
-                                   run_pretrain_stage,
-                                   run_quantize_stage,
-                                   write_ranks,
-)
+from qbert.pipeline.runs import (LocalExecutor, check_reuse, config_differences, evaluate_run, load_run_model,
+                                 reuse_stage, run_pipeline)
+from qbert.pipeline.stages import (MODEL_STAGE, PROTOCOL_KEYS, REGISTRY, STAGES, Stage, read_codes, run_finetune_stage,
+                                   run_fusion_stage, run_pretrain_stage, run_quantize_stage, write_ranks)
 
-__all__ = ["METRIC_KEYS", "MODEL_STAGE", "PROTOCOL_KEYS", "REGISTRY", "STAGES", "DataSection", "EvalSection", "Modality",
-           "PipelineConfig", "PipelineData", "ReuseSection", "Stage", "check_inputs", "check_reuse",
-           "codebook_utilisation", "config_differences", "evaluate_run", "finish_run", "load_data", "load_run_model",
-           "load_source", "pretraining_rows", "quickstart_config", "read_codes", "reuse_stage", "run_finetune_stage",
-           "run_fusion_stage", "run_pipeline", "run_pretrain_stage", "run_quantize_stage", "stage_features",
-           "write_plots", "write_ranks"]
+__all__ = ["DataSection", "EvalSection", "LocalExecutor", "METRIC_KEYS", "MODEL_STAGE", "Modality", "PROTOCOL_KEYS",
+           "PipelineConfig", "PipelineData", "REGISTRY", "ReuseSection", "STAGES", "Stage", "check_inputs",
+           "check_reuse", "config_differences", "evaluate_run", "finish_run", "load_data", "load_run_model",
+           "load_source", "pretraining_rows", "quickstart_config", "read_codes", "reuse_stage",
+           "run_finetune_stage", "run_fusion_stage", "run_pipeline", "run_pretrain_stage", "run_quantize_stage",
+           "stage_features", "write_plots", "write_ranks"]

@@ -95,19 +95,45 @@ def config_differences(path: Path, cfg: PipelineConfig) -> list[str] | None:
     return sorted(k for k in set(mine) | set(theirs) if not skip(k) and mine.get(k) != theirs.get(k))
 
 
+class LocalExecutor:
+    """Runs each stage in this process, with ``callbacks_factory(stage)``'s callbacks (MLflow, Tune)."""
+
+    def __init__(self, callbacks_factory: CallbacksFactory | None = None):
+        self.callbacks_factory = callbacks_factory or (lambda stage: ())
+
+    def run(self, cfg: PipelineConfig, out: Path, data: PipelineData, stages: list[str],
+            reports: dict[str, Any]) -> dict[str, float]:
+        """Run ``stages`` in order, adding each one's report to ``reports``; return seconds per stage."""
+        timings: dict[str, float] = {}
+        for stage in stages:
+            t0 = time.perf_counter()
+            log.info("stage %s", stage)
+            reports[stage] = REGISTRY[stage].run(cfg, data, out, self.callbacks_factory(stage))
+            timings[stage] = time.perf_counter() - t0
+        return timings
+
+    def describe(self) -> dict[str, Any]:
+        """Fields the executor adds to ``metrics.json`` and ``summary.json``."""
+        return {}
+
+
 def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, callbacks_factory: CallbacksFactory | None = None,
-                 resume: bool = True, overwrite: bool = False) -> dict[str, Any]:
+                 resume: bool = True, overwrite: bool = False, executor: Any = None) -> dict[str, Any]:
     """Run every stage in order; return the metrics dict also written to ``metrics.json``.
 
-    ``callbacks_factory(stage)`` gives the training callbacks of each stage (MLflow, Ray).
-    All inputs are checked before the first stage trains. The run holds ``out_dir``'s lock
-    throughout (a second run on it fails at once). With ``resume`` an interrupted run of the
-    *same* config continues from its stage checkpoints (``resume=False`` discards them); a
-    directory holding a run of another config is refused unless ``overwrite`` (which empties it).
+    The one driver of local, ``ray job submit``, KubeRay and Tune runs: ``executor`` runs the
+    stages (default :class:`LocalExecutor` with ``callbacks_factory``;
+    :class:`qbert.platform.ray_train.RayExecutor` on Ray Train workers). All inputs are checked
+    before the first stage trains. The run holds ``out_dir``'s lock throughout (a second run on it
+    fails at once). With ``resume`` an interrupted run of the *same* config continues from its
+    stage checkpoints (``resume=False`` discards them); a directory holding a run of another config
+    is refused unless ``overwrite`` (which empties it). Stages in ``reuse.stages`` are copied from
+    a finished run first.
     """
     from qbert.utils.rundir import claim_run_dir, run_lock
 
-    out = Path(out_dir)
+    executor = executor if executor is not None else LocalExecutor(callbacks_factory)
+    out = Path(out_dir).resolve()  # executors on other processes and nodes get absolute paths
     started = time.time()
     commit = git_commit()  # the code this run executes (the tree may change while it trains)
     seed_everything(cfg.seed)
@@ -120,25 +146,17 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, callbacks_factory: Ca
         if ckpts.exists() and not resume:
             log.info("discarding checkpoints of %s (resume off)", out)
             shutil.rmtree(ckpts)
-        return _run_stages(cfg, out, data, callbacks_factory, started, commit)
-
-
-def _run_stages(cfg: PipelineConfig, out: Path, data: PipelineData, callbacks_factory: CallbacksFactory | None,
-                started: float, commit: str) -> dict[str, Any]:
-    cfg.to_yaml(out / "config.yaml")
-    cbs = callbacks_factory or (lambda stage: ())
-    timings: dict[str, float] = {}
-    reports: dict[str, Any] = {}
-    for stage in STAGES:
-        t0 = time.perf_counter()
-        if stage in cfg.reuse.stages:
+        cfg.to_yaml(out / "config.yaml")
+        reports: dict[str, Any] = {}
+        timings: dict[str, float] = {}
+        for stage in cfg.reuse.stages:
+            t0 = time.perf_counter()
             log.info("stage %s: reused from %s", stage, cfg.reuse.from_run)
             reports[stage] = reuse_stage(cfg, stage, out)
-        else:
-            log.info("stage %s", stage)
-            reports[stage] = REGISTRY[stage].run(cfg, data, out, cbs(stage))
-        timings[stage] = time.perf_counter() - t0
-    return finish_run(cfg, out, data, reports, timings, started, commit)
+            timings[stage] = time.perf_counter() - t0
+        todo = [s for s in STAGES if s not in reports]
+        timings.update(executor.run(cfg, out, data, todo, reports))
+        return finish_run(cfg, out, data, reports, timings, started, commit, extra=executor.describe() or None)
 
 
 

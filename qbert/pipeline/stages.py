@@ -17,13 +17,7 @@ from qbert.data.split import LeaveOneOutSplit
 from qbert.eval.metrics import metrics_from_ranks
 from qbert.pipeline.config import METRIC_KEYS, PipelineConfig
 from qbert.pipeline.data import PipelineData, pretraining_rows, stage_features
-from qbert.seqrec.stage import (
-    build_model,
-    finetune,
-    pretrain,
-    select_code_weight,
-    split_ranks,
-)
+from qbert.seqrec.stage import build_model, finetune, pretrain, select_code_weight, split_ranks
 from qbert.train.loop import Callback
 from qbert.utils.io import atomic_path, atomic_write_json, load_weights
 from qbert.utils.runtime import pick_device, seed_everything
@@ -56,52 +50,27 @@ def run_quantize_stage(cfg: PipelineConfig, data: PipelineData, out_dir: str | P
     """Stage 2: ``fused_embeddings.parquet`` -> ``rqvae.pt``, ``semantic_ids.parquet``, report."""
     from qbert.fusion.train import read_fusion_embeddings
     from qbert.quantize import train_rqvae
-    from qbert.quantize.semantic_ids import semantic_id_table
 
     out = Path(out_dir)
     ids, emb = read_fusion_embeddings(out / "fused_embeddings.parquet")
     if len(ids) != data.all_items.num_items:
         raise DataError(f"{out / 'fused_embeddings.parquet'}: {len(ids)} items, data has {data.all_items.num_items}")
     res = train_rqvae(emb, cfg.quantize, callbacks=_cbs(callbacks), checkpoint_dir=out / "checkpoints" / "quantize")
-    codes = np.asarray(res.codes, dtype=np.int64)
-    if np.unique(codes, axis=0).shape[0] != len(codes) and cfg.quantize.reallocate:
-        raise DataError("stage 2 returned colliding semantic IDs despite reallocation")
-    table = semantic_id_table(codes, ids)
-    if data.union is not None:
-        table = table.append_column("domain", data.union.items.column("domain"))
-    with atomic_path(out / "semantic_ids.parquet") as tmp:
-        pq.write_table(table, tmp)
-    with atomic_path(out / "rqvae.pt") as tmp:
-        torch.save({"config": cfg.quantize.to_dict(), "state_dict": res.model.state_dict()}, tmp)
-    report = dict(res.report)
-    report["utilisation_per_level"] = codebook_utilisation(codes, cfg.quantize.sizes)
-    atomic_write_json(out / "quantize_report.json", report)
-    return report
-
-
-def codebook_utilisation(codes: np.ndarray, sizes: list[int]) -> list[dict[str, float]]:
-    """Per level: share of codes used, perplexity of the code distribution."""
-    out = []
-    for level, size in enumerate(sizes):
-        counts = np.bincount(codes[:, level], minlength=size).astype(float)
-        p = counts / counts.sum()
-        nz = p[p > 0]
-        out.append({"used": int((counts > 0).sum()), "size": int(size), "utilisation": float((counts > 0).mean()),
-                    "perplexity": float(np.exp(-(nz * np.log(nz)).sum()))})
-    return out
+    domains = {"domain": data.union.items.column("domain")} if data.union is not None else None
+    res.save(out, ids, columns=domains)
+    return dict(res.report)
 
 
 def read_codes(out_dir: str | Path, num_items: int) -> np.ndarray:
-    """[num_items, K] codes of items 0..num_items-1 of the run's semantic-ID table."""
+    """[num_items, K] codes of items 0..num_items-1 of the run's semantic-ID table (read and
+    validated by stage 2's one reader; a corrupt table is an error naming it)."""
+    from qbert.quantize.semantic_ids import read_semantic_ids
+
     p = Path(out_dir) / "semantic_ids.parquet"
     if not p.is_file():
         raise FileNotFoundError(f"semantic-ID table not found: {p} (run the quantize stage first)")
-    t = pq.read_table(p)
-    ids = t.column("item_id").to_numpy()
-    K = sum(1 for c in t.column_names if c.startswith("code_"))
-    codes = np.stack([t.column(f"code_{l}").to_numpy() for l in range(K)], 1).astype(np.int64)
-    codes = codes[np.argsort(ids, kind="stable")]
-    if len(codes) < num_items or not np.array_equal(np.sort(ids)[:num_items], np.arange(num_items)):
+    ids, codes = read_semantic_ids(p, require_unique=False)  # sorted by item id
+    if len(codes) < num_items or not np.array_equal(ids[:num_items], np.arange(num_items)):
         raise DataError(f"{p}: expected codes for items 0..{num_items - 1}, got {len(ids)} rows")
     return codes[:num_items]
 

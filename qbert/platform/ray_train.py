@@ -37,14 +37,13 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from qbert.config import Config
-from qbert.train.loop import Callback, FitResult, LoopState, unwrap
+from qbert.platform.ray_callbacks import CKPT_META, GradSyncCallback, KillOnceCallback, RayReportCallback
+from qbert.train.loop import Callback
 
 log = logging.getLogger(__name__)
 
-CKPT_META = "qbert_ray_ckpt.json"
 FINAL_MARK = "qbert_stage_done.json"
 NOT_SHIPPED = ("ray_storage", "mlflow.db", "mlartifacts")  # never copy storage into itself
 
@@ -68,162 +67,6 @@ class StageRunResult:
     out_dir: Path
     checkpoint_path: str | None
     history: list[dict[str, Any]] = field(default_factory=list)
-
-
-# --------------------------------------------------------------------------- callbacks (in workers)
-class GradSyncCallback(Callback):
-    """Averages gradients over the process group at the end of each backward pass (manual DDP).
-
-    Uneven shards (a rank with one batch fewer in an epoch) must not deadlock: every gradient
-    all-reduce carries an "active" flag, and a rank that has run out of batches keeps joining
-    the others' all-reduces with zeros (flag 0) at epoch end until no rank is active. A step in
-    which some rank had no batch is skipped on every rank (gradients set to None, so the
-    optimizer leaves parameters and state untouched) so all replicas stay identical.
-    """
-
-    def __init__(self) -> None:
-        self._handles: list[Any] = []
-        self._queued = False
-        self._params: list[nn.Parameter] = []
-        self.skipped_steps = 0
-
-    @staticmethod
-    def _active_group() -> bool:
-        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-    def on_fit_start(self, model: nn.Module, state: LoopState) -> None:
-        if not self._active_group():
-            return
-        module = unwrap(model)
-        with torch.no_grad():
-            for t in list(module.parameters()) + list(module.buffers()):
-                dist.broadcast(t.data, src=0)
-        self._params = [p for p in module.parameters() if p.requires_grad]
-        for p in self._params:
-            self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
-
-    def _on_grad(self, _param: torch.Tensor) -> None:
-        if not self._queued:
-            self._queued = True
-            torch.autograd.Variable._execution_engine.queue_callback(self._all_reduce)
-
-    def _flat(self, active: bool) -> torch.Tensor:
-        ref = self._params[0]
-        if not active:
-            return torch.zeros(sum(p.numel() for p in self._params) + 1, dtype=ref.dtype, device=ref.device)
-        grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self._params]
-        return torch.cat(grads + [torch.ones(1, dtype=ref.dtype, device=ref.device)])
-
-    def _all_reduce(self) -> None:
-        self._queued = False
-        flat = self._flat(active=True)
-        dist.all_reduce(flat)
-        active = int(round(float(flat[-1])))
-        if active < dist.get_world_size():  # another rank ran out of batches: skip this step everywhere
-            for p in self._params:
-                p.grad = None
-            self.skipped_steps += 1
-            return
-        flat /= active
-        offset = 0
-        for p in self._params:
-            n = p.numel()
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            p.grad.copy_(flat[offset:offset + n].view_as(p))
-            offset += n
-
-    def _join(self) -> None:
-        """Match the all-reduces of ranks that still have batches, until none has."""
-        while True:
-            flat = self._flat(active=False)
-            dist.all_reduce(flat)
-            if int(round(float(flat[-1]))) == 0:
-                return
-
-    def on_epoch_end(self, model: nn.Module, state: LoopState, metrics: dict[str, float], checkpoint: Path | None) -> None:
-        if not self._active_group() or not self._params:
-            return
-        self._join()
-        flag = torch.tensor([1.0 if state.stopped_early else 0.0], dtype=torch.float64, device=_coll_device())
-        dist.broadcast(flag, src=0)
-        state.stopped_early = bool(flag.item())
-
-    def on_fit_end(self, model: nn.Module, state: LoopState, result: FitResult) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
-
-def _coll_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
-def _mean_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return dict(metrics)
-    keys = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
-    t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=_coll_device())
-    dist.all_reduce(t)
-    t /= dist.get_world_size()
-    out = dict(metrics)
-    out.update({k: float(v) for k, v in zip(keys, t.tolist())})
-    return out
-
-
-class RayReportCallback(Callback):
-    """``ray.train.report`` per epoch: metrics (mean over ranks) + rank 0's ``last.pt`` as checkpoint."""
-
-    def __init__(self, rank: int, out_dir: Path, stage: str, carry: Callable[[], tuple[list[str], dict]] | None = None):
-        self.rank, self.out_dir, self.stage = rank, Path(out_dir), stage
-        self.carry = carry  # (files relative to out_dir, extra meta) to put into every checkpoint
-        self.start_epoch = 0
-
-    def on_fit_start(self, model: nn.Module, state: LoopState) -> None:
-        self.start_epoch = state.epoch
-
-    def on_epoch_end(self, model: nn.Module, state: LoopState, metrics: dict[str, float], checkpoint: Path | None) -> None:
-        import ray.train
-
-        report = _mean_over_ranks(metrics)
-        report.update(stage=self.stage, start_epoch=self.start_epoch, epochs_done=state.epoch, rank0_stopped=state.stopped_early)
-        if self.rank != 0 or checkpoint is None or not Path(checkpoint).is_file():
-            ray.train.report(report)
-            return
-        with tempfile.TemporaryDirectory(prefix="qbert-ckpt-") as tmp:
-            rel = _relative(Path(checkpoint), self.out_dir)
-            dst = Path(tmp) / rel
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(checkpoint, dst)
-            files, extra = self.carry() if self.carry else ([], {})
-            for f in files:
-                (Path(tmp) / f).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(self.out_dir / f, Path(tmp) / f)
-            meta = {"relpath": rel.as_posix(), "epoch": state.epoch, "stage": self.stage, "files": files, **extra}
-            (Path(tmp) / CKPT_META).write_text(json.dumps(meta, default=str))
-            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-
-
-class KillOnceCallback(Callback):
-    """Fault injection for tests and drills: the process dies (``os._exit``) after epoch N, once per marker."""
-
-    def __init__(self, epoch: int, marker: Path):
-        self.epoch, self.marker = epoch, marker
-
-    def on_epoch_end(self, model: nn.Module, state: LoopState, metrics: dict[str, float], checkpoint: Path | None) -> None:
-        if state.epoch == self.epoch and not self.marker.exists():
-            self.marker.parent.mkdir(parents=True, exist_ok=True)
-            self.marker.write_text(str(os.getpid()))
-            log.error("fault injection: killing worker pid %d after epoch %d", os.getpid(), state.epoch)
-            time.sleep(3)  # let the controller register this epoch's report first: the drill tests resume, not races
-            os._exit(17)
-
-
-def _relative(path: Path, root: Path) -> Path:
-    try:
-        return path.resolve().relative_to(root.resolve())
-    except ValueError:  # checkpoint outside the out dir: keep its name under a fixed folder
-        return Path("_external") / path.name
 
 
 # --------------------------------------------------------------------------- worker body
@@ -501,56 +344,59 @@ def _pipeline_worker(spec: _Spec) -> Any:
     return reports if rank == 0 else None
 
 
+class RayExecutor:
+    """Runs the pipeline's stages on Ray Train workers, for :func:`qbert.pipeline.run_pipeline`.
+
+    Default: one ``TorchTrainer`` (run ``<name>``) runs the remaining stages in one worker group
+    (one start-up instead of four; a restart skips the finished stages); ``trainer_per_stage``
+    gives each stage its own ``TorchTrainer`` (``<name>-<stage>``). Re-submitting with the same
+    name resumes from the last reported checkpoint. Reused stages' artifacts (copied in by the
+    driver) are shipped to every worker.
+    """
+
+    def __init__(self, scaling: RayScalingConfig | None = None, name: str = "qbert", tracked_run: Any = None,
+                 log_model: bool = True, trainer_per_stage: bool = False):
+        self.scaling = scaling or RayScalingConfig()
+        self.name, self.tracked_run, self.log_model = name, tracked_run, log_model
+        self.trainer_per_stage = trainer_per_stage
+
+    def run(self, cfg: Any, out: Path, data: Any, stages: list[str], reports: dict[str, Any]) -> dict[str, float]:
+        import functools
+
+        from qbert import pipeline as P
+
+        handle = tracking_handle(self.tracked_run) if self.tracked_run is not None else None
+        load = functools.partial(P.load_data, cfg)  # each worker loads the data itself
+        timings: dict[str, float] = {}
+        if not self.trainer_per_stage:
+            shipped = tuple(f for stage in reports for f in P.REGISTRY[stage].writes if (out / f).is_file())
+            t0 = time.perf_counter()
+            res = run_stage_on_ray(None, cfg, load, out, scaling=self.scaling, name=self.name, stage="pipeline",
+                                   tracking=handle, log_model=self.log_model, worker=_pipeline_worker,
+                                   stage_kwargs={"reused": dict(reports)}, input_files=shipped)
+            reports.update(res.value)
+            timings["pipeline"] = time.perf_counter() - t0
+        for stage in stages if self.trainer_per_stage else ():
+            t0 = time.perf_counter()
+            log.info("stage %s on Ray (%d workers)", stage, self.scaling.num_workers)
+            st = P.REGISTRY[stage]
+            res = run_stage_on_ray(st.run, cfg, load, out, scaling=self.scaling, name=f"{self.name}-{stage}",
+                                   stage=stage, tracking=handle, log_model=self.log_model and st.model,
+                                   input_files=st.reads, per_rank_batch_keys=st.batch_keys)
+            reports[stage] = res.value
+            timings[stage] = time.perf_counter() - t0
+        return timings
+
+    def describe(self) -> dict[str, Any]:
+        return {"ray": {"num_workers": self.scaling.num_workers, "name": self.name}}
+
+
 def run_pipeline_on_ray(cfg: Any, out_dir: str | os.PathLike, *, scaling: RayScalingConfig | None = None,
                         name: str = "qbert", tracked_run: Any = None, log_model: bool = True,
-                        trainer_per_stage: bool = False) -> dict[str, Any]:
-    """``qbert.pipeline.run_pipeline`` on Ray Train: same artifacts and ``metrics.json``.
+                        trainer_per_stage: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """A launcher: :func:`qbert.pipeline.run_pipeline` (the one driver) with a :class:`RayExecutor`;
+    same checks, run directory, artifacts and ``metrics.json`` as a local run."""
+    from qbert.pipeline import run_pipeline
 
-    Default: one ``TorchTrainer`` (run ``<name>``) runs the four stages in one worker group;
-    ``trainer_per_stage`` gives each stage its own ``TorchTrainer`` (``<name>-<stage>``).
-    Re-submitting with the same name resumes from the last checkpoint.
-    """
-    import functools
-    import time
-
-    from qbert import pipeline as P
-    from qbert.utils.runtime import git_commit, seed_everything
-
-    out = Path(out_dir).resolve()
-    started = time.time()
-    commit = git_commit()  # the code this run executes (the tree may change while it trains)
-    seed_everything(cfg.seed)
-    data = P.load_data(cfg)
-    P.check_inputs(cfg, data)  # every input problem surfaces before a worker starts
-    P.check_reuse(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg.to_yaml(out / "config.yaml")
-    handle = tracking_handle(tracked_run) if tracked_run is not None else None
-    # reused stages: the driver copies their artifacts in, and every worker gets them as inputs
-    reused = {stage: P.reuse_stage(cfg, stage, out) for stage in cfg.reuse.stages}
-    reused_files = tuple(f for stage in reused for f in P.REGISTRY[stage].writes if (out / f).is_file())
-    reports: dict[str, Any] = dict(reused)
-    timings: dict[str, float] = {}
-    if not trainer_per_stage:
-        t0 = time.perf_counter()
-        res = run_stage_on_ray(None, cfg, functools.partial(P.load_data, cfg), out, scaling=scaling,
-                               name=name, stage="pipeline", tracking=handle, log_model=log_model,
-                               worker=_pipeline_worker, stage_kwargs={"reused": reused}, input_files=reused_files)
-        reports = dict(res.value)
-        timings["pipeline"] = time.perf_counter() - t0
-    for stage in P.STAGES if trainer_per_stage else ():
-        if stage in reused:
-            continue
-        t0 = time.perf_counter()
-        log.info("stage %s on Ray (%d workers)", stage, (scaling or RayScalingConfig()).num_workers)
-        st = P.REGISTRY[stage]
-        res = run_stage_on_ray(st.run, cfg, functools.partial(P.load_data, cfg), out, scaling=scaling,
-                               name=f"{name}-{stage}", stage=stage, tracking=handle,
-                               log_model=log_model and st.model, input_files=st.reads,
-                               per_rank_batch_keys=st.batch_keys)
-        reports[stage] = res.value
-        timings[stage] = time.perf_counter() - t0
-    reports["finetune"] = dict(reports["finetune"])
-    ray_info = {"ray": {"num_workers": (scaling or RayScalingConfig()).num_workers, "name": name}}
-    return P.finish_run(cfg, out, data, reports, timings, started, commit, extra=ray_info)
-
+    return run_pipeline(cfg, out_dir, overwrite=overwrite,
+                        executor=RayExecutor(scaling, name, tracked_run, log_model, trainer_per_stage))

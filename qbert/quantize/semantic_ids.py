@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -56,9 +57,14 @@ def semantic_id_table(codes: np.ndarray, item_ids: np.ndarray | None = None) -> 
 
 
 def write_semantic_ids(path: str | Path, codes: np.ndarray, item_ids: np.ndarray | None = None,
-                       codebook_sizes: list[int] | None = None, require_unique: bool = True) -> Path:
-    """Validate (unique IDs unless told otherwise, codes in range) and write the table atomically."""
+                       codebook_sizes: list[int] | None = None, require_unique: bool = True,
+                       columns: dict[str, Any] | None = None) -> Path:
+    """Validate (unique IDs unless told otherwise, codes in range) and write the table atomically,
+    with ``columns`` (name -> one value per item) appended."""
     table = semantic_id_table(codes, item_ids)
+    for name, values in (columns or {}).items():
+        table = table.append_column(name, values if isinstance(values, (pa.Array, pa.ChunkedArray))
+                                    else pa.array(values))
     _validate(table, str(path), codebook_sizes, require_unique)
     atomic_write_parquet(path, table)
     return Path(path)
@@ -70,7 +76,10 @@ def read_semantic_ids(path: str | Path, codebook_sizes: list[int] | None = None,
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"semantic-ID table not found: {p}")
-    table = pq.read_table(p)
+    try:
+        table = pq.read_table(p)
+    except (pa.ArrowException, OSError) as e:  # truncated or not parquet at all
+        raise DataError(f"{p}: not a readable parquet file ({str(e).splitlines()[0][:200]})") from None
     _validate(table, str(p), codebook_sizes, require_unique)
     ids = table.column("item_id").to_numpy().astype(np.int64)
     K = _levels(table)

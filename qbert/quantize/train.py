@@ -30,13 +30,15 @@ class QuantizeResult:
     fit: FitResult | None = None
     reallocation: ReallocationInfo | None = None
 
-    def save(self, directory: str | Path, item_ids: np.ndarray | None = None) -> Path:
-        """``semantic_ids.parquet``, ``quantize_report.json``, ``rqvae.pt`` (incl. codebooks).
+    def save(self, directory: str | Path, item_ids: np.ndarray | None = None,
+             columns: dict[str, Any] | None = None) -> Path:
+        """``semantic_ids.parquet`` (plus ``columns``, e.g. each item's domain), ``quantize_report.json``,
+        ``rqvae.pt`` (incl. codebooks): the one writer of stage 2's artifacts.
 
         Uniqueness of the written IDs is enforced unless reallocation was switched off."""
         d = Path(directory)
         write_semantic_ids(d / "semantic_ids.parquet", self.codes, item_ids, self.model.cfg.sizes,
-                           require_unique=self.model.cfg.reallocate)
+                           require_unique=self.model.cfg.reallocate, columns=columns)
         atomic_write_json(d / "quantize_report.json", self.report)
         with atomic_path(d / "rqvae.pt") as tmp:
             torch.save({"config": self.model.cfg.to_dict(), "in_dim": self.model.in_dim,
@@ -119,6 +121,7 @@ def train_rqvae(embeddings: np.ndarray, cfg: QuantizeConfig, loop_cfg: LoopConfi
         report["collision_rate_after"] = info.collision_rate_after
         report["utilisation_after"] = utilisation(codes, cfg.sizes)
     report["unique"] = bool(np.unique(codes, axis=0).shape[0] == n)
+    report["utilisation_per_level"] = codebook_usage(codes, cfg.sizes)  # of the final IDs
     if fit_result is not None:
         report["final_losses"] = {k: float(v) for k, v in fit_result.history[-1].items()
                                   if k not in ("epoch", "epoch_time_s")}
@@ -143,19 +146,27 @@ def code_distances(model: RQVAE, x: torch.Tensor, idx: np.ndarray, batch_size: i
     return torch.cat(parts).numpy()
 
 
+def codebook_usage(codes: np.ndarray, sizes: list[int]) -> list[dict[str, float]]:
+    """Per level: codes used, codebook size, the share used, and the perplexity exp(entropy) of the
+    code distribution (= size when perfectly uniform)."""
+    out = []
+    for level, size in enumerate(sizes):
+        counts = np.bincount(codes[:, level], minlength=size).astype(float)
+        p = counts / counts.sum()
+        nz = p[p > 0]
+        out.append({"used": int((counts > 0).sum()), "size": int(size), "utilisation": float((counts > 0).mean()),
+                    "perplexity": float(np.exp(-(nz * np.log(nz)).sum()))})
+    return out
+
+
 def utilisation(codes: np.ndarray, sizes: list[int]) -> list[float]:
     """Fraction of each level's codes used by at least one item."""
-    return [float(np.unique(codes[:, l]).size / sizes[l]) for l in range(codes.shape[1])]
+    return [u["utilisation"] for u in codebook_usage(codes, sizes)]
 
 
 def perplexity(codes: np.ndarray, sizes: list[int]) -> list[float]:
     """exp(entropy) of each level's code distribution (= size when perfectly uniform)."""
-    out = []
-    for l in range(codes.shape[1]):
-        p = np.bincount(codes[:, l], minlength=sizes[l]) / codes.shape[0]
-        p = p[p > 0]
-        out.append(float(np.exp(-(p * np.log(p)).sum())))
-    return out
+    return [u["perplexity"] for u in codebook_usage(codes, sizes)]
 
 
 @torch.no_grad()

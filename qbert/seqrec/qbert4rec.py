@@ -1,5 +1,7 @@
 """Q-BERT4Rec's sequence model: a bidirectional transformer over items given as semantic IDs.
 
+(Over 400 lines: one model class whose embedding, heads, biases and scoring belong together.)
+
 Token convention (shared with the split's ``pad=0, shift=1`` views): 0 = padding,
 1..N = catalogue items, N+1 = [MASK]. The model holds the catalogue's semantic-ID table
 ``codes`` [N, K] as a buffer; :meth:`QBert4Rec.set_catalogue` swaps it, which is how one
@@ -269,7 +271,7 @@ class QBert4Rec(nn.Module):
     def catalogue_logits(self, h: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
         """hidden [M, H] -> logits [M, N] of every catalogue semantic ID (the catalogue head)."""
         vec, bias = self.item_vectors()
-        return self._shift(self.out_transform(h) @ vec.T + bias, visible)
+        return self._shift(F.linear(self.out_transform(h), vec, bias), visible)  # one fused addmm
 
     def id_logits(self, h: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
         """hidden [M, H] -> item logits [M, N] of the item-ID head (hybrid only, tied to the item-ID embedding)."""

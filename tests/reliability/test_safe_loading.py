@@ -67,3 +67,11 @@ def test_cli_evaluate_on_a_corrupt_model_file_exits_2_with_the_file_named(tmp_pa
     assert cli(["evaluate", "--run", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "model.pt" in err and "Traceback" not in err
+
+
+def test_a_corrupt_semantic_id_table_is_an_error_naming_it(tmp_path):
+    from qbert.pipeline import read_codes
+
+    (tmp_path / "semantic_ids.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match="semantic_ids.parquet: not a readable parquet file"):
+        read_codes(tmp_path, 3)
