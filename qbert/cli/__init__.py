@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "qbert.cli.pipeline_cmd",  # qbert pipeline / fuse / quantize / pretrain / finetune
     "qbert.cli.features_cmd",  # qbert features extract
     "qbert.cli.sweep_cmd",  # qbert sweep
+    "qbert.cli.recommend_cmd",  # qbert recommend
 )
 
 

@@ -1,0 +1,89 @@
+"""``qbert recommend``: top-K items for users of a finished run, in the dataset's original IDs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from qbert.data.errors import DataError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("recommend", help="top-K recommendations from a finished `qbert pipeline` run",
+                       description="Write one row per (user, rank) -- user_id, rank, item_id, score, sid -- in the "
+                                   "dataset's original IDs. Every user of the run's dataset by default; a user's "
+                                   "history is their whole sequence.")
+    p.add_argument("--run", required=True, help="run directory of `qbert pipeline`")
+    p.add_argument("--out", required=True, help="parquet file to write (recs.parquet)")
+    p.add_argument("--k", type=int, default=10, help="items per user (default 10)")
+    who = p.add_mutually_exclusive_group()
+    who.add_argument("--users", help="text file, one original user ID per line (default: every user)")
+    who.add_argument("--histories", help="parquet with columns user_id (string) and items (list of original item "
+                                         "IDs, oldest first): recommend after any history")
+    p.add_argument("--exclude-history", action="store_true", help="never recommend an item of the user's history")
+    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, ...")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar (default: on when stderr is a terminal)")
+    p.set_defaults(func=recommend_cmd)
+
+
+def _read_users(path: str) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--users file not found: {p}")
+    try:
+        users = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    except UnicodeDecodeError as e:
+        raise DataError(f"{p}: not a UTF-8 text file of user IDs ({e.reason} at byte {e.start})") from None
+    if not users:
+        raise DataError(f"{p}: no user IDs")
+    return users
+
+
+def _read_histories(path: str) -> dict[str, list[str]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--histories file not found: {p}")
+    try:
+        table = pq.read_table(p)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{p}: not a readable parquet file ({str(e).splitlines()[0][:200]})") from None
+    for col in ("user_id", "items"):
+        if col not in table.column_names:
+            raise DataError(f"{p}: missing column '{col}' (has {table.column_names})")
+    users = [str(u) for u in table.column("user_id").to_pylist()]
+    if len(set(users)) != len(users):
+        raise DataError(f"{p}: duplicate user_id values")
+    return {u: [str(i) for i in (items or [])] for u, items in zip(users, table.column("items").to_pylist())}
+
+
+def recommend_cmd(args: argparse.Namespace) -> int:
+    from qbert.recommend import Recommender
+    from qbert.utils.io import atomic_write_parquet
+    from qbert.utils.runtime import pick_device
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.k < 1:
+        raise DataError(f"--k must be >= 1, got {args.k}")
+    if not (Path(args.run) / "model.pt").is_file():
+        raise FileNotFoundError(f"no fine-tuned model in {args.run} (model.pt missing): run `qbert pipeline` first")
+    users = _read_users(args.users) if args.users else None
+    histories = _read_histories(args.histories) if args.histories else None
+    rec = Recommender.from_run(args.run, pick_device(args.device))
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    table = rec.recommend(users=users, histories=histories, k=args.k, exclude_history=args.exclude_history,
+                          batch_size=args.batch_size, progress=progress)
+    atomic_write_parquet(args.out, table)
+    k = min(args.k, rec.model.num_items)
+    print(json.dumps({"out": str(args.out), "rows": table.num_rows, "users": table.num_rows // k, "k": k}))
+    return 0

@@ -1,0 +1,114 @@
+"""Top-K recommendations from a finished pipeline run, in the dataset's original IDs.
+
+    rec = Recommender.from_run("runs/instruments")
+    table = rec.recommend(k=10)                      # every user of the run's dataset
+    table = rec.recommend(users=["A2IBPI20UZIR0U"])  # some users (original user IDs)
+    table = rec.recommend(histories={"u1": ["B0002E1G5C", "B0002GLDQM"]})  # any histories
+
+One row per (user, rank): ``user_id, rank, item_id, score, sid`` -- the original user and item
+IDs (ASINs on the Amazon datasets), the model's log P(semantic ID | history) and the item's
+semantic ID. A user's history is their whole sequence (valid and test items included: the
+recommendation is for what comes after everything the dataset has). Scoring is the evaluator's
+batched, length-sorted pass (:func:`qbert.eval.evaluator.top_k`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from qbert.data.errors import DataError
+from qbert.data.split import windows
+from qbert.eval.evaluator import top_k
+from qbert.train.optim import autocast
+
+COLUMNS = ("user_id", "rank", "item_id", "score", "sid")
+
+
+class Recommender:
+    """A trained model with its catalogue: ``recommend`` answers in original IDs."""
+
+    def __init__(self, model, cfg, dataset, sids: np.ndarray, device: torch.device | str = "cpu"):
+        self.model, self.cfg, self.dataset = model.eval(), cfg, dataset
+        self.device = torch.device(device)
+        self.sids = np.asarray(sids, dtype=object)
+        self.item_ids = np.asarray(dataset.items.column("orig_id").to_pylist(), dtype=object)
+        self._item_index = {item: i for i, item in enumerate(self.item_ids)}
+        self._user_index = {user: u for u, user in enumerate(dataset.user_ids)}
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, device: str | torch.device = "cpu") -> "Recommender":
+        """Load ``model.pt``, the semantic-ID table and the dataset of a finished ``qbert pipeline`` run."""
+        import pyarrow.parquet as pq
+
+        from qbert.pipeline import load_data, load_run_model
+
+        model, cfg = load_run_model(run_dir, device)
+        data = load_data(cfg)
+        table = pq.read_table(Path(run_dir) / "semantic_ids.parquet", columns=["item_id", "sid"])
+        order = np.argsort(table.column("item_id").to_numpy(), kind="stable")
+        sids = np.asarray(table.column("sid").to_pylist(), dtype=object)[order][: data.target.num_items]
+        return cls(model, cfg, data.target, sids, device)
+
+    # ------------------------------------------------------------------ histories
+    def user_histories(self, users: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(original user IDs, token rows [U, max_len]) of the dataset's users (all when None)."""
+        ds = self.dataset
+        if users is None:
+            rows = np.arange(ds.num_users)
+        else:
+            missing = [u for u in users if u not in self._user_index]
+            if missing:
+                raise DataError(f"{len(missing)} user(s) not in dataset '{ds.name}' (first: {missing[0]!r})")
+            rows = np.asarray([self._user_index[u] for u in users], dtype=np.int64)
+        tokens = windows(ds.seq_items, ds.seq_offsets[rows], ds.seq_offsets[rows + 1], self.model.max_len,
+                         pad=0, shift=1)
+        return ds.user_ids[rows], tokens
+
+    def history_tokens(self, histories: Mapping[str, Iterable[str]]) -> tuple[np.ndarray, np.ndarray]:
+        """(keys, token rows) of histories given as original item IDs, oldest first."""
+        keys = list(histories)
+        seqs = []
+        for key in keys:
+            items = list(histories[key])
+            unknown = [i for i in items if i not in self._item_index]
+            if unknown:
+                raise DataError(f"history of {key!r}: item {unknown[0]!r} is not in the catalogue "
+                                "(new items get semantic IDs with `qbert ids assign` first)")
+            if not items:
+                raise DataError(f"history of {key!r} is empty")
+            seqs.append([self._item_index[i] for i in items])
+        lengths = np.asarray([len(s) for s in seqs], dtype=np.int64)
+        flat = np.asarray([i for s in seqs for i in s], dtype=np.int64)
+        ends = np.cumsum(lengths)
+        tokens = windows(flat, ends - lengths, ends, self.model.max_len, pad=0, shift=1)
+        return np.asarray(keys, dtype=object), tokens
+
+    # ------------------------------------------------------------------ recommend
+    def top_k(self, tokens: np.ndarray, k: int = 10, exclude_history: bool = False, batch_size: int = 1024,
+              progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(item rows [U, k], scores [U, k]) for token histories (``pad=0, shift=1``)."""
+        with autocast(self.device, self.cfg.finetune.precision):
+            return top_k(self.model.score, tokens, self.model.num_items, k, batch_size, exclude_history,
+                         history_pad=0, history_shift=1, device=self.device, progress=progress)
+
+    def recommend(self, users: Sequence[str] | None = None, histories: Mapping[str, Iterable[str]] | None = None,
+                  k: int = 10, exclude_history: bool = False, batch_size: int = 1024,
+                  progress: bool = False) -> pa.Table:
+        """The ``k`` best items for each user (or each given history), as a table of ``COLUMNS``."""
+        if users is not None and histories is not None:
+            raise ValueError("give users or histories, not both")
+        keys, tokens = self.history_tokens(histories) if histories is not None else self.user_histories(users)
+        items, scores = self.top_k(tokens, k, exclude_history, batch_size, progress)
+        n, kk = items.shape
+        return pa.table({
+            "user_id": pa.array(np.repeat(np.asarray(keys, dtype=object), kk).tolist(), pa.string()),
+            "rank": pa.array(np.tile(np.arange(1, kk + 1, dtype=np.int32), n)),
+            "item_id": pa.array(self.item_ids[items.reshape(-1)].tolist(), pa.string()),
+            "score": pa.array(scores.reshape(-1)),
+            "sid": pa.array(self.sids[items.reshape(-1)].tolist(), pa.string()),
+        })
