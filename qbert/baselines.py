@@ -24,8 +24,11 @@ from torch import nn
 
 from qbert.config import Config, ConfigError
 from qbert.data.dataset import SeqDataset
-from qbert.data.split import LeaveOneOutSplit
-from qbert.eval import METRIC_NAMES, evaluate_ranking
+from qbert.data.split import ColdStartConfig, LeaveOneOutSplit
+from qbert.eval import METRIC_NAMES
+from qbert.eval.evaluator import rank_targets
+from qbert.eval.metrics import metrics_from_ranks
+from qbert.eval.report import PROTOCOL_KEYS, by_protocol, cold_start_slices, write_ranks
 from qbert.seqrec.batching import batch_indices, iterate_trimmed, masked_item_rows, next_item_rows
 from qbert.seqrec.bert4rec import BERT4Rec, mask_items
 from qbert.seqrec.sasrec import SASRec
@@ -71,6 +74,7 @@ class BaselineConfig(Config):
     bucket: bool = True  # length-bucketed batches (then trimmed): same rows per epoch, less padding
     eval_batch_size: int = 1024
     progress: bool = True
+    cold_start: ColdStartConfig = Field(default_factory=ColdStartConfig)  # withhold "new" items from training
 
     def resolved(self) -> "BaselineConfig":
         """A copy with model-dependent defaults filled in (what the run actually used)."""
@@ -143,13 +147,20 @@ def evaluate_model(model: nn.Module, model_kind: str, split: LeaveOneOutSplit, w
     Users are visited shortest-history first so that per-batch trimming removes padding; the
     metrics are means over users, so the order does not change them.
     """
-    hist = history_for(model_kind, split, which, max_len)
-    targets = split.targets(which)
-    order = np.argsort((hist > 0).sum(axis=1), kind="stable")
+    protocol = "excluded" if exclude_history else "kept"
+    r = model_ranks(model, model_kind, split, which, max_len, device, batch_size, (protocol,), progress)[protocol]
+    return {**metrics_from_ranks(r), "users": int(len(r))}
+
+
+@torch.no_grad()
+def model_ranks(model: nn.Module, model_kind: str, split: LeaveOneOutSplit, which: str, max_len: int,
+                device: torch.device, batch_size: int = 1024, protocols: tuple[str, ...] = ("kept", "excluded"),
+                progress: bool = False) -> dict[str, torch.Tensor]:
+    """Per-user 0-based target ranks of ``which`` under each protocol, from one scoring pass."""
     model.eval()
-    return evaluate_ranking(model.score, hist[order], targets[order], split.num_items, batch_size=batch_size,
-                            exclude_history=exclude_history, history_pad=0, history_shift=1, device=device,
-                            progress=progress, desc=f"eval {which}")
+    return rank_targets(model.score, history_for(model_kind, split, which, max_len), split.targets(which),
+                        split.num_items, batch_size, protocols, history_pad=0, history_shift=1, device=device,
+                        progress=progress, desc=f"eval {which}")
 
 
 def run_baseline(cfg: BaselineConfig, dataset: SeqDataset, out_dir: str | Path, data_source: str | None = None,
@@ -172,7 +183,7 @@ def _run(cfg: BaselineConfig, dataset: SeqDataset, out: Path, data_source: str |
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
-    split = LeaveOneOutSplit(dataset, max_len=cfg.max_len)
+    split = cfg.cold_start.apply(LeaveOneOutSplit(dataset, max_len=cfg.max_len))
     model = build_model(cfg, split.num_items).to(device)
     trainer = Trainer(cfg, split, device)
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, kind="adam")
@@ -192,14 +203,24 @@ def _run(cfg: BaselineConfig, dataset: SeqDataset, out: Path, data_source: str |
                             checkpoint_dir=out / "checkpoints", resume=resume, desc=cfg.model,
                             batch_size_of=trainer.rows_of)
     t0 = time.perf_counter()
-    test = evaluate_model(model, cfg.model, split, "test", cfg.max_len, device, cfg.exclude_history, cfg.eval_batch_size)
-    test_time = time.perf_counter() - t0
+    ranks = {w: model_ranks(model, cfg.model, split, w, cfg.max_len, device, cfg.eval_batch_size)
+             for w in ("valid", "test")}
+    test_time = (time.perf_counter() - t0) / 2  # one pass over valid, one over test
+    write_ranks(out / "test_ranks.parquet", split.targets("test"), ranks["test"])
+    by_split = {w: by_protocol(r) for w, r in ranks.items()}
+    test = by_split["test"][PROTOCOL_KEYS["excluded" if cfg.exclude_history else "kept"]]
+    cold = {}
+    if split.withheld.size:
+        cold = {"fraction": cfg.cold_start.fraction, "seed": cfg.cold_start.seed, "new_items": int(split.withheld.size),
+                "slices": cold_start_slices(ranks, {w: split.targets(w) for w in ranks}, split.withheld)}
     valid = {k: result.best_metrics[k] for k in METRIC_NAMES if k in result.best_metrics}
     epoch_times = [h["epoch_time_s"] for h in result.history]
     metrics = {
         "model": cfg.model,
         "test": {k: test[k] for k in METRIC_NAMES},
         "valid": valid,
+        "by_protocol": by_split,
+        **({"cold_start": cold} if cold else {}),
         "best_epoch": result.best_epoch,
         "epochs_run": len(result.history),
         "stopped_early": result.stopped_early,

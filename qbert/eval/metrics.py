@@ -47,3 +47,12 @@ def metrics_from_ranks(ranks: np.ndarray | torch.Tensor) -> dict[str, float]:
 def ndcg_at(rank: int, k: int) -> float:
     """Scalar reference used by tests and docs: 1/log2(rank+2) if rank < k else 0."""
     return 1.0 / math.log2(rank + 2) if rank < k else 0.0
+
+
+def slice_metrics(ranks: np.ndarray | torch.Tensor, targets: np.ndarray, items: np.ndarray) -> dict[str, dict]:
+    """Metrics of the users whose target is in ``items`` ("new") and of the others ("known"),
+    with their counts: the cold-start protocol's two slices of one evaluation."""
+    r = torch.as_tensor(ranks)
+    new = torch.from_numpy(np.isin(np.asarray(targets), np.asarray(items)))
+    return {name: {**(metrics_from_ranks(r[m]) if bool(m.any()) else {}), "users": int(m.sum())}
+            for name, m in (("new", new), ("known", ~new))}

@@ -7,6 +7,7 @@ from typing import Any, Callable, Iterable, Literal
 from pydantic import Field, field_validator, model_validator
 
 from qbert.config import Config
+from qbert.data.split import ColdStartConfig
 from qbert.data.synthetic import SyntheticConfig
 from qbert.fusion.config import FusionConfig
 from qbert.quantize.config import QuantizeConfig
@@ -27,6 +28,7 @@ class DataSection(Config):
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)  # used when source == "synthetic"
     options: dict[str, Any] = Field(default_factory=dict)  # reader options (e.g. with_codes: true)
     max_len: int = Field(50, ge=2)  # history length (the [MASK] takes one slot at inference)
+    cold_start: ColdStartConfig = Field(default_factory=ColdStartConfig)  # withhold "new" items from training
     modalities: list[Modality] | None = None  # None: fusion.modalities; else it overrides fusion.modalities
     features: dict[str, str | list[str]] = Field(default_factory=lambda: {"text": "text", "image": "image"})
     # modality -> feature column name without "feat_" (e.g. {"text": "lemb_codes"} on Instruments),

@@ -118,12 +118,18 @@ def check_inputs(cfg: PipelineConfig, data: PipelineData) -> None:
 
 
 
+def target_split(cfg: PipelineConfig, data: PipelineData) -> LeaveOneOutSplit:
+    """The target's leave-one-out split, with the cold-start protocol's new items withheld from
+    its training views when ``data.cold_start`` is on (evaluation views are always the real ones)."""
+    return cfg.data.cold_start.apply(LeaveOneOutSplit(data.target, cfg.data.max_len))
+
+
 def pretraining_rows(cfg: PipelineConfig, data: PipelineData) -> np.ndarray:
     """Token rows for pretraining (union item space, +1 shift). Never a target's valid/test item."""
     L = cfg.data.max_len
     parts = []
     if not data.multi_domain or cfg.pretrain.include_target:
-        parts.append(LeaveOneOutSplit(data.target, L).train_sequences(pad=0, shift=1))  # target first: offset 0
+        parts.append(target_split(cfg, data).train_sequences(pad=0, shift=1))  # target first: offset 0
     for name, (start, _) in list(data.domain_ranges().items())[1:]:
         src = data.sources[data.names.index(name) - 1]
         rows = full_sequences(src, L)

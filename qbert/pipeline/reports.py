@@ -68,6 +68,7 @@ def finish_run(cfg: PipelineConfig, out: Path, data: PipelineData, reports: dict
         "valid": ft["valid"],
         "by_protocol": ft.get("by_protocol", {}),
         "stage3_item_table": bool(ft.get("item_indexed_parameters")),
+        **({"cold_start": ft["cold_start"]} if "cold_start" in ft else {}),
         "best_epoch": ft["best_epoch"],
         "epochs_run": ft["epochs_run"],
         "params": ft["params"],

@@ -13,9 +13,8 @@ import torch
 
 from qbert.config import ConfigError, flatten_dict
 from qbert.data.errors import DataError
-from qbert.data.split import LeaveOneOutSplit
 from qbert.pipeline.config import METRIC_KEYS, CallbacksFactory, PipelineConfig
-from qbert.pipeline.data import PipelineData, check_inputs, load_data
+from qbert.pipeline.data import PipelineData, check_inputs, load_data, target_split
 from qbert.pipeline.reports import finish_run
 from qbert.pipeline.stages import REGISTRY, STAGES, read_codes
 from qbert.seqrec.stage import build_model, evaluate_split
@@ -195,7 +194,7 @@ def evaluate_run(run_dir: str | Path, which: str = "test", exclude_history: bool
     if trained_on not in (None, data.target.fingerprint()):
         raise DataError(f"{cfg.data.source}: fingerprint {data.target.fingerprint()} differs from the one "
                         f"{run_dir} was trained on ({trained_on}); evaluate on the data the model was trained on")
-    split = LeaveOneOutSplit(data.target, cfg.data.max_len)
+    split = target_split(cfg, data)
     excl = cfg.eval.exclude_history if exclude_history is None else exclude_history
     res = evaluate_split(model, split, which, cfg.eval.batch_size, device, excl, cfg.finetune.precision)
     return {**{k: res[k] for k in METRIC_KEYS}, "users": res.get("users"), "exclude_history": excl,

@@ -9,14 +9,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 from qbert.data.errors import DataError
-from qbert.data.split import LeaveOneOutSplit
-from qbert.eval.metrics import metrics_from_ranks
+from qbert.eval.report import PROTOCOL_KEYS, by_protocol, cold_start_slices, write_ranks
 from qbert.pipeline.config import METRIC_KEYS, PipelineConfig
-from qbert.pipeline.data import PipelineData, pretraining_rows, stage_features
+from qbert.pipeline.data import PipelineData, pretraining_rows, stage_features, target_split
 from qbert.seqrec.stage import build_model, finetune, pretrain, select_code_weight, split_ranks
 from qbert.train.loop import Callback
 from qbert.utils.io import atomic_path, atomic_write_json, load_weights
@@ -110,7 +108,7 @@ def run_finetune_stage(cfg: PipelineConfig, data: PipelineData, out_dir: str | P
     out = Path(out_dir)
     device = pick_device(cfg.device)
     seed_everything(cfg.seed + 1)
-    split = LeaveOneOutSplit(data.target, cfg.data.max_len)
+    split = target_split(cfg, data)
     model = _model_for(cfg, read_codes(out, data.target.num_items))
     init = "scratch"
     pre = out / "pretrain.pt"
@@ -139,13 +137,17 @@ def run_finetune_stage(cfg: PipelineConfig, data: PipelineData, out_dir: str | P
     t0 = time.perf_counter()
     protocols = ("kept", "excluded")
     valid_ranks = split_ranks(model, split, "valid", cfg.eval.batch_size, device, protocols, cfg.finetune.precision)
-    by_protocol = {"valid": {PROTOCOL_KEYS[p]: metrics_from_ranks(r) for p, r in valid_ranks.items()}}
-    test: dict[str, float] = {}
+    ranks = {"valid": valid_ranks}
     if cfg.eval.test:
-        test_ranks = split_ranks(model, split, "test", cfg.eval.batch_size, device, protocols, cfg.finetune.precision)
-        by_protocol["test"] = {PROTOCOL_KEYS[p]: metrics_from_ranks(r) for p, r in test_ranks.items()}
-        test = by_protocol["test"][PROTOCOL_KEYS["excluded" if cfg.eval.exclude_history else "kept"]]
-        write_ranks(out / "test_ranks.parquet", split, "test", test_ranks)
+        ranks["test"] = split_ranks(model, split, "test", cfg.eval.batch_size, device, protocols, cfg.finetune.precision)
+        write_ranks(out / "test_ranks.parquet", split.targets("test"), ranks["test"])
+    by_split = {which: by_protocol(r) for which, r in ranks.items()}
+    test = by_split["test"][PROTOCOL_KEYS["excluded" if cfg.eval.exclude_history else "kept"]] if cfg.eval.test else {}
+    cold = {}
+    if split.withheld.size:  # the cold-start protocol: users whose target is a new item vs the rest
+        cold = {"fraction": cfg.data.cold_start.fraction, "seed": cfg.data.cold_start.seed,
+                "new_items": int(split.withheld.size),
+                "slices": cold_start_slices(ranks, {w: split.targets(w) for w in ranks}, split.withheld)}
     eval_seconds = time.perf_counter() - t0
     with atomic_path(out / "model.pt") as tmp:
         torch.save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -153,28 +155,13 @@ def run_finetune_stage(cfg: PipelineConfig, data: PipelineData, out_dir: str | P
                     "code_score_weight": model.code_score_weight,
                     "data_fingerprint": data.target.fingerprint()}, tmp)
     return {"init": init, "valid": valid, "test": {k: test[k] for k in METRIC_KEYS if k in test},
-            "by_protocol": by_protocol, **weights, "best_epoch": res.best_epoch,
+            "by_protocol": by_split, **weights, "best_epoch": res.best_epoch,
             "epochs_run": len(res.history), "stopped_early": res.stopped_early, "train_seconds": res.train_seconds,
             "samples_per_second": res.samples_per_second,
             "eval_seconds_per_user": eval_seconds / (split.num_users * (2 if cfg.eval.test else 1)),
             "params": sum(p.numel() for p in model.parameters()),
-            "item_indexed_parameters": model.item_indexed_parameters(),
+            "item_indexed_parameters": model.item_indexed_parameters(), **({"cold_start": cold} if cold else {}),
             "history": [{k: v for k, v in h.items()} for h in res.history]}
-
-
-PROTOCOL_KEYS = {"kept": "history_kept", "excluded": "history_excluded"}
-
-
-def write_ranks(path: Path, split: LeaveOneOutSplit, which: str, ranks: dict[str, torch.Tensor]) -> None:
-    """Per-user target ranks (0-based, both protocols) beside the run, so slices such as
-    cold-start targets are computed from the one test evaluation instead of a second one."""
-    import pyarrow as pa
-
-    cols = {"user": pa.array(np.arange(split.num_users, dtype=np.int64)),
-            "target": pa.array(np.asarray(split.targets(which), dtype=np.int64))}
-    cols.update({f"rank_{PROTOCOL_KEYS[p]}": pa.array(r.numpy().astype(np.int64)) for p, r in ranks.items()})
-    with atomic_path(path) as tmp:
-        pq.write_table(pa.table(cols), tmp)
 
 
 @dataclass(frozen=True)

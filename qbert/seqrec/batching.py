@@ -23,7 +23,7 @@ def chunk_rows(split: LeaveOneOutSplit, width: int, overlap: int) -> tuple[np.nd
     items holds ``max_len`` input/target pairs), ``overlap=0`` for masked-item training.
     """
     stride = width - overlap
-    us, te = split.user_start, split.train_end
+    us, te = split.train_start, split.train_end
     units = np.maximum(te - us - overlap, 0)
     n_chunks = -(-units // stride)  # ceil
     owner = np.repeat(np.arange(len(us)), n_chunks)
@@ -45,7 +45,7 @@ def next_item_rows(split: LeaveOneOutSplit, mode: str = "positions", max_len: in
       target (SASRec's original per-position training; ~5x fewer tokens on Instruments).
     """
     L = max_len or split.max_len
-    flat = split.dataset.seq_items
+    flat = split.train_items
     if mode == "windows":
         hist, tgt = split.train_windows(pad=0, shift=1, max_len=L)
         targets = np.full(hist.shape, -1, dtype=np.int64)
@@ -70,13 +70,12 @@ def masked_item_rows(split: LeaveOneOutSplit, mode: str = "positions", max_len: 
     L = max_len or split.max_len
     if mode == "windows":
         ends = split.train_target_positions() + 1
-        owner = np.searchsorted(split.dataset.seq_offsets, ends - 1, side="right") - 1
-        starts = split.user_start[owner]
+        starts = split.train_start[split.train_owner(ends - 1)]
     elif mode == "positions":
         starts, ends = chunk_rows(split, L, overlap=0)
     else:
         raise ValueError(f"unknown masked-item training mode {mode!r}; use 'positions' or 'windows'")
-    return windows(split.dataset.seq_items, starts, ends, L, pad=0, shift=1)
+    return windows(split.train_items, starts, ends, L, pad=0, shift=1)
 
 
 def batch_indices(lengths: np.ndarray, batch_size: int, rng: np.random.Generator, bucket: bool = True,

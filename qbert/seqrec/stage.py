@@ -157,11 +157,10 @@ def training_rows(split: LeaveOneOutSplit, max_len: int, prefixes: bool) -> np.n
     if not prefixes:
         return split.train_sequences(pad=0, shift=1, max_len=max_len)
     pos = split.train_target_positions()
-    owner = np.searchsorted(split.dataset.seq_offsets, pos, side="right") - 1
-    rows = windows(split.dataset.seq_items, split.user_start[owner], pos + 1, max_len, pad=0, shift=1)
-    single = split.train_end - split.user_start == 1  # users whose training part is one item
+    rows = windows(split.train_items, split.train_start[split.train_owner(pos)], pos + 1, max_len, pad=0, shift=1)
+    single = split.train_end - split.train_start == 1  # users whose training part is one item
     if single.any():
-        rows = np.concatenate([rows, windows(split.dataset.seq_items, split.user_start[single],
+        rows = np.concatenate([rows, windows(split.train_items, split.train_start[single],
                                              split.train_end[single], max_len, pad=0, shift=1)])
     return rows
 
