@@ -143,6 +143,8 @@ class QBert4Rec(nn.Module):
             # projection here would shrink the gradient reaching the encoder and stall training
             self.level_head.weight.add_(torch.eye(hidden).repeat(self.K, 1))
         self.register_buffer("codes", torch.zeros(0, self.K, dtype=torch.long))
+        self.train_candidates: torch.Tensor | None = None
+        self.candidate_index: torch.Tensor | None = None
         self.set_catalogue(codes)
 
     # ------------------------------------------------------------------ catalogue
@@ -170,6 +172,7 @@ class QBert4Rec(nn.Module):
                              f"got range [{int(codes[:, level].min())}, {int(codes[:, level].max())}]")
         device = self.code_emb.weight.device
         n = codes.shape[0]
+        self.train_candidates = self.candidate_index = None  # they index the previous catalogue
         special = torch.tensor([[self.C] * self.K, [self.C + 1] * self.K], dtype=torch.long)
         # row 0 = padding codes, rows 1..N = items, row N+1 = [MASK] codes
         self.codes = codes.to(device)
@@ -191,6 +194,23 @@ class QBert4Rec(nn.Module):
             with torch.no_grad():
                 self.item_emb.weight[PAD].zero_()
             self.item_bias = nn.Parameter(torch.zeros(n, device=device)) if self.id_head else None
+
+    def set_train_candidates(self, items: torch.Tensor | None) -> None:
+        """Normalise the training item softmax over ``items`` only (0-based; None: the whole
+        catalogue). Training sets it to the items its rows contain, so an item no training row holds
+        (a cold-start item) is never a negative: nothing learns to push it down, and it is ranked
+        at inference from its composed semantic-ID embedding like any other. Ranking always scores
+        the whole catalogue."""
+        if items is not None:
+            items = torch.unique(torch.as_tensor(items, dtype=torch.long, device=self.codes.device))
+            if items.numel() == self.num_items:
+                items = None
+        self.train_candidates = items
+        index = None
+        if items is not None:
+            index = torch.full((self.num_items,), -1, dtype=torch.long, device=items.device)
+            index[items] = torch.arange(items.numel(), device=items.device)
+        self.candidate_index = index
 
     def catalogue_keys(self) -> set[str]:
         """State-dict keys that belong to a catalogue (not transferred across domains)."""
@@ -355,7 +375,10 @@ class QBert4Rec(nn.Module):
         if self.item_softmax:
             biased = self.repeat_raw is not None or self.prefix_raw is not None
             visible = inp[mask.nonzero()[:, 0]] if biased else None  # the row each masked position sees
-            item_loss = F.cross_entropy(self.item_logits(h, visible), items, label_smoothing=label_smoothing)
+            logits = self.item_logits(h, visible)
+            if self.train_candidates is not None:  # the softmax over the items training contains
+                logits, items = logits[:, self.train_candidates], self.candidate_index[items]
+            item_loss = F.cross_entropy(logits, items, label_smoothing=label_smoothing)
             loss = loss + item_loss
             logs["id_loss" if self.id_head else "item_loss"] = item_loss.detach()
         return loss, logs

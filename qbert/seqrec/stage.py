@@ -9,6 +9,7 @@ Token matrices are the split's ``pad=0, shift=1`` views: 0 = padding, item i -> 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from functools import partial
 from pathlib import Path
@@ -74,6 +75,10 @@ class TrainStageConfig(ScheduleConfig):
     # bf16: the step's matrix products in bfloat16 under autocast (weights, optimizer and ranking
     # scores stay fp32); auto: bf16 where the hardware has bf16 matrix units (docs/method.md, "Speed")
     precision: Precision = "auto"
+    # the item softmax's negatives: "seen" = the items the training rows contain (an item no row
+    # holds, e.g. a cold-start item, is never pushed down); "all" = the whole catalogue. Equal when
+    # every item occurs in training (the usual leave-one-out case)
+    negatives: Literal["seen", "all"] = "seen"
 
 
 class PretrainConfig(TrainStageConfig):
@@ -208,6 +213,16 @@ def masked_batches(sequences: np.ndarray, batch_size: int, mask_fn: MaskFn, seed
     return batches
 
 
+@contextlib.contextmanager
+def _candidates(model: QBert4Rec, rows: np.ndarray, negatives: str) -> Iterator[None]:
+    """The training softmax over the items ``rows`` contain (``negatives: seen``) while training."""
+    model.set_train_candidates(np.unique(rows[rows > 0]) - 1 if negatives == "seen" else None)
+    try:
+        yield
+    finally:
+        model.set_train_candidates(None)
+
+
 def masked_step(model: QBert4Rec, batch: dict[str, torch.Tensor],
                 label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
     return model.masked_loss(batch["tokens"], batch["mask"], label_smoothing)
@@ -315,8 +330,9 @@ def pretrain(model: QBert4Rec, sequences: np.ndarray, cfg: PretrainConfig, devic
                       precision=cfg.precision)
     opt = build_optimizer(model, cfg.lr, cfg.weight_decay)
     batches = masked_batches(seqs, cfg.batch_size, pretrain_mask_fn(cfg), seed, device, shard)
-    return fit(model, opt, batches, masked_step, loop, scheduler=_scheduler(opt, cfg, seqs, shard), callbacks=callbacks,
-               checkpoint_dir=checkpoint_dir, desc=f"pretrain[{cfg.strategy}]")
+    with _candidates(model, seqs, cfg.negatives):
+        return fit(model, opt, batches, masked_step, loop, scheduler=_scheduler(opt, cfg, seqs, shard),
+                   callbacks=callbacks, checkpoint_dir=checkpoint_dir, desc=f"pretrain[{cfg.strategy}]")
 
 
 def finetune(model: QBert4Rec, split: LeaveOneOutSplit, cfg: FinetuneConfig, device: torch.device | str = "cpu",
@@ -346,5 +362,6 @@ def finetune(model: QBert4Rec, split: LeaveOneOutSplit, cfg: FinetuneConfig, dev
     opt = build_optimizer(model, cfg.lr, cfg.weight_decay)
     batches = masked_batches(seqs, cfg.batch_size, mask_fn, seed, device, shard)
     step = partial(masked_step, label_smoothing=cfg.label_smoothing)
-    return fit(model, opt, batches, step, loop, evaluate=evaluate, scheduler=_scheduler(opt, cfg, seqs, shard),
-               callbacks=callbacks, checkpoint_dir=checkpoint_dir, desc="finetune")
+    with _candidates(model, seqs, cfg.negatives):
+        return fit(model, opt, batches, step, loop, evaluate=evaluate, scheduler=_scheduler(opt, cfg, seqs, shard),
+                   callbacks=callbacks, checkpoint_dir=checkpoint_dir, desc="finetune")

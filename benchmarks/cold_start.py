@@ -1,0 +1,185 @@
+"""Benchmark: cold-start items, the case ID models cannot serve (#19's protocol).
+
+    python benchmarks/cold_start.py --config configs/instruments.yaml \
+        --hybrid-config configs/instruments-hybrid.yaml --runs-dir runs/bench-cold
+    python benchmarks/cold_start.py --quick --runs-dir /tmp/cold      # embedded synthetic data
+
+Protocol (``data.cold_start`` / the baselines' ``cold_start``; docs/method.md, "Cold-start
+items"): ``--fraction`` of the catalogue (seeded by ``--seed``) is "new"; every interaction with a
+new item is removed from all training and pretraining inputs and targets; stages 1-2 still see
+the new items' content; valid and test histories and targets are the real ones. Each model is
+trained once under the protocol, its test set is evaluated once, and the users are split by
+whether their test target is new. Rows, each under both ranking protocols:
+
+- ``qbert4rec``: the paper's model (``--config``: semantic IDs only, no item-ID table);
+- ``hybrid``: ``--hybrid-config`` (item-ID embedding and softmax next to semantic IDs);
+- ``sasrec``, ``bert4rec``: our ID-only baselines at their RecBole settings;
+- ``popularity``: training-view item counts (a new item has none);
+- ``content_knn``: cosine similarity of each item's content features (the modality inputs stage 1
+  reads, each view L2-normalised and concatenated) to the mean of the history's.
+
+Runs live in ``RUNS_DIR/<model>/``; a finished run of the same config is read, not re-run.
+Writes ``benchmarks/results/cold_start.{json,md}`` (``--quick``: under ``RUNS_DIR``).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Callable  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from qbert.baselines import BaselineConfig, run_baseline  # noqa: E402
+from qbert.config import parse_overrides  # noqa: E402
+from qbert.eval.evaluator import rank_targets  # noqa: E402
+from qbert.eval.report import cold_start_slices  # noqa: E402
+from qbert.pipeline import PipelineConfig, load_data, quickstart_config, run_pipeline, stage_features  # noqa: E402
+from qbert.pipeline.data import target_split  # noqa: E402
+from qbert.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
+from qbert.utils.runtime import benchmark_meta  # noqa: E402
+
+log = logging.getLogger("bench.cold_start")
+DEFAULT_OUT = REPO / "benchmarks" / "results"
+METRICS = ("HR@10", "NDCG@10")
+
+
+def _cold(cfg: PipelineConfig, fraction: float, seed: int, overrides: list[str]) -> PipelineConfig:
+    cfg = cfg.override({"data.cold_start.fraction": fraction, "data.cold_start.seed": seed})
+    return cfg.override(parse_overrides(overrides)) if overrides else cfg
+
+
+def _finished(run: Path, cfg_dict: dict[str, Any]) -> dict[str, Any] | None:
+    """metrics.json of a finished run of this config (so an interrupted benchmark resumes)."""
+    import yaml
+
+    if not (run / "metrics.json").is_file() or not (run / "config.yaml").is_file():
+        return None
+    if yaml.safe_load((run / "config.yaml").read_text()) != json.loads(json.dumps(cfg_dict, default=str)):
+        return None
+    return json.loads((run / "metrics.json").read_text())
+
+
+def pipeline_row(cfg: PipelineConfig, run: Path) -> dict[str, Any]:
+    metrics = _finished(run, cfg.to_dict()) or run_pipeline(cfg, run, overwrite=True)
+    return {"stage3_item_table": metrics["stage3_item_table"], "slices": metrics["cold_start"]["slices"]}
+
+
+def baseline_row(model: str, cfg: PipelineConfig, data, run: Path, quick: bool) -> dict[str, Any]:
+    bcfg = BaselineConfig(model=model, max_len=cfg.data.max_len, cold_start=cfg.data.cold_start, progress=False,
+                          **({"epochs": 3, "patience": 0} if quick else {"epochs": 100, "patience": 10}))
+    metrics = _finished(run, bcfg.resolved().to_dict()) or run_baseline(bcfg, data.target, run)
+    return {"stage3_item_table": True, "slices": metrics["cold_start"]["slices"]}
+
+
+def heuristic_row(cfg: PipelineConfig, data, score_fn: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, Any]:
+    split = target_split(cfg, data)
+    ranks = {w: rank_targets(score_fn, split.history(w, 0, 1), split.targets(w), split.num_items,
+                             protocols=("kept", "excluded"), history_pad=0, history_shift=1) for w in ("valid", "test")}
+    return {"stage3_item_table": None,
+            "slices": cold_start_slices(ranks, {w: split.targets(w) for w in ranks}, split.withheld)}
+
+
+def popularity_fn(cfg: PipelineConfig, data) -> Callable[[torch.Tensor], torch.Tensor]:
+    pop = torch.as_tensor(np.log1p(_train_counts(target_split(cfg, data))), dtype=torch.float32)
+    return lambda h: pop.expand(len(h), -1)
+
+
+def _train_counts(split) -> np.ndarray:
+    """How often each item occurs in the training views (the withheld items: never)."""
+    lengths = split.train_end - split.train_start
+    owner = np.repeat(np.arange(split.num_users), lengths)
+    pos = split.train_start[owner] + (np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths))
+    return np.bincount(split.train_items[pos], minlength=split.num_items)
+
+
+def content_knn_fn(cfg: PipelineConfig, data) -> Callable[[torch.Tensor], torch.Tensor]:
+    feats = stage_features(cfg, data)
+    parts = [f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12) for f in feats.values()]
+    x = torch.as_tensor(np.concatenate(parts, axis=1)[: data.target.num_items], dtype=torch.float32)
+    x = torch.nn.functional.normalize(x, dim=1)
+    padded = torch.cat([torch.zeros(1, x.shape[1]), x])  # row 0 = padding (tokens are item + 1)
+
+    def score(h: torch.Tensor) -> torch.Tensor:
+        profile = torch.nn.functional.normalize(padded[h].sum(1), dim=1)
+        return profile @ x.T
+
+    return score
+
+
+def render(rows: list[dict[str, Any]]) -> str:
+    lines = ["| dataset | model | item-ID table in stage 3 | slice | users | HR@10 | NDCG@10 | HR@10 (history excl.) "
+             "| NDCG@10 (history excl.) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        t, e = r["test"], r["test_excl_history"]
+        table = {True: "yes", False: "no", None: "n/a"}[r["stage3_item_table"]]
+        lines.append(f"| {r['dataset']} | {r['model']} | {table} | {r['slice']} | {t['users']} | "
+                     + " | ".join(f"{t.get(m, float('nan')):.4f}" for m in METRICS) + " | "
+                     + " | ".join(f"{e.get(m, float('nan')):.4f}" for m in METRICS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", type=Path, default=None, help="the paper's model (default: the synthetic quick start)")
+    ap.add_argument("--hybrid-config", type=Path, default=None, help="the hybrid (default: --config with item IDs)")
+    ap.add_argument("--runs-dir", type=Path, required=True)
+    ap.add_argument("--fraction", type=float, default=0.1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dataset-name", default=None)
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="override for both Q-BERT4Rec runs")
+    ap.add_argument("--models", default="qbert4rec,hybrid,sasrec,bert4rec,popularity,content_knn")
+    ap.add_argument("--quick", action="store_true", help="synthetic data, few epochs")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    base = PipelineConfig.from_yaml(args.config) if args.config else quickstart_config()
+    if args.quick:
+        args.overrides = ["finetune.epochs=3", "pretrain.epochs=1", "plots=false", *args.overrides]
+    cfg = _cold(base, args.fraction, args.seed, args.overrides)
+    hybrid = _cold(PipelineConfig.from_yaml(args.hybrid_config), args.fraction, args.seed, args.overrides) \
+        if args.hybrid_config else cfg.override({"model.item_id": "input_and_head", "model.head": "levels"})
+    data = load_data(cfg)
+    name = args.dataset_name or (Path(cfg.data.source).name if cfg.data.source != "synthetic" else "synthetic")
+    makers = {
+        "qbert4rec": lambda: pipeline_row(cfg, args.runs_dir / "qbert4rec"),
+        "hybrid": lambda: pipeline_row(hybrid, args.runs_dir / "hybrid"),
+        "sasrec": lambda: baseline_row("sasrec", cfg, data, args.runs_dir / "sasrec", args.quick),
+        "bert4rec": lambda: baseline_row("bert4rec", cfg, data, args.runs_dir / "bert4rec", args.quick),
+        "popularity": lambda: heuristic_row(cfg, data, popularity_fn(cfg, data)),
+        "content_knn": lambda: heuristic_row(cfg, data, content_knn_fn(cfg, data)),
+    }
+    rows = []
+    for model in args.models.split(","):
+        log.info("cold-start row: %s", model)
+        res = makers[model]()
+        for slice_name in ("new", "known"):
+            rows.append({"dataset": name, "model": model, "stage3_item_table": res["stage3_item_table"],
+                         "slice": slice_name, "fraction": args.fraction, "seed": args.seed,
+                         "test": res["slices"]["test"]["history_kept"][slice_name],
+                         "test_excl_history": res["slices"]["test"]["history_excluded"][slice_name],
+                         "valid": res["slices"]["valid"]["history_kept"][slice_name]})
+    out = args.runs_dir if args.quick else DEFAULT_OUT
+    result = {"rows": rows, **benchmark_meta("benchmarks/cold_start.py", argv, REPO, fraction=args.fraction,
+                                             seed=args.seed)}
+    atomic_write_json(out / "cold_start.json", result)
+    atomic_write_text(out / "cold_start.md", render(rows))
+    print(render(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
