@@ -60,3 +60,26 @@ def test_pipeline_and_baseline_report_new_and_known_slices(tmp_path):
                         data.target, tmp_path / "sas")
     assert base["cold_start"]["slices"]["test"]["history_kept"]["new"]["users"] == n_new
     assert (tmp_path / "sas" / "test_ranks.parquet").is_file()
+
+
+def test_the_training_softmax_over_seen_items_is_the_cross_entropy_over_their_columns():
+    import torch
+    import torch.nn.functional as F
+
+    from qbert.seqrec import masks
+    from qbert.seqrec.qbert4rec import QBert4Rec
+
+    torch.manual_seed(0)
+    codes = torch.randint(0, 8, (30, 3), generator=torch.Generator().manual_seed(1))
+    m = QBert4Rec(codes, num_codes=8, hidden=16, layers=1, heads=2, dropout=0.0, max_len=10, repeat_bias=True,
+                  code_loss_weight=0.0).eval()
+    tok = torch.randint(1, 21, (5, 10), generator=torch.Generator().manual_seed(2))  # items 0..19 only
+    mask = masks.random_mask(tok != 0, 0.4, torch.Generator().manual_seed(3))
+    seen = torch.arange(20)
+    m.set_train_candidates(seen)
+    loss, _ = m.masked_loss(tok, mask)
+    inp = tok.masked_fill(mask, m.mask_token)
+    full = m.item_logits(m(inp)[mask], inp[mask.nonzero()[:, 0]])  # [M, 30]
+    torch.testing.assert_close(loss, F.cross_entropy(full[:, :20], tok[mask] - 1))
+    m.set_train_candidates(torch.arange(30))  # every item seen: the plain softmax
+    assert m.train_candidates is None

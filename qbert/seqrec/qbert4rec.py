@@ -288,30 +288,43 @@ class QBert4Rec(nn.Module):
             bias = bias + _bag(self.item_prefix_rows, self.prefix.out_bias.view(-1, 1))[:, 0]
         return vec, bias
 
-    def catalogue_logits(self, h: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
-        """hidden [M, H] -> logits [M, N] of every catalogue semantic ID (the catalogue head)."""
+    def catalogue_logits(self, h: torch.Tensor, visible: torch.Tensor | None = None,
+                         items: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [M, H] -> logits [M, N] of every catalogue semantic ID (the catalogue head); of
+        ``items`` only when given."""
         vec, bias = self.item_vectors()
-        return self._shift(F.linear(self.out_transform(h), vec, bias), visible)  # one fused addmm
+        if items is not None:
+            vec, bias = vec[items], bias[items]
+        return self._shift(F.linear(self.out_transform(h), vec, bias), visible, items)  # one fused addmm
 
-    def id_logits(self, h: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
-        """hidden [M, H] -> item logits [M, N] of the item-ID head (hybrid only, tied to the item-ID embedding)."""
+    def id_logits(self, h: torch.Tensor, visible: torch.Tensor | None = None,
+                  items: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [M, H] -> item logits [M, N] of the item-ID head (hybrid only, tied to the item-ID
+        embedding); of ``items`` only when given."""
         assert self.item_emb is not None and self.item_bias is not None
-        return self._shift(self.out_transform(h) @ self.item_emb.weight[1 : self.num_items + 1].T + self.item_bias,
-                           visible)
+        emb, bias = self.item_emb.weight[1 : self.num_items + 1], self.item_bias
+        if items is not None:
+            emb, bias = emb[items], bias[items]
+        return self._shift(F.linear(self.out_transform(h), emb, bias), visible, items)
 
-    def _shift(self, logits: torch.Tensor, visible: torch.Tensor | None) -> torch.Tensor:
-        """Add the repeat and prefix biases of the items visible in each row (``visible`` [M, L])."""
+    def _shift(self, logits: torch.Tensor, visible: torch.Tensor | None,
+               items: torch.Tensor | None = None) -> torch.Tensor:
+        """Add the repeat and prefix biases of the items visible in each row (``visible`` [M, L]);
+        ``logits`` are of ``items`` only when given."""
         if visible is None:
             return logits
+        cols = slice(None) if items is None else items
         if self.repeat_weight is not None:
-            logits = logits + self.repeat_weight * self.seen_items(visible)
+            logits = logits + self.repeat_weight * self.seen_items(visible)[:, cols]
         if self.prefix_raw is not None:
-            logits = logits + self.seen_prefixes(visible)
+            logits = logits + self.seen_prefixes(visible)[:, cols]
         return logits
 
-    def item_logits(self, h: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
-        """The item softmax that the repeat/prefix biases shift: the ID head if any, else the catalogue head."""
-        return self.id_logits(h, visible) if self.id_head else self.catalogue_logits(h, visible)
+    def item_logits(self, h: torch.Tensor, visible: torch.Tensor | None = None,
+                    items: torch.Tensor | None = None) -> torch.Tensor:
+        """The item softmax that the repeat/prefix biases shift: the ID head if any, else the catalogue
+        head (over ``items`` only when given)."""
+        return self.id_logits(h, visible, items) if self.id_head else self.catalogue_logits(h, visible, items)
 
     def seen_prefixes(self, visible: torch.Tensor) -> torch.Tensor:
         """[M, L] tokens -> [M, N]: sum over l of prefix_weight[l] * (item shares its first l + 1
@@ -375,9 +388,9 @@ class QBert4Rec(nn.Module):
         if self.item_softmax:
             biased = self.repeat_raw is not None or self.prefix_raw is not None
             visible = inp[mask.nonzero()[:, 0]] if biased else None  # the row each masked position sees
-            logits = self.item_logits(h, visible)
-            if self.train_candidates is not None:  # the softmax over the items training contains
-                logits, items = logits[:, self.train_candidates], self.candidate_index[items]
+            logits = self.item_logits(h, visible, self.train_candidates)  # over the items training contains
+            if self.train_candidates is not None:
+                items = self.candidate_index[items]
             item_loss = F.cross_entropy(logits, items, label_smoothing=label_smoothing)
             loss = loss + item_loss
             logs["id_loss" if self.id_head else "item_loss"] = item_loss.detach()
