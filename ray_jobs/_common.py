@@ -92,7 +92,7 @@ def run_job(args: argparse.Namespace, stages: Sequence[str]) -> dict[str, Any]:
     """Run ``stages`` (all four = the pipeline) under tracking; return the metrics / stage reports."""
     from qbert.platform import storage
     from qbert.platform.retry import RetryConfig
-    from qbert.platform.tracking import TrackingConfig, start_run
+    from qbert.platform.tracking import TrackingConfig
 
     retry = RetryConfig(attempts=max(args.tracking_retries, 1))
     cfg = load_config(args)
@@ -107,28 +107,14 @@ def run_job(args: argparse.Namespace, stages: Sequence[str]) -> dict[str, Any]:
         local = Path(args.out).resolve()
         local.mkdir(parents=True, exist_ok=True)
 
-    run = None
-    if not args.no_tracking:
-        from qbert.pipeline import load_data
+    if args.no_tracking:
+        result = _execute(cfg, local, stages, args, name, None)
+    else:
+        from qbert.platform.tracking import tracked_pipeline
 
-        fingerprint = load_data(cfg).target.fingerprint()
-        run = start_run(TrackingConfig(experiment=args.experiment, retry=retry), local, name, config=cfg,
-                        dataset_fingerprint=fingerprint,
-                        tags={"qbert.stages": ",".join(stages), "qbert.out": str(args.out), "qbert.workers": args.workers})
-    try:
-        result = _execute(cfg, local, stages, args, name, run)
-    except BaseException:
-        if run is not None:
-            try:
-                run.end("FAILED")
-            except Exception:  # noqa: BLE001 - the original error matters more
-                log.exception("could not mark the MLflow run failed")
-        raise
-    if run is not None:
-        final = {f"{split}/{k}": v for split in ("valid", "test") for k, v in (result.get(split) or {}).items()}
-        run.log_metrics(final, step=0, prefix="final/")
-        run.log_run_dir(local)
-        run.end()
+        tags = {"qbert.stages": ",".join(stages), "qbert.out": str(args.out), "qbert.workers": args.workers}
+        result = tracked_pipeline(cfg, local, name, lambda run: _execute(cfg, local, stages, args, name, run),
+                                  tracking=TrackingConfig(experiment=args.experiment, retry=retry), tags=tags)
     if remote:
         storage.upload_dir(local, args.out, retry)
     return result
@@ -138,13 +124,9 @@ def _execute(cfg: Any, local: Path, stages: Sequence[str], args: argparse.Namesp
     from qbert import pipeline as P
 
     if args.workers == 0:  # in-process: the local pipeline with MLflow callbacks
-        from qbert.platform.tracking import MLflowCallback
+        from qbert.platform.tracking import stage_callbacks
 
-        def callbacks(stage: str) -> list:
-            if run is None:
-                return []
-            model = stage if P.REGISTRY[stage].model and not args.no_model else None
-            return [MLflowCallback(run, prefix=f"{stage}/", model_name=model)]
+        callbacks = stage_callbacks(run, log_model=not args.no_model)
 
         if tuple(stages) == ALL_STAGES:
             return P.run_pipeline(cfg, local, callbacks_factory=callbacks)

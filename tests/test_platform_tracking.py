@@ -194,3 +194,30 @@ def test_job_entrypoint_exits_clearly_when_tracking_or_s3_is_unreachable(tmp_pat
     env.pop("MLFLOW_TRACKING_URI", None)
     p = subprocess.run(base + ["--out", "s3://nowhere/run"], env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 3 and "S3 bucket 'nowhere'" in p.stderr and "after 2 attempts" in p.stderr, p.stderr[-2000:]
+
+
+@pytest.mark.timeout(600)
+def test_qbert_pipeline_logs_to_the_tracking_uri_like_the_ray_jobs(tmp_path, monkeypatch, capsys):
+    """One tracking path (#22): with MLFLOW_TRACKING_URI set, `qbert pipeline` creates the run with
+    config params and provenance tags, per-stage metrics, the final metrics, the run directory as
+    artifacts and the fine-tuned model, through the same helper as ray_jobs."""
+    from mlflow.tracking import MlflowClient
+
+    from qbert.cli import main as cli
+
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    sets = ["data.synthetic.num_users=80", "data.synthetic.num_items=40", "data.synthetic.num_clusters=5",
+            "fusion.epochs=1", "quantize.epochs=2", "quantize.codebook_size=8", "pretrain.epochs=1",
+            "finetune.epochs=2", "plots=false"]
+    rc = cli(["pipeline", "--out", str(tmp_path / "run"), *[a for s in sets for a in ("--set", s)]])
+    assert rc == 0, capsys.readouterr().err
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name(TrackingConfig().experiment).experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.data.params["finetune.epochs"] == "2"
+    assert run.data.tags["qbert.git_commit"] and run.data.tags["qbert.dataset_fingerprint"]
+    assert "final/test/NDCG_10" in run.data.metrics and "finetune/NDCG_10" in run.data.metrics  # MLflow-safe keys
+    logged = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "metrics.json" in logged or any("metrics.json" in p for p in logged)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -69,7 +70,14 @@ def pipeline_cmd(args: argparse.Namespace) -> int:
     _setup(args)
     cfg = load_config(args.config, args.overrides)
     cfg = _with_progress(cfg, args)
-    metrics = run_pipeline(cfg, args.out, overwrite=args.overwrite)
+    if os.environ.get("MLFLOW_TRACKING_URI"):  # the same MLflow logging as the Ray entry points
+        from qbert.platform.tracking import stage_callbacks, tracked_pipeline
+
+        name = Path(args.out).resolve().name or "qbert"
+        metrics = tracked_pipeline(cfg, args.out, name, lambda run: run_pipeline(
+            cfg, args.out, callbacks_factory=stage_callbacks(run), overwrite=args.overwrite))
+    else:
+        metrics = run_pipeline(cfg, args.out, overwrite=args.overwrite)
     print(json.dumps({"test": metrics["test"], "valid": metrics["valid"], "best_epoch": metrics["best_epoch"],
                       "run": str(Path(args.out) / "metrics.json")}, indent=2))
     return 0

@@ -287,3 +287,43 @@ class MLflowCallback(Callback):
             self.model_uri = self.run.log_model(model, self.model_name)
         if self.end_run:
             self.run.end()
+
+
+def stage_callbacks(run: TrackedRun | None, log_model: bool = True) -> Any:
+    """``callbacks_factory(stage)`` for the pipeline: an :class:`MLflowCallback` per stage, logging
+    the model of the stage evaluation loads (``qbert.pipeline.MODEL_STAGE``)."""
+    from qbert.pipeline import REGISTRY
+
+    def factory(stage: str) -> list[Callback]:
+        if run is None:
+            return []
+        model = stage if REGISTRY[stage].model and log_model else None
+        return [MLflowCallback(run, prefix=f"{stage}/", model_name=model)]
+
+    return factory
+
+
+def tracked_pipeline(cfg: Any, run_dir: str | os.PathLike, name: str, execute: Any, *,
+                     tracking: TrackingConfig | None = None, tags: dict[str, Any] | None = None,
+                     artifacts_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The one MLflow path of every entry point (``qbert pipeline``, ``ray_jobs/*``): start (or
+    resume) the run with the config, git commit and data fingerprint, ``execute(run)`` the stages,
+    then log the final metrics and the run directory and end the run (FAILED if ``execute`` raised)."""
+    from qbert.pipeline import load_data
+
+    tracking = tracking or TrackingConfig()
+    run = start_run(tracking, run_dir, name, config=cfg, dataset_fingerprint=load_data(cfg).target.fingerprint(),
+                    tags=tags)
+    try:
+        result = execute(run)
+    except BaseException:
+        try:
+            run.end("FAILED")
+        except Exception:  # noqa: BLE001 - the original error matters more
+            log.exception("could not mark the MLflow run failed")
+        raise
+    final = {f"{split}/{k}": v for split in ("valid", "test") for k, v in (result.get(split) or {}).items()}
+    run.log_metrics(final, step=0, prefix="final/")
+    run.log_run_dir(artifacts_dir or run_dir)
+    run.end()
+    return result
