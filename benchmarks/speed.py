@@ -8,7 +8,8 @@ On Amazon Instruments' 84,890 training rows (every prefix of each user's trainin
 ``Instruments.train.inter``), for the paper's size (hidden 256, 4 layers, 4 heads, batch 256)
 and the baseline size (hidden 64, 2 layers, 2 heads): our Q-BERT4Rec fine-tuning and
 pretraining epochs at each precision, our full ranking of every valid user (ms/user, both
-protocols from one pass), and RecBole 1.2.1's BERT4Rec training epoch and full ranking
+protocols from one pass), our batch top-10 recommendation for every user (users/s, what
+``qbert recommend`` runs), and RecBole 1.2.1's BERT4Rec training epoch and full ranking
 (``benchmarks/peers/recbole_timing.py``, run with RecBole's own virtualenv, never a qbert
 dependency). Measurements are interleaved and repeated (``--repeats``) and the median kept,
 because these machines are shared: the ratio of two interleaved times is what to read.
@@ -45,12 +46,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from qbert.data.readers import read_source  # noqa: E402
-from qbert.data.split import LeaveOneOutSplit  # noqa: E402
+from qbert.data.split import LeaveOneOutSplit, windows  # noqa: E402
+from qbert.eval.evaluator import top_k  # noqa: E402
 from qbert.seqrec import masks  # noqa: E402
 from qbert.seqrec.stage import (FinetuneConfig, PretrainConfig, SeqRecConfig, build_model,  # noqa: E402
                                 masked_batches, masked_step, pretrain_mask_fn, split_ranks, training_rows)
 from qbert.train.loop import LoopConfig, fit  # noqa: E402
-from qbert.train.optim import build_optimizer, resolve_precision  # noqa: E402
+from qbert.train.optim import autocast, build_optimizer, resolve_precision  # noqa: E402
 from qbert.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
 from qbert.utils.runtime import benchmark_meta  # noqa: E402
 
@@ -97,6 +99,14 @@ def time_qbert(split: LeaveOneOutSplit, codes: np.ndarray, size: dict, precision
     split_ranks(model, split, "valid", 1024, device, ("kept", "excluded"), precision)
     _sync(device)
     eval_s = time.perf_counter() - t0
+    # batch top-10 recommendation for every user after their whole sequence (qbert recommend's pass)
+    ds = split.dataset
+    full = windows(ds.seq_items, ds.seq_offsets[:-1], ds.seq_offsets[1:], MAX_LEN, pad=0, shift=1)
+    t0 = time.perf_counter()
+    with autocast(device, precision):
+        top_k(model.score, full, model.num_items, 10, 1024, history_pad=0, history_shift=1, device=device)
+    _sync(device)
+    out["recommend_users_per_s"] = ds.num_users / (time.perf_counter() - t0)
     if device.type == "cuda":
         out["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return {**out, "pretrain_epoch_s": p["train_epoch_s"], "eval_ms_per_user": eval_s / split.num_users * 1e3,
@@ -149,15 +159,17 @@ def median_rows(samples: list[dict]) -> dict:
 
 def render(result: dict) -> str:
     lines = ["| system | model | size (hidden/layers/heads) | precision | threads | train epoch s | pretrain epoch s "
-             "| eval ms/user | ratio to RecBole (train / eval) |", "|---|---|---|---|---|---|---|---|---|"]
+             "| eval ms/user | top-10 users/s | ratio to RecBole (train / eval) |", "|---|---|---|---|---|---|---|---|---|---|"]
     peer = {r["hidden"]: r for r in result["rows"] if r["system"] == "recbole"}
     for r in result["rows"]:
         p = peer.get(r["hidden"])
         ratio = "" if r["system"] == "recbole" or p is None else \
             f"{p['train_epoch_s'] / r['train_epoch_s']:.1f}x / {p['eval_ms_per_user'] / r['eval_ms_per_user']:.1f}x"
         pre = f"{r['pretrain_epoch_s']:.1f}" if r.get("pretrain_epoch_s") else ""
+        users_s = f"{r['recommend_users_per_s']:.0f}" if "recommend_users_per_s" in r else ""
         lines.append(f"| {r['system']} | {r['model']} | {r['hidden']}/{r['layers']}/{r['heads']} | {r['precision']} | "
-                     f"{r['threads']} | {r['train_epoch_s']:.1f} | {pre} | {r['eval_ms_per_user']:.3f} | {ratio} |")
+                     f"{r['threads']} | {r['train_epoch_s']:.1f} | {pre} | {r['eval_ms_per_user']:.3f} | "
+                     f"{users_s} | {ratio} |")
     if result.get("pipeline"):
         lines += ["", "| pipeline run | threads | precision | fine-tuning epochs | wall s | "
                   + " | ".join(f"{s} s" for s in ("fusion", "quantize", "pretrain", "finetune")) + " |",
