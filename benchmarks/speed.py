@@ -159,7 +159,8 @@ def median_rows(samples: list[dict]) -> dict:
 
 def render(result: dict) -> str:
     lines = ["| system | model | size (hidden/layers/heads) | precision | threads | train epoch s | pretrain epoch s "
-             "| eval ms/user | top-10 users/s | ratio to RecBole (train / eval) |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| eval ms/user | top-10 users/s | ratio to RecBole (train / eval) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     peer = {r["hidden"]: r for r in result["rows"] if r["system"] == "recbole"}
     for r in result["rows"]:
         p = peer.get(r["hidden"])
