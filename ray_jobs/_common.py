@@ -121,44 +121,28 @@ def run_job(args: argparse.Namespace, stages: Sequence[str]) -> dict[str, Any]:
 
 
 def _execute(cfg: Any, local: Path, stages: Sequence[str], args: argparse.Namespace, name: str, run: Any) -> dict[str, Any]:
+    """``stages`` through the one driver (``qbert.pipeline.run_pipeline``): in this process with
+    ``--workers 0``, else on Ray Train workers. A single stage runs inside a directory that holds
+    the earlier stages' outputs and returns its report."""
     from qbert import pipeline as P
 
-    if args.workers == 0:  # in-process: the local pipeline with MLflow callbacks
+    if args.workers == 0:  # in-process: the local executor with MLflow callbacks
         from qbert.platform.tracking import stage_callbacks
 
-        callbacks = stage_callbacks(run, log_model=not args.no_model)
+        executor = P.LocalExecutor(stage_callbacks(run, log_model=not args.no_model))
+    else:
+        import ray
 
-        if tuple(stages) == ALL_STAGES:
-            return P.run_pipeline(cfg, local, callbacks_factory=callbacks)
-        data = P.load_data(cfg)
-        P.check_inputs(cfg, data)
-        return {s: P.REGISTRY[s].run(cfg, data, local, callbacks(s)) for s in stages}
+        from qbert.platform.ray_train import RayExecutor
 
-    import ray
-
-    from qbert.platform.ray_train import run_pipeline_on_ray, run_stage_on_ray, tracking_handle
-
-    if not ray.is_initialized():
-        ray.init()
-    scaling = scaling_from_args(args)
+        if not ray.is_initialized():
+            ray.init()
+        executor = RayExecutor(scaling_from_args(args), name, run, log_model=not args.no_model,
+                               trainer_per_stage=args.trainer_per_stage)
     if tuple(stages) == ALL_STAGES:
-        return run_pipeline_on_ray(cfg, local, scaling=scaling, name=name, tracked_run=run, log_model=not args.no_model,
-                                   trainer_per_stage=args.trainer_per_stage)
-    import functools
-
-    data = P.load_data(cfg)
-    P.check_inputs(cfg, data)
-    out = {}
-    for s in stages:
-        st = P.REGISTRY[s]
-        res = run_stage_on_ray(st.run, cfg, functools.partial(P.load_data, cfg), local, scaling=scaling,
-                               name=f"{name}-{s}", stage=s, tracking=tracking_handle(run) if run else None,
-                               log_model=st.model and not args.no_model, input_files=st.reads,
-                               per_rank_batch_keys=st.batch_keys)
-        out[s] = res.value
-    if len(stages) == 1 and isinstance(out[stages[0]], dict):
-        return out[stages[0]]
-    return out
+        return P.run_pipeline(cfg, local, executor=executor)
+    out = P.run_pipeline(cfg, local, executor=executor, stages=list(stages))
+    return out[stages[0]] if len(stages) == 1 and isinstance(out.get(stages[0]), dict) else out
 
 
 def main(stages: Sequence[str], description: str, argv: list[str] | None = None) -> int:

@@ -243,8 +243,13 @@ def test_cli_pipeline_runs_and_prints_metrics(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["exclude_history"] is True
     assert main(["evaluate", "--run", str(tmp_path / "run"), "--data", "synthetic"]) == 2
     assert "--data applies to baseline runs" in capsys.readouterr().err
-    # a stage alone, inside the run directory
+    # a stage alone, inside the run directory, through the one driver: another fine-tuning config is
+    # fine, another setting of an earlier stage (whose outputs it would read) is refused
     assert main(["finetune", "--out", str(tmp_path / "run"), "--set", "finetune.epochs=1"]) == 0
+    capsys.readouterr()
+    assert main(["finetune", "--out", str(tmp_path / "run"), "--set", "quantize.epochs=99"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "quantize.epochs: 2 there, 99 here" in err
 
 
 def test_reuse_takes_earlier_stages_from_a_finished_run_only_when_their_settings_match(tmp_path):

@@ -84,7 +84,7 @@ def pipeline_cmd(args: argparse.Namespace) -> int:
 
 
 def stage_cmd(args: argparse.Namespace) -> int:
-    from qbert.pipeline import load_data, run_finetune_stage, run_pretrain_stage
+    from qbert.pipeline import run_pipeline
 
     _setup(args)
     out = Path(args.out)
@@ -92,9 +92,7 @@ def stage_cmd(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{out / 'semantic_ids.parquet'} not found: run `qbert pipeline --out {out}` first")
     cfg = load_config(args.config or out / "config.yaml", args.overrides)
     cfg = _with_progress(cfg, args)
-    data = load_data(cfg)
-    fn = run_pretrain_stage if args.stage == "pretrain" else run_finetune_stage
-    report = fn(cfg, data, out)
+    report = run_pipeline(cfg, out, stages=[args.stage])[args.stage]  # the one driver, this stage only
     report.pop("history", None)
     print(json.dumps(report, indent=2, default=str))
     return 0

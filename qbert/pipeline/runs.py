@@ -117,7 +117,8 @@ class LocalExecutor:
 
 
 def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, callbacks_factory: CallbacksFactory | None = None,
-                 resume: bool = True, overwrite: bool = False, executor: Any = None) -> dict[str, Any]:
+                 resume: bool = True, overwrite: bool = False, executor: Any = None,
+                 stages: list[str] | None = None) -> dict[str, Any]:
     """Run every stage in order; return the metrics dict also written to ``metrics.json``.
 
     The one driver of local, ``ray job submit``, KubeRay and Tune runs: ``executor`` runs the
@@ -128,6 +129,10 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, callbacks_factory: Ca
     stage checkpoints (``resume=False`` discards them); a directory holding a run of another config
     is refused unless ``overwrite`` (which empties it). Stages in ``reuse.stages`` are copied from
     a finished run first.
+
+    ``stages``: run only these, inside a directory that holds the earlier stages' outputs (e.g.
+    another fine-tuning config on the same semantic IDs): the settings those outputs depend on must
+    equal the directory's; returns the stages' reports instead of writing ``metrics.json``.
     """
     from qbert.utils.rundir import claim_run_dir, run_lock
 
@@ -139,8 +144,14 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, callbacks_factory: Ca
     data = load_data(cfg)
     check_inputs(cfg, data)
     check_reuse(cfg)
+    subset = [s for s in STAGES if s in stages] if stages is not None else list(STAGES)
+    if stages is not None and (unknown := sorted(set(stages) - set(STAGES))):
+        raise ConfigError(f"unknown stage(s) {unknown}; the stages are {list(STAGES)}")
     with run_lock(out):
-        claim_run_dir(out, config_differences(out / "config.yaml", cfg), overwrite)
+        if subset != list(STAGES):
+            _check_earlier_stages(cfg, out, STAGES[: STAGES.index(subset[0])])
+        else:
+            claim_run_dir(out, config_differences(out / "config.yaml", cfg), overwrite)
         ckpts = out / "checkpoints"
         if ckpts.exists() and not resume:
             log.info("discarding checkpoints of %s (resume off)", out)
@@ -153,9 +164,28 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, callbacks_factory: Ca
             log.info("stage %s: reused from %s", stage, cfg.reuse.from_run)
             reports[stage] = reuse_stage(cfg, stage, out)
             timings[stage] = time.perf_counter() - t0
-        todo = [s for s in STAGES if s not in reports]
+        todo = [s for s in subset if s not in reports]
         timings.update(executor.run(cfg, out, data, todo, reports))
+        if subset != list(STAGES):
+            return {s: reports[s] for s in todo}
         return finish_run(cfg, out, data, reports, timings, started, commit, extra=executor.describe() or None)
+
+
+def _check_earlier_stages(cfg: PipelineConfig, out: Path, earlier: tuple[str, ...]) -> None:
+    """Before running later stages alone in ``out``: the earlier stages' outputs there were made
+    with the settings they depend on in ``cfg`` (ConfigError naming the first differences)."""
+    if not earlier:
+        return
+    path = out / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run the earlier stages ({', '.join(earlier)}) in {out} first")
+    theirs = PipelineConfig.from_yaml(path)
+    mine, made = _stage_inputs(cfg, earlier[-1]), _stage_inputs(theirs, earlier[-1])
+    if mine != made:
+        a, b = flatten_dict(mine), flatten_dict(made)
+        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        raise ConfigError(f"{out}: its {earlier[-1]} stage was made with other settings "
+                          f"({', '.join(f'{k}: {b.get(k)!r} there, {a.get(k)!r} here' for k in diff[:3])})")
 
 
 

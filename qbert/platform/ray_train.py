@@ -317,7 +317,7 @@ def _pipeline_worker(spec: _Spec) -> Any:
 
         t = spec.tracking
         run = attach_run(t["tracking_uri"], t["run_id"], t["experiment_id"], RetryConfig.from_dict(t.get("retry")))
-    for stage in P.STAGES:
+    for stage in spec.stage_kwargs.get("stages", P.STAGES):
         if stage in reports:
             continue
         _broadcast_files(out_dir, P.REGISTRY[stage].reads, rank)
@@ -365,15 +365,18 @@ class RayExecutor:
 
         from qbert import pipeline as P
 
+        if not stages:
+            return {}
         handle = tracking_handle(self.tracked_run) if self.tracked_run is not None else None
         load = functools.partial(P.load_data, cfg)  # each worker loads the data itself
         timings: dict[str, float] = {}
         if not self.trainer_per_stage:
-            shipped = tuple(f for stage in reports for f in P.REGISTRY[stage].writes if (out / f).is_file())
+            shipped = tuple(f for stage in P.STAGES[: P.STAGES.index(stages[0])] for f in P.REGISTRY[stage].writes
+                            if (out / f).is_file())  # reused or earlier stages' outputs, for every worker
             t0 = time.perf_counter()
             res = run_stage_on_ray(None, cfg, load, out, scaling=self.scaling, name=self.name, stage="pipeline",
                                    tracking=handle, log_model=self.log_model, worker=_pipeline_worker,
-                                   stage_kwargs={"reused": dict(reports)}, input_files=shipped)
+                                   stage_kwargs={"reused": dict(reports), "stages": list(stages)}, input_files=shipped)
             reports.update(res.value)
             timings["pipeline"] = time.perf_counter() - t0
         for stage in stages if self.trainer_per_stage else ():

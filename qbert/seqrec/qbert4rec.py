@@ -63,11 +63,17 @@ from qbert.seqrec.prefix_tables import PrefixTables, prefix_hash
 __all__ = ["QBert4Rec", "prefix_hash", "count_parameters"]
 
 PAD = 0
+IGNORE = -100  # cross-entropy target of a row that is not a masked position
 REPEAT_SCALE = 10.0  # repeat_weight = REPEAT_SCALE * repeat_raw, so Adam moves it ~10 x lr per step
 ITEM_ID_MODES = ("none", "input", "input_and_head")
 HEADS = ("catalogue", "levels")
 class QBert4Rec(nn.Module):
     """Bidirectional encoder over semantic-ID item sequences."""
+
+    # the rows the last block and the heads compute in training are rounded up to a multiple of
+    # this (extra rows are ignored by the loss): a handful of distinct matrix shapes instead of
+    # one per masked count, so bf16 kernels set up for a shape are reused (measured, #21)
+    ROW_MULTIPLE = 64
 
     def __init__(self, codes: torch.Tensor, num_codes: int = 256, hidden: int = 128, layers: int = 4,
                  heads: int = 4, dropout: float = 0.2, max_len: int = 50, item_id: str = "none",
@@ -376,22 +382,26 @@ class QBert4Rec(nn.Module):
             raise ValueError("mask covers padding positions")
         keep = trim_left_padding(tokens).shape[1]  # columns that are padding in every row do no work
         tokens, mask = tokens[:, tokens.shape[1] - keep :], mask[:, mask.shape[1] - keep :]
-        items = tokens[mask] - 1  # [M] 0-based item ids
         inp = tokens.masked_fill(mask, self.mask_token)
-        h = self(inp, keep=mask)  # [M, H]
+        keep = _pad_rows(mask, self.ROW_MULTIPLE)  # the masked positions, plus a few others up to a multiple
+        real = mask[keep]  # which kept rows are masked positions (the rest only round the row count)
+        items = torch.where(real, tokens[keep] - 1, IGNORE)  # [M'] 0-based item ids, IGNORE for the extra rows
+        h = self(inp, keep=keep)  # [M', H]
         logs: dict[str, torch.Tensor] = {}
         loss = h.new_zeros(())
         if self.code_loss_weight > 0 or not self.item_softmax:
-            code_loss = F.cross_entropy(self.code_logits(h).reshape(-1, self.C), self.codes[items].reshape(-1))
+            targets = self.codes[items.clamp(min=0)].masked_fill(~real[:, None], IGNORE)
+            code_loss = F.cross_entropy(self.code_logits(h).reshape(-1, self.C), targets.reshape(-1),
+                                        ignore_index=IGNORE)
             loss = loss + (self.code_loss_weight if self.item_softmax else 1.0) * code_loss
             logs["code_loss"] = code_loss.detach()
         if self.item_softmax:
             biased = self.repeat_raw is not None or self.prefix_raw is not None
-            visible = inp[mask.nonzero()[:, 0]] if biased else None  # the row each masked position sees
+            visible = inp[keep.nonzero()[:, 0]] if biased else None  # the row each kept position sees
             logits = self.item_logits(h, visible, self.train_candidates)  # over the items training contains
             if self.train_candidates is not None:
-                items = self.candidate_index[items]
-            item_loss = F.cross_entropy(logits, items, label_smoothing=label_smoothing)
+                items = torch.where(real, self.candidate_index[items.clamp(min=0)], IGNORE)
+            item_loss = F.cross_entropy(logits, items, label_smoothing=label_smoothing, ignore_index=IGNORE)
             loss = loss + item_loss
             logs["id_loss" if self.id_head else "item_loss"] = item_loss.detach()
         return loss, logs
@@ -437,6 +447,17 @@ class QBert4Rec(nn.Module):
         the semantic-ID term weighted by ``code_score_weight``."""
         codes, ids = self.score_parts(history)
         return codes if ids is None else self.code_score_weight * codes + ids
+
+
+def _pad_rows(mask: torch.Tensor, multiple: int) -> torch.Tensor:
+    """``mask`` [B, L] plus the first unmasked positions (row-major) needed to make its count a
+    multiple of ``multiple`` (all positions when there are not enough)."""
+    m = int(mask.sum())
+    extra = min(-m % multiple, mask.numel() - m)
+    if extra == 0:
+        return mask
+    rank = torch.cumsum((~mask).reshape(-1).int(), 0).view_as(mask)  # 1-based order of the unmasked
+    return mask | (~mask & (rank <= extra))
 
 
 def _bag(rows: torch.Tensor, table: torch.Tensor, padding_idx: int | None = None) -> torch.Tensor:
