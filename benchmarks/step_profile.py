@@ -13,9 +13,7 @@ stage 1-2 run is needed. Prints one JSON line (and the table with ``--profile``)
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP's default (spinning) wait policy unless the caller sets OMP_WAIT_POLICY (see speed.py)
 
 import argparse  # noqa: E402
 import json  # noqa: E402
