@@ -146,7 +146,8 @@ def pipeline_row(run: Path) -> dict:
             "threads": summary["machine"].get("torch_threads"), "wall_s": summary["timings"]["total"],
             "stages": {k: v for k, v in summary["timings"].items() if k != "total"},
             "finetune_epochs": metrics.get("epochs_run"), "pretrain_epochs": cfg["pretrain"]["epochs"],
-            "precision": cfg["finetune"].get("precision", "fp32"), "valid": metrics["valid"],
+            "precision": summary.get("precision", {}).get("finetune", cfg["finetune"].get("precision", "fp32")),
+            "valid": metrics["valid"],
             "git_commit": summary["git_commit"], "started_utc": summary.get("started_utc")}
 
 
