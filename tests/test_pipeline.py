@@ -87,7 +87,8 @@ def test_end_to_end_beats_popularity_and_writes_every_artifact(tmp_path):
 def test_multi_domain_pretraining_then_finetune_on_a_third_domain(tmp_path):
     cfg = tiny(**{"pretrain_sources": ["synthetic:seed=1,users=300,items=120,clusters=10,max_len=15",
                                        "synthetic:seed=2,users=300,items=100,clusters=10,max_len=15"],
-                  "pretrain.include_target": False, "pretrain.epochs": 2, "finetune.epochs": 8, "plots": False})
+                  "pretrain.include_target": False, "pretrain.epochs": 2, "plots": False})  # tiny's 12 fine-tuning epochs:
+    # at 8 the model was still far from trained (HR@10 0.400 against popularity's 0.402, at 12 0.472)
     data = load_data(cfg)
     assert data.union.num_items == 150 + 120 + 100
     rows = pretraining_rows(cfg, data)
