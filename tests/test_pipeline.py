@@ -247,7 +247,9 @@ def test_cli_pipeline_runs_and_prints_metrics(tmp_path, capsys):
     # a stage alone, inside the run directory, through the one driver: another fine-tuning config is
     # fine, another setting of an earlier stage (whose outputs it would read) is refused
     assert main(["finetune", "--out", str(tmp_path / "run"), "--set", "finetune.epochs=1"]) == 0
-    capsys.readouterr()
+    # its own settings changed, so the 2-epoch run's checkpoint was not resumed: it trained 1 epoch anew
+    assert json.loads(capsys.readouterr().out)["epochs_run"] == 1
+    assert not (tmp_path / "run" / "metrics.json").exists()  # no longer the finished run it described
     assert main(["finetune", "--out", str(tmp_path / "run"), "--set", "quantize.epochs=99"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "quantize.epochs: 2 there, 99 here" in err

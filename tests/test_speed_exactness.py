@@ -157,3 +157,17 @@ def test_bf16_finetuning_runs_and_ranks_in_fp32(tmp_path):
     assert np.isfinite(res.history[-1]["loss"]) and "NDCG@10" in res.history[-1]
     with torch.no_grad(), autocast("cpu", "bf16"):
         assert model.eval().score(torch.as_tensor(split.history("valid", 0, 1)[:4])).dtype == torch.float32
+
+
+def test_checkpoints_written_before_the_prefix_tables_module_still_load():
+    """model.pt / last.pt / pretrain.pt of earlier versions named the tables prefix_in.weight
+    ([B + 1, H], padding row last), prefix_out and prefix_out_bias."""
+    m = _model()
+    old = {k: v for k, v in m.state_dict().items() if not k.startswith("prefix.")}
+    old["prefix_in.weight"] = torch.randn(65, 16)
+    old["prefix_out"], old["prefix_out_bias"] = torch.randn(64, 16), torch.randn(64)
+    fresh = _model()
+    fresh.load_state_dict(dict(old))
+    assert torch.equal(fresh.state_dict()["prefix.inp_table"], old["prefix_in.weight"][:-1])
+    assert torch.equal(fresh.state_dict()["prefix.out_table"], old["prefix_out"])
+    assert not [k for k in _model().load_encoder(dict(old)) if k.startswith("prefix")]

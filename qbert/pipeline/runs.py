@@ -147,11 +147,17 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, callbacks_factory: Ca
     subset = [s for s in STAGES if s in stages] if stages is not None else list(STAGES)
     if stages is not None and (unknown := sorted(set(stages) - set(STAGES))):
         raise ConfigError(f"unknown stage(s) {unknown}; the stages are {list(STAGES)}")
+    if not subset:
+        raise ConfigError("stages is empty: name at least one stage to run")
+    partial = subset != list(STAGES)
     with run_lock(out):
-        if subset != list(STAGES):
-            _check_earlier_stages(cfg, out, STAGES[: STAGES.index(subset[0])])
+        if partial and subset[0] != STAGES[0]:
+            _check_partial_run(cfg, out, subset)
         else:
             claim_run_dir(out, config_differences(out / "config.yaml", cfg), overwrite)
+        if partial:  # the directory no longer holds the finished run its metrics described
+            for name in ("metrics.json", "summary.json"):
+                (out / name).unlink(missing_ok=True)
         ckpts = out / "checkpoints"
         if ckpts.exists() and not resume:
             log.info("discarding checkpoints of %s (resume off)", out)
@@ -166,26 +172,37 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, callbacks_factory: Ca
             timings[stage] = time.perf_counter() - t0
         todo = [s for s in subset if s not in reports]
         timings.update(executor.run(cfg, out, data, todo, reports))
-        if subset != list(STAGES):
-            return {s: reports[s] for s in todo}
+        if partial:
+            return {s: reports[s] for s in subset}
         return finish_run(cfg, out, data, reports, timings, started, commit, extra=executor.describe() or None)
 
 
-def _check_earlier_stages(cfg: PipelineConfig, out: Path, earlier: tuple[str, ...]) -> None:
-    """Before running later stages alone in ``out``: the earlier stages' outputs there were made
-    with the settings they depend on in ``cfg`` (ConfigError naming the first differences)."""
-    if not earlier:
-        return
+def _check_partial_run(cfg: PipelineConfig, out: Path, subset: list[str]) -> None:
+    """Before running ``subset`` alone in ``out``: every stage it skips (before its last) has its
+    outputs there, made with the settings ``cfg`` gives them (ConfigError naming the first
+    differences); a stage it runs whose settings changed loses its checkpoints (they belong to the
+    other settings, and resuming them would bring back that run's weights and optimizer)."""
     path = out / "config.yaml"
+    skipped = [s for s in STAGES[: STAGES.index(subset[-1])] if s not in subset]
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run the earlier stages ({', '.join(earlier)}) in {out} first")
+        raise FileNotFoundError(f"{path} not found: run the earlier stages ({', '.join(skipped)}) in {out} first")
     theirs = PipelineConfig.from_yaml(path)
-    mine, made = _stage_inputs(cfg, earlier[-1]), _stage_inputs(theirs, earlier[-1])
-    if mine != made:
-        a, b = flatten_dict(mine), flatten_dict(made)
-        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-        raise ConfigError(f"{out}: its {earlier[-1]} stage was made with other settings "
-                          f"({', '.join(f'{k}: {b.get(k)!r} there, {a.get(k)!r} here' for k in diff[:3])})")
+    for stage in skipped:
+        mine, made = _stage_inputs(cfg, stage), _stage_inputs(theirs, stage)
+        if mine != made:
+            a, b = flatten_dict(mine), flatten_dict(made)
+            diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            raise ConfigError(f"{out}: its {stage} stage was made with other settings "
+                              f"({', '.join(f'{k}: {b.get(k)!r} there, {a.get(k)!r} here' for k in diff[:3])})")
+        optional = {"pretrain.pt"} if cfg.pretrain.strategy == "none" or cfg.pretrain.epochs == 0 else set()
+        missing = [f for f in REGISTRY[stage].writes if f not in optional and f != "test_ranks.parquet"
+                   and not (out / f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{out}: missing {', '.join(missing)} of the {stage} stage: run it first")
+    for stage in subset:
+        if _stage_inputs(cfg, stage) != _stage_inputs(theirs, stage) and (out / "checkpoints" / stage).exists():
+            log.info("discarding the %s checkpoints of %s (its settings changed)", stage, out)
+            shutil.rmtree(out / "checkpoints" / stage)
 
 
 

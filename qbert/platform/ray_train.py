@@ -144,11 +144,7 @@ def _worker_setup(spec: Any) -> tuple[int, int, Path]:
 
 def _worker(spec: _Spec) -> Any:
     rank, world, out_dir = _worker_setup(spec)
-    for rel, blob in spec.inputs.items():  # ranks on other nodes (and rank > 0) need the stage's inputs
-        target = out_dir / rel
-        if not target.is_file():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(blob)
+    _write_inputs(spec, out_dir)
     resumed = _restore_checkpoint(out_dir)
     if resumed is not None:
         log.info("rank %d: resuming stage %s from epoch %d", rank, spec.stage, resumed)
@@ -176,6 +172,15 @@ def _worker(spec: _Spec) -> Any:
     final = {"stage": spec.stage, "done": True, "resumed_from_epoch": -1 if resumed is None else resumed}
     _report_final(rank, out_dir, final)
     return value if rank == 0 else None
+
+
+def _write_inputs(spec: _Spec, out_dir: Path) -> None:
+    """The files the stages read from the run directory, for ranks on other nodes (and rank > 0)."""
+    for rel, blob in spec.inputs.items():
+        target = out_dir / rel
+        if not target.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(blob)
 
 
 def _report_final(rank: int, out_dir: Path, final: dict[str, Any]) -> None:
@@ -305,6 +310,7 @@ def _pipeline_worker(spec: _Spec) -> Any:
     from qbert import pipeline as P
 
     rank, world, out_dir = _worker_setup(spec)
+    _write_inputs(spec, out_dir)  # reused or earlier stages' outputs, wherever rank 0 runs
     meta = _restore_files(out_dir) or {}
     reports: dict[str, Any] = {**spec.stage_kwargs.get("reused", {}), **meta.get("reports", {})}
     done_files: list[str] = list(meta.get("files", []))
@@ -374,7 +380,10 @@ class RayExecutor:
             shipped = tuple(f for stage in P.STAGES[: P.STAGES.index(stages[0])] for f in P.REGISTRY[stage].writes
                             if (out / f).is_file())  # reused or earlier stages' outputs, for every worker
             t0 = time.perf_counter()
-            res = run_stage_on_ray(None, cfg, load, out, scaling=self.scaling, name=self.name, stage="pipeline",
+            # a run of some stages gets a name of its own: Ray resumes a run by name, and the whole
+            # pipeline's checkpoints under ``self.name`` belong to other stages
+            name = self.name if set(stages) | set(reports) == set(P.STAGES) else f"{self.name}-{'-'.join(stages)}"
+            res = run_stage_on_ray(None, cfg, load, out, scaling=self.scaling, name=name, stage="pipeline",
                                    tracking=handle, log_model=self.log_model, worker=_pipeline_worker,
                                    stage_kwargs={"reused": dict(reports), "stages": list(stages)}, input_files=shipped)
             reports.update(res.value)

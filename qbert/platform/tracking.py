@@ -309,21 +309,24 @@ def tracked_pipeline(cfg: Any, run_dir: str | os.PathLike, name: str, execute: A
     """The one MLflow path of every entry point (``qbert pipeline``, ``ray_jobs/*``): start (or
     resume) the run with the config, git commit and data fingerprint, ``execute(run)`` the stages,
     then log the final metrics and the run directory and end the run (FAILED if ``execute`` raised)."""
-    from qbert.pipeline import load_data
+    from qbert.pipeline import config_differences, load_data
+    from qbert.utils.rundir import run_lock
 
     tracking = tracking or TrackingConfig()
-    run = start_run(tracking, run_dir, name, config=cfg, dataset_fingerprint=load_data(cfg).target.fingerprint(),
-                    tags=tags)
-    try:
-        result = execute(run)
-    except BaseException:
+    with run_lock(run_dir):  # before MLflow: a second run on the directory must not touch this one's run
+        same = config_differences(Path(run_dir) / "config.yaml", cfg) == []  # resume its MLflow run only then
+        run = start_run(tracking, run_dir, name, config=cfg, dataset_fingerprint=load_data(cfg).target.fingerprint(),
+                        tags=tags, reuse=same)
         try:
-            run.end("FAILED")
-        except Exception:  # noqa: BLE001 - the original error matters more
-            log.exception("could not mark the MLflow run failed")
-        raise
-    final = {f"{split}/{k}": v for split in ("valid", "test") for k, v in (result.get(split) or {}).items()}
-    run.log_metrics(final, step=0, prefix="final/")
-    run.log_run_dir(artifacts_dir or run_dir)
-    run.end()
+            result = execute(run)
+        except BaseException:
+            try:
+                run.end("FAILED")
+            except Exception:  # noqa: BLE001 - the original error matters more
+                log.exception("could not mark the MLflow run failed")
+            raise
+        final = {f"{split}/{k}": v for split in ("valid", "test") for k, v in (result.get(split) or {}).items()}
+        run.log_metrics(final, step=0, prefix="final/")
+        run.log_run_dir(artifacts_dir or run_dir)
+        run.end()
     return result

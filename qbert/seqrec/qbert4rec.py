@@ -153,6 +153,8 @@ class QBert4Rec(nn.Module):
         self.train_candidates: torch.Tensor | None = None
         self.candidate_index: torch.Tensor | None = None
         self.set_catalogue(codes)
+        # model.pt / last.pt / pretrain.pt written before the prefix tables had a module of their own
+        self._register_load_state_dict_pre_hook(_upgrade_in_place)
 
     # ------------------------------------------------------------------ catalogue
     @property
@@ -238,6 +240,7 @@ class QBert4Rec(nn.Module):
         """
         own = self.state_dict()
         skip = set() if with_catalogue else self.catalogue_keys()
+        state = upgrade_state_dict(state)
         take = {k: v for k, v in state.items() if k in own and k not in skip and own[k].shape == v.shape}
         self.load_state_dict(take, strict=False)
         return sorted(set(own) - set(take))
@@ -448,6 +451,31 @@ class QBert4Rec(nn.Module):
         the semantic-ID term weighted by ``code_score_weight``."""
         codes, ids = self.score_parts(history)
         return codes if ids is None else self.code_score_weight * codes + ids
+
+
+_LEGACY_PREFIX_KEYS = {"prefix_in.weight": "prefix.inp_table", "prefix_out": "prefix.out_table",
+                       "prefix_out_bias": "prefix.out_bias_table"}
+
+
+def upgrade_state_dict(state: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    """A state dict of this model written before the prefix tables were a module of their own
+    (``prefix_in.weight`` [B + 1, H] with its padding row last, ``prefix_out``, ``prefix_out_bias``),
+    with those keys under their current names; any other state dict unchanged."""
+    if not any(k in state for k in _LEGACY_PREFIX_KEYS):
+        return {prefix + k: v for k, v in state.items()} if prefix else dict(state)
+    out = {}
+    for k, v in state.items():
+        if k in _LEGACY_PREFIX_KEYS:
+            out[prefix + _LEGACY_PREFIX_KEYS[k]] = v[:-1] if k == "prefix_in.weight" else v  # drop the padding row
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def _upgrade_in_place(state: dict[str, torch.Tensor], prefix: str, *args) -> None:  # noqa: ANN002
+    """``load_state_dict`` pre-hook: legacy prefix-table keys under ``prefix`` renamed in place."""
+    legacy = {k: state.pop(prefix + k) for k in _LEGACY_PREFIX_KEYS if prefix + k in state}
+    state.update(upgrade_state_dict(legacy, prefix))
 
 
 def _pad_rows(mask: torch.Tensor, multiple: int) -> torch.Tensor:

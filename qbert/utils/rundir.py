@@ -22,12 +22,19 @@ from qbert.config import ConfigError
 LOCK_NAME = ".qbert.lock"
 
 
+_HELD: set[Path] = set()  # locks this process holds (an entry point may lock before the driver does)
+
+
 @contextlib.contextmanager
 def run_lock(out_dir: str | os.PathLike) -> Iterator[Path]:
-    """Hold the run directory's exclusive lock; ConfigError naming the holder when it is taken."""
+    """Hold the run directory's exclusive lock; ConfigError naming the holder when it is taken.
+    Re-entrant within a process: a nested call on a directory this process holds passes through."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / LOCK_NAME
+    path = (out / LOCK_NAME).resolve()
+    if path in _HELD:
+        yield path
+        return
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
@@ -38,8 +45,10 @@ def run_lock(out_dir: str | os.PathLike) -> Iterator[Path]:
                               "--out") from None
         os.ftruncate(fd, 0)
         os.write(fd, f"PID {os.getpid()} on host {socket.gethostname()}".encode())
+        _HELD.add(path)
         yield path
     finally:
+        _HELD.discard(path)
         os.close(fd)  # releases the lock; the file stays (an unlocked file is no claim)
 
 

@@ -14,11 +14,22 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def test_a_directory_in_use_is_refused_at_once_naming_its_owner(tmp_path):
-    with run_lock(tmp_path):
-        with pytest.raises(ConfigError, match=r"in use by PID \d+ on host"):
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom qbert.utils.rundir import run_lock\n"
+                               f"with run_lock({str(tmp_path)!r}):\n    print('held', flush=True)\n    time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ConfigError, match=rf"in use by PID {holder.pid} on host"):
             run_pipeline(quickstart_config(), tmp_path)
-    with run_lock(tmp_path):  # released when the holder is done
-        pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with run_lock(tmp_path):  # released when the holder is gone; re-entrant within one process
+        with run_lock(tmp_path):
+            pass
 
 
 def test_another_config_onto_a_run_is_refused_unless_overwrite(tmp_path, capsys):
