@@ -37,6 +37,17 @@ def _stage_inputs(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
     return {k: clean(d[k]) for k in deps}
 
 
+def _require_same_stage_settings(cfg: PipelineConfig, made_with: PipelineConfig, stage: str, where: str) -> None:
+    """ConfigError naming the first settings ``stage``'s output depends on that differ between the
+    config it was made with and ``cfg``."""
+    mine, theirs = _stage_inputs(cfg, stage), _stage_inputs(made_with, stage)
+    if mine != theirs:
+        a, b = flatten_dict(mine), flatten_dict(theirs)
+        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        raise ConfigError(f"{where}: its {stage} stage was made with other settings "
+                          f"({', '.join(f'{k}: {b.get(k)!r} there, {a.get(k)!r} here' for k in diff[:3])})")
+
+
 def check_reuse(cfg: PipelineConfig) -> None:
     """Before anything runs: every reused stage's source was made with the same settings (for it
     and every stage before it) and has its artifacts. ConfigError names the first difference."""
@@ -48,12 +59,7 @@ def check_reuse(cfg: PipelineConfig) -> None:
         raise ConfigError(f"reuse.from_run: no finished run at {src} (missing {src_cfg_path})")
     src_cfg = PipelineConfig.from_yaml(src_cfg_path)
     for stage in cfg.reuse.stages:
-        mine, theirs = _stage_inputs(cfg, stage), _stage_inputs(src_cfg, stage)
-        if mine != theirs:
-            a, b = flatten_dict(mine), flatten_dict(theirs)
-            diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-            raise ConfigError(f"reuse.from_run {src}: its {stage} stage was made with other settings "
-                              f"({', '.join(f'{k}: {b.get(k)!r} there, {a.get(k)!r} here' for k in diff[:3])})")
+        _require_same_stage_settings(cfg, src_cfg, stage, f"reuse.from_run {src}")
         if stage == "pretrain" and cfg.pretrain.strategy == "none":
             continue
         missing = [n for n in REGISTRY[stage].writes if not (src / n).is_file()]
@@ -188,12 +194,7 @@ def _check_partial_run(cfg: PipelineConfig, out: Path, subset: list[str]) -> Non
         raise FileNotFoundError(f"{path} not found: run the earlier stages ({', '.join(skipped)}) in {out} first")
     theirs = PipelineConfig.from_yaml(path)
     for stage in skipped:
-        mine, made = _stage_inputs(cfg, stage), _stage_inputs(theirs, stage)
-        if mine != made:
-            a, b = flatten_dict(mine), flatten_dict(made)
-            diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-            raise ConfigError(f"{out}: its {stage} stage was made with other settings "
-                              f"({', '.join(f'{k}: {b.get(k)!r} there, {a.get(k)!r} here' for k in diff[:3])})")
+        _require_same_stage_settings(cfg, theirs, stage, str(out))
         optional = {"pretrain.pt"} if cfg.pretrain.strategy == "none" or cfg.pretrain.epochs == 0 else set()
         missing = [f for f in REGISTRY[stage].writes if f not in optional and f != "test_ranks.parquet"
                    and not (out / f).is_file()]
