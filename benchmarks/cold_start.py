@@ -44,7 +44,7 @@ sys.path.insert(0, str(REPO))
 from qbert.baselines import BaselineConfig, run_baseline  # noqa: E402
 from qbert.config import parse_overrides  # noqa: E402
 from qbert.eval.evaluator import rank_targets  # noqa: E402
-from qbert.eval.report import cold_start_slices  # noqa: E402
+from qbert.eval.report import cold_start_report  # noqa: E402
 from qbert.pipeline import PipelineConfig, load_data, quickstart_config, run_pipeline, stage_features  # noqa: E402
 from qbert.pipeline.data import target_split  # noqa: E402
 from qbert.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
@@ -87,8 +87,7 @@ def heuristic_row(cfg: PipelineConfig, data, score_fn: Callable[[torch.Tensor], 
     split = target_split(cfg, data)
     ranks = {w: rank_targets(score_fn, split.history(w, 0, 1), split.targets(w), split.num_items,
                              protocols=("kept", "excluded"), history_pad=0, history_shift=1) for w in ("valid", "test")}
-    return {"stage3_item_table": None,
-            "slices": cold_start_slices(ranks, {w: split.targets(w) for w in ranks}, split.withheld)}
+    return {"stage3_item_table": None, "slices": cold_start_report(split, ranks)["slices"]}
 
 
 def popularity_fn(cfg: PipelineConfig, data) -> Callable[[torch.Tensor], torch.Tensor]:

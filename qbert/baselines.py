@@ -28,7 +28,7 @@ from qbert.data.split import ColdStartConfig, LeaveOneOutSplit
 from qbert.eval import METRIC_NAMES
 from qbert.eval.evaluator import rank_targets
 from qbert.eval.metrics import metrics_from_ranks
-from qbert.eval.report import PROTOCOL_KEYS, by_protocol, cold_start_slices, write_ranks
+from qbert.eval.report import PROTOCOL_KEYS, by_protocol, cold_start_report, write_ranks
 from qbert.seqrec.batching import batch_indices, iterate_trimmed, masked_item_rows, next_item_rows
 from qbert.seqrec.bert4rec import BERT4Rec, mask_items
 from qbert.seqrec.sasrec import SASRec
@@ -209,10 +209,7 @@ def _run(cfg: BaselineConfig, dataset: SeqDataset, out: Path, data_source: str |
     write_ranks(out / "test_ranks.parquet", split.targets("test"), ranks["test"])
     by_split = {w: by_protocol(r) for w, r in ranks.items()}
     test = by_split["test"][PROTOCOL_KEYS["excluded" if cfg.exclude_history else "kept"]]
-    cold = {}
-    if split.withheld.size:
-        cold = {"fraction": cfg.cold_start.fraction, "seed": cfg.cold_start.seed, "new_items": int(split.withheld.size),
-                "slices": cold_start_slices(ranks, {w: split.targets(w) for w in ranks}, split.withheld)}
+    cold = cold_start_report(split, ranks, cfg.cold_start)
     valid = {k: result.best_metrics[k] for k in METRIC_NAMES if k in result.best_metrics}
     epoch_times = [h["epoch_time_s"] for h in result.history]
     metrics = {

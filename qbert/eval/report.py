@@ -29,6 +29,17 @@ def cold_start_slices(ranks: dict[str, dict[str, torch.Tensor]], targets: dict[s
             for which, per in ranks.items()}
 
 
+def cold_start_report(split, ranks: dict[str, dict[str, torch.Tensor]], protocol_cfg: Any = None) -> dict[str, Any]:
+    """A run's ``cold_start`` entry from its ranks (``{split: {protocol: ranks}}``): empty unless
+    ``split`` (a :class:`~qbert.data.split.LeaveOneOutSplit`) withholds items; ``protocol_cfg`` (a
+    ``ColdStartConfig``) adds the fraction and seed that chose them."""
+    if not split.withheld.size:
+        return {}
+    setting = {"fraction": protocol_cfg.fraction, "seed": protocol_cfg.seed} if protocol_cfg is not None else {}
+    return {**setting, "new_items": int(split.withheld.size),
+            "slices": cold_start_slices(ranks, {w: split.targets(w) for w in ranks}, split.withheld)}
+
+
 def write_ranks(path: str | Path, targets: np.ndarray, ranks: dict[str, torch.Tensor]) -> None:
     """Per-user target ranks (0-based, each protocol) beside the run, so slices such as cold-start
     targets are computed from the one test evaluation instead of a second one."""

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from qbert.data.errors import DataError
-from qbert.eval.report import PROTOCOL_KEYS, by_protocol, cold_start_slices, write_ranks
+from qbert.eval.report import PROTOCOL_KEYS, by_protocol, cold_start_report, write_ranks
 from qbert.pipeline.config import METRIC_KEYS, PipelineConfig
 from qbert.pipeline.data import PipelineData, pretraining_rows, stage_features, target_split
 from qbert.seqrec.stage import build_model, finetune, pretrain, select_code_weight, split_ranks
@@ -143,11 +143,7 @@ def run_finetune_stage(cfg: PipelineConfig, data: PipelineData, out_dir: str | P
         write_ranks(out / "test_ranks.parquet", split.targets("test"), ranks["test"])
     by_split = {which: by_protocol(r) for which, r in ranks.items()}
     test = by_split["test"][PROTOCOL_KEYS["excluded" if cfg.eval.exclude_history else "kept"]] if cfg.eval.test else {}
-    cold = {}
-    if split.withheld.size:  # the cold-start protocol: users whose target is a new item vs the rest
-        cold = {"fraction": cfg.data.cold_start.fraction, "seed": cfg.data.cold_start.seed,
-                "new_items": int(split.withheld.size),
-                "slices": cold_start_slices(ranks, {w: split.targets(w) for w in ranks}, split.withheld)}
+    cold = cold_start_report(split, ranks, cfg.data.cold_start)  # users whose target is a new item vs the rest
     eval_seconds = time.perf_counter() - t0
     with atomic_path(out / "model.pt") as tmp:
         torch.save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
