@@ -43,16 +43,12 @@ class Recommender:
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str | torch.device = "cpu") -> "Recommender":
         """Load ``model.pt``, the semantic-ID table and the dataset of a finished ``qbert pipeline`` run."""
-        import pyarrow.parquet as pq
-
         from qbert.pipeline import load_data, load_run_model
+        from qbert.quantize.semantic_ids import sid_strings
 
         model, cfg = load_run_model(run_dir, device)
         data = load_data(cfg)
-        table = pq.read_table(Path(run_dir) / "semantic_ids.parquet", columns=["item_id", "sid"])
-        order = np.argsort(table.column("item_id").to_numpy(), kind="stable")
-        sids = np.asarray(table.column("sid").to_pylist(), dtype=object)[order][: data.target.num_items]
-        return cls(model, cfg, data.target, sids, device)
+        return cls(model, cfg, data.target, sid_strings(model.codes.cpu().numpy()), device)
 
     # ------------------------------------------------------------------ histories
     def user_histories(self, users: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
