@@ -1,0 +1,165 @@
+"""Benchmark: a Table 2 row (paper Sec. 4.2), the mean ± std over seeds of one final setup.
+
+    python benchmarks/table2.py --config configs/instruments-tuned.yaml --model qbert4rec \
+        --runs-dir runs/table2                                  # the paper's model, seeds 42 43 44
+    python benchmarks/table2.py --config configs/instruments-hybrid.yaml --model hybrid --runs-dir runs/table2
+    python benchmarks/table2.py --config configs/instruments.yaml --baseline sasrec --runs-dir runs/table2
+    python benchmarks/table2.py --quick --runs-dir /tmp/t2     # embedded synthetic data, few epochs
+
+A setup is chosen on valid first (search runs keep ``eval.test=false``); this command then trains
+it once per seed with test on and scores test once per seed. Each run lives in
+``RUNS_DIR/<model>/seed<S>/``; a finished run of the same settings is read, not re-run (so the
+command resumes, and a run made by ``qbert pipeline`` with the same config counts). ``--baseline``
+trains one of our ID-only baselines (SASRec, BERT4Rec at RecBole's settings) on ``--config``'s
+data instead of the pipeline.
+
+Writes ``benchmarks/results/table2.{json,md}`` (``--quick``: under ``RUNS_DIR``), replacing the
+row of the same dataset and model and keeping the others. Each row holds the means over seeds of
+valid NDCG@10 and of the test metrics under both ranking protocols (history kept, as RecBole and
+the paper; history excluded), the standard deviations, the per-seed numbers, the command and the
+git commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from qbert.baselines import BaselineConfig, run_baseline  # noqa: E402
+from qbert.config import ConfigError, parse_overrides  # noqa: E402
+from qbert.eval.report import PROTOCOL_KEYS  # noqa: E402
+from qbert.pipeline import PipelineConfig, load_data, quickstart_config, run_pipeline  # noqa: E402
+from qbert.pipeline.runs import config_differences  # noqa: E402
+from qbert.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
+from qbert.utils.runtime import benchmark_meta  # noqa: E402
+
+log = logging.getLogger("bench.table2")
+DEFAULT_OUT = REPO / "benchmarks" / "results"
+TEST_METRICS = ("HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10")
+
+
+def _finished_pipeline(run: Path, cfg: PipelineConfig) -> dict[str, Any] | None:
+    """metrics.json of a finished pipeline run with these settings, else None."""
+    if not (run / "metrics.json").is_file() or config_differences(run / "config.yaml", cfg) != []:
+        return None
+    metrics = json.loads((run / "metrics.json").read_text())
+    return metrics if metrics.get("test") else None
+
+
+def _finished_baseline(run: Path, bcfg: BaselineConfig) -> dict[str, Any] | None:
+    import yaml
+
+    if not (run / "metrics.json").is_file() or not (run / "config.yaml").is_file():
+        return None
+    mine = {k: v for k, v in json.loads(json.dumps(bcfg.to_dict(), default=str)).items() if k != "num_threads"}
+    theirs = {k: v for k, v in yaml.safe_load((run / "config.yaml").read_text()).items() if k != "num_threads"}
+    return json.loads((run / "metrics.json").read_text()) if mine == theirs else None
+
+
+def seed_result(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The numbers of one seed's run that a Table 2 row keeps."""
+    test = metrics["by_protocol"]["test"]
+    return {"valid": {"NDCG@10": metrics["valid"]["NDCG@10"]},
+            "test": {k: test[PROTOCOL_KEYS["kept"]][k] for k in TEST_METRICS},
+            "test_excl_history": {k: test[PROTOCOL_KEYS["excluded"]][k] for k in TEST_METRICS},
+            "best_epoch": metrics.get("best_epoch")}
+
+
+def aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    """Means and (population-free, ddof=1) standard deviations over seeds, per part and metric."""
+    out: dict[str, Any] = {}
+    for part in ("valid", "test", "test_excl_history"):
+        values = {k: np.array([s[part][k] for s in per_seed]) for k in per_seed[0][part]}
+        out[part] = {k: float(v.mean()) for k, v in values.items()}
+        out[f"{part}_std"] = {k: float(v.std(ddof=1)) if len(v) > 1 else 0.0 for k, v in values.items()}
+    return out
+
+
+def render(rows: list[dict[str, Any]]) -> str:
+    lines = ["| dataset | model | item-ID table in stage 3 | seeds | valid NDCG@10 | HR@1 | HR@5 | HR@10 | NDCG@5 | "
+             "NDCG@10 | HR@10 (history excl.) | NDCG@10 (history excl.) |", "|---|---|---|---|" + "---|" * 8]
+    for r in rows:
+        t, s, e, es = r["test"], r["test_std"], r["test_excl_history"], r["test_excl_history_std"]
+        table = {True: "yes", False: "no", None: "n/a"}[r["stage3_item_table"]]
+        cells = [f"{t[k]:.4f} ± {s[k]:.4f}" for k in TEST_METRICS]
+        cells += [f"{e[k]:.4f} ± {es[k]:.4f}" for k in ("HR@10", "NDCG@10")]
+        lines.append(f"| {r['dataset']} | {r['model']} | {table} | {len(r['seeds'])} | "
+                     f"{r['valid']['NDCG@10']:.4f} ± {r['valid_std']['NDCG@10']:.4f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def merge_rows(path: Path, row: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows of ``path`` with ``row`` replacing the one of the same dataset and model."""
+    rows = json.loads(path.read_text())["rows"] if path.is_file() else []
+    rows = [r for r in rows if (r["dataset"], r["model"]) != (row["dataset"], row["model"])]
+    return rows + [row]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", type=Path, default=None, help="pipeline config (default: the synthetic quick start)")
+    ap.add_argument("--model", default=None, help="row name (default: qbert4rec, or the baseline's name)")
+    ap.add_argument("--baseline", choices=("sasrec", "bert4rec"), default=None,
+                    help="train this ID-only baseline on --config's data instead of the pipeline")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
+    ap.add_argument("--runs-dir", type=Path, required=True)
+    ap.add_argument("--dataset-name", default=None)
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="pipeline config override (repeatable)")
+    ap.add_argument("--quick", action="store_true", help="synthetic data, few epochs")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        base = PipelineConfig.from_yaml(args.config) if args.config else quickstart_config()
+        if args.quick:
+            args.overrides = ["finetune.epochs=3", "pretrain.epochs=1", "plots=false", *args.overrides]
+        base = base.override({"eval.test": True})
+        if args.overrides:
+            base = base.override(parse_overrides(args.overrides))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    model = args.model or args.baseline or "qbert4rec"
+    name = args.dataset_name or (Path(base.data.source).name.removeprefix("amazon-")
+                                 if base.data.source != "synthetic" else "synthetic")
+    data = load_data(base) if args.baseline else None
+    per_seed, item_table = [], None
+    for seed in args.seeds:
+        run = args.runs_dir / model / f"seed{seed}"
+        log.info("%s, seed %d: %s", model, seed, run)
+        if args.baseline:
+            bcfg = BaselineConfig(model=args.baseline, max_len=base.data.max_len, seed=seed, progress=False,
+                                  **({"epochs": 3, "patience": 0} if args.quick else {}))
+            metrics = _finished_baseline(run, bcfg.resolved()) or run_baseline(bcfg, data.target, run)
+            item_table = True
+        else:
+            cfg = base.override({"seed": seed})
+            metrics = _finished_pipeline(run, cfg) or run_pipeline(cfg, run, overwrite=True)
+            item_table = metrics["stage3_item_table"]
+        per_seed.append({"seed": seed, "run": str(run), **seed_result(metrics)})
+    row = {"dataset": name, "model": model, "stage3_item_table": item_table, "seeds": list(args.seeds),
+           **aggregate(per_seed), "per_seed": per_seed,
+           **benchmark_meta("benchmarks/table2.py", argv, REPO)}
+    out = args.runs_dir if args.quick else DEFAULT_OUT
+    rows = merge_rows(out / "table2.json", row)
+    atomic_write_json(out / "table2.json", {"rows": rows})
+    atomic_write_text(out / "table2.md", render(rows))
+    print(render(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
