@@ -1,0 +1,61 @@
+"""benchmarks/table2.py in quick mode: the row shape #19's checks read, means and stds over seeds,
+resume without re-training, rows of other models kept, bad input named."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from test_benchmark_qbert4rec import _bench
+
+TEST_METRICS = {"HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _mtimes(runs):
+    return {str(p): p.stat().st_mtime_ns for p in runs.rglob("*.pt")}
+
+
+def test_rows_over_seeds_resume_and_merge(tmp_path, capsys):
+    bench = _bench("table2")
+    runs = tmp_path / "runs"
+    assert bench.main(["--quick", "--runs-dir", str(runs), "--seeds", "1", "2"]) == 0
+    (row,) = json.loads((runs / "table2.json").read_text())["rows"]
+    assert (row["dataset"], row["model"], row["stage3_item_table"], row["seeds"]) == ("synthetic", "qbert4rec", False,
+                                                                                     [1, 2])
+    assert set(row["test"]) == set(row["test_std"]) == set(row["test_excl_history"]) == TEST_METRICS
+    assert row["command"].startswith("python benchmarks/table2.py") and len(row["git_commit"]) >= 7
+    per_seed = row["per_seed"]
+    assert [s["seed"] for s in per_seed] == [1, 2] and per_seed[0]["test"] != per_seed[1]["test"]
+    for part in ("valid", "test", "test_excl_history"):
+        for k, mean in row[part].items():
+            values = [s[part][k] for s in per_seed]
+            assert mean == pytest.approx(np.mean(values)) and row[f"{part}_std"][k] == pytest.approx(np.std(values, ddof=1))
+    # each seed's run scored its test split once, and is the pipeline's own record
+    for s in per_seed:
+        metrics = json.loads((runs / "qbert4rec" / f"seed{s['seed']}" / "metrics.json").read_text())
+        assert metrics["test"]["NDCG@10"] == s["test"]["NDCG@10"]
+    assert "| synthetic | qbert4rec | no | 2 |" in (runs / "table2.md").read_text()
+
+    before = _mtimes(runs)
+    assert bench.main(["--quick", "--runs-dir", str(runs), "--seeds", "1", "2"]) == 0
+    assert _mtimes(runs) == before  # finished runs are read, not re-trained
+
+    assert bench.main(["--quick", "--runs-dir", str(runs), "--seeds", "1", "--baseline", "sasrec"]) == 0
+    rows = json.loads((runs / "table2.json").read_text())["rows"]
+    assert [(r["model"], r["stage3_item_table"]) for r in rows] == [("qbert4rec", False), ("sasrec", True)]
+    assert rows[1]["test_std"]["HR@10"] == 0.0
+
+    capsys.readouterr()
+    assert bench.main(["--quick", "--runs-dir", str(runs), "--set", "model.hidden=zero"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "model.hidden" in err
