@@ -26,6 +26,7 @@ from qbert.data.readers import (
     read_source,
 )
 from qbert.data.synthetic import SyntheticConfig, make_synthetic
+from conftest import shared_dataset
 
 # documented filters warn; tests assert on the ones they are about with pytest.warns
 pytestmark = pytest.mark.filterwarnings("ignore::qbert.data.readers.common.DataWarning")
@@ -54,6 +55,20 @@ def test_instruments_matches_table1_and_carries_titles_and_codes(instruments_dir
     assert hot.shape == (6250, 1024) and (hot.sum(1) == 4).all()
     assert (hot.reshape(6250, 4, 256).argmax(-1) == codes).all()
     assert ds.feature("vitemb_codes").shape == (6250, 1024)
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("name, row", [("amazon-instruments", ("Instruments", 17112, 6250, 136226)),
+                                       ("amazon-arts", ("Arts", 22171, 9416, 174079)),
+                                       ("amazon-games", ("Games", 42259, 13839, 373514))])
+def test_data_stats_gives_table1_rows_of_the_three_target_domains(name, row, capsys):
+    from qbert.cli import main
+
+    path = shared_dataset(name)
+    assert main(["data", "stats", str(path)]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert (stats["name"], stats["users"], stats["items"], stats["interactions"]) == row
+    assert stats["min_len"] >= 5
 
 
 @pytest.mark.shared
