@@ -44,7 +44,7 @@ ALL_STAGES = STAGES  # the pipeline's registry (qbert.pipeline.REGISTRY) names t
 
 def build_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--config", required=True, help="pipeline config YAML (same file as local runs and KubeRay)")
+    p.add_argument("--config", required=True, help="pipeline config YAML or bundled config name (same file as local runs and KubeRay)")
     p.add_argument("--out", required=True, help="run directory: local path or s3://bucket/prefix")
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers per stage; 0 = in-process, no Ray Train")
     p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker (0 = CPU)")
@@ -66,7 +66,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
 def load_config(args: argparse.Namespace) -> Any:
     from qbert.pipeline import PipelineConfig
 
-    cfg = PipelineConfig.from_yaml(args.config)
+    from qbert.bundled import resolve_config
+
+    cfg = PipelineConfig.from_yaml(resolve_config(args.config))
     overrides = parse_overrides(args.overrides)
     return cfg.override(overrides) if overrides else cfg
 

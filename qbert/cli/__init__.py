@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "qbert.cli.features_cmd",  # qbert features extract
     "qbert.cli.sweep_cmd",  # qbert sweep
     "qbert.cli.recommend_cmd",  # qbert recommend
+    "qbert.cli.configs_cmd",  # qbert configs list|show|copy
 )
 
 

@@ -34,7 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "(config.yaml, fused_embeddings.parquet, rqvae.pt, semantic_ids.parquet, "
                                    "checkpoints/, metrics.json, summary.json, plots/).")
     _add_common(p, "run directory to write (RUN_DIR)",
-                "PipelineConfig YAML (default: the built-in synthetic quick start = configs/synthetic.yaml)")
+                "PipelineConfig YAML, or a bundled config name (`qbert configs list`; default: the built-in synthetic "
+                "quick start = configs/synthetic.yaml)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a run of another config in RUN_DIR (default: refuse; a run of the same config resumes)")
     p.set_defaults(func=pipeline_cmd)
@@ -50,7 +51,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def load_config(path: str | Path | None, overrides: list[str]):
     from qbert.pipeline import PipelineConfig, quickstart_config
 
-    cfg = PipelineConfig.from_yaml(path) if path is not None else quickstart_config()
+    from qbert.bundled import resolve_config
+
+    cfg = PipelineConfig.from_yaml(resolve_config(path)) if path is not None else quickstart_config()
     return cfg.override(parse_overrides(overrides)) if overrides else cfg
 
 

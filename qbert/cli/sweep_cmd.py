@@ -10,7 +10,7 @@ from qbert.config import ConfigError, parse_overrides
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sweep", help="run a Ray Tune sweep of pipeline configs (figures / ablation tables)")
-    p.add_argument("--config", required=True, help="sweep YAML (see configs/sweeps/)")
+    p.add_argument("--config", required=True, help="sweep YAML, or a bundled name such as sweeps/ablations (`qbert configs list`)")
     p.add_argument("--out", required=True, help="sweep directory: results.csv/md, plots, one dir per trial")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted override of the base pipeline config for every trial (repeatable)")
@@ -25,10 +25,12 @@ def run(args: argparse.Namespace) -> int:
     from qbert.pipeline import PipelineConfig
     from qbert.platform.tune import load_sweep, pipeline_trial, run_sweep
 
-    sweep = load_sweep(args.config)
+    from qbert.bundled import resolve_config
+
+    sweep = load_sweep(resolve_config(args.config))
     updates = {}
     if args.base:
-        updates["base_config"] = args.base
+        updates["base_config"] = str(resolve_config(args.base))
     if args.max_concurrent:
         updates["max_concurrent_trials"] = args.max_concurrent
     if args.no_tracking:
