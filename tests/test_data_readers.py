@@ -136,12 +136,26 @@ def test_mql4grec_fixture_roundtrip(tmp_path):
     ({"items": {"1": {"item_id": "t"}}}, r"X\.item\.json: item 1: text field name 'item_id' clashes"),
     ({"codes": {str(i): ["<a_1>", "b_2"] for i in range(5)}}, r"X\.index_t\.json: item 0: malformed code token 'b_2'"),
     ({"codes": {str(i): ["<a_1>"] * (1 + (i == 3)) for i in range(5)}}, r"X\.index_t\.json: item .*same number"),
-    ({"codes": {str(i): ["<a_1>"] for i in range(4)}}, r"X\.index_t\.json: 1 item\(s\) have no codes \(first: item 4\)"),
+    ({"codes": {str(i): ["<a_1>"] for i in range(4)}}, r"X\.index_t\.json: 1 item\(s\) have no codes \(first: item 4\)"),    ({"codes": {str(i): ["<a_1>", "<a_2>"] for i in range(5)}},
+     r"X\.index_t\.json: item 0: code token '<a_2>' at level 2 should carry the letter 'b'"),
+    ({"codes": {str(i): [f"<a_{9999 if i == 2 else i}>", "<b_1>"] for i in range(5)}},
+     r"X\.index_t\.json: item 2: code token '<a_9999>' is out of range \(codebook_size 256"),
 ])
 def test_mql4grec_bad_input_names_file_and_place(tmp_path, kwargs, match):
     d = write_mql(tmp_path / "m", **kwargs)
     with pytest.raises(DataError, match=match):
         read_mql4grec(d, with_codes="codes" in kwargs)
+
+
+def test_code_files_warn_on_shared_tuples_and_take_a_larger_codebook(tmp_path):
+    codes = {"0": ["<a_1>", "<b_2>"], "1": ["<a_300>", "<b_2>"], "2": ["<a_1>", "<b_2>"], "3": ["<a_0>", "<b_0>"],
+             "4": ["<a_0>", "<b_1>"]}
+    d = write_mql(tmp_path / "m", codes=codes)
+    with pytest.warns(DataWarning, match=r"X\.index_t\.json: 2 items share their whole code tuple .*items 0 and 2"):
+        ds = read_mql4grec(d, with_codes=True, codebook_size=512)
+    assert ds.feature("t_codes").shape == (5, 1024)
+    with pytest.raises(DataError, match="out of range"):
+        read_mql4grec(d, with_codes=True)
 
 
 def test_mql4grec_short_users_can_be_dropped_with_a_warning(tmp_path):

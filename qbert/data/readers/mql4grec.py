@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -29,7 +30,7 @@ import pyarrow as pa
 
 from qbert.data.dataset import FEATURE_PREFIX, SeqDataset, numpy_to_fixed_list
 from qbert.data.errors import DataError
-from qbert.data.readers.common import apply_short_user_policy, clean_text, load_json, read_id_map
+from qbert.data.readers.common import DataWarning, apply_short_user_policy, clean_text, load_json, read_id_map
 
 INTER_SUFFIX = ".inter.json"
 RESERVED_COLUMNS = {"item_id", "orig_id", "domain"}
@@ -66,11 +67,14 @@ def _int_key(key: str, path: Path, what: str) -> int:
         raise DataError(f"{path}: {what} key {key!r} is not an integer id") from None
 
 
-def read_code_file(path: str | Path, num_items: int | None = None) -> np.ndarray:
+def read_code_file(path: str | Path, num_items: int | None = None, codebook_size: int | None = 256) -> np.ndarray:
     """Parse a semantic-code file into an int64 array [num_items, levels] of code indices.
 
     ``["<a_170>", "<b_224>", ...]`` -> ``[170, 224, ...]``. Every item 0..N-1 must be present
-    with the same number of levels.
+    with the same number of levels; level j's tokens carry the j-th letter (``a``, ``b``, ...; the image files: ``A``, ``B``, ...) and
+    an index below ``codebook_size`` (MQL4GRec's files: 256; None: any index). Items that share a
+    whole code tuple are allowed (Instruments' LLaMA file: 5,988 distinct tuples for 6,250 items) and
+    warned about.
     """
     path = Path(path)
     data = load_json(path)
@@ -83,6 +87,7 @@ def read_code_file(path: str | Path, num_items: int | None = None) -> np.ndarray
         bad = next(k for k, v in data.items() if not isinstance(v, list) or len(v) != len(next(iter(data.values()))))
         raise DataError(f"{path}: item {bad}: every item needs a list of the same number of code tokens")
     k = levels.pop()
+    letters = [chr(ord("a") + j) for j in range(k)]
     out = np.full((n, k), -1, dtype=np.int64)
     for key, (raw, tokens) in zip(keys, data.items()):
         if not 0 <= key < n:
@@ -91,10 +96,24 @@ def read_code_file(path: str | Path, num_items: int | None = None) -> np.ndarray
             m = _CODE.fullmatch(str(tok))
             if m is None:
                 raise DataError(f"{path}: item {raw}: malformed code token {tok!r} (expected like '<a_12>')")
+            if m.group(1).lower() != letters[j]:
+                raise DataError(f"{path}: item {raw}: code token {tok!r} at level {j + 1} should carry the letter "
+                                f"'{letters[j]}'")
+            if codebook_size is not None and int(m.group(2)) >= codebook_size:
+                raise DataError(f"{path}: item {raw}: code token {tok!r} is out of range (codebook_size "
+                                f"{codebook_size}: indices 0..{codebook_size - 1}; set the reader option "
+                                "codebook_size for larger codebooks)")
             out[key, j] = int(m.group(2))
     missing = np.flatnonzero(out[:, 0] < 0)
     if missing.size:
         raise DataError(f"{path}: {missing.size} item(s) have no codes (first: item {int(missing[0])})")
+    _, first, counts = np.unique(out, axis=0, return_index=True, return_counts=True)
+    if (counts > 1).any():
+        shared = int(counts[counts > 1].sum())
+        example = int(first[np.argmax(counts > 1)])
+        same = np.flatnonzero((out == out[example]).all(1))
+        warnings.warn(f"{path}: {shared} items share their whole code tuple with another item (first: items "
+             f"{int(same[0])} and {int(same[1])})", DataWarning, stacklevel=2)
     return out
 
 
@@ -222,7 +241,7 @@ def read_mql4grec(directory: str | Path, name: str | None = None, *, with_codes:
         for code_name in wanted:
             if code_name not in found_codes:
                 raise DataError(f"{directory}: no code file {name}.index_{code_name}.json (found: {list(found_codes)})")
-            codes = read_code_file(found_codes[code_name], num_items)
+            codes = read_code_file(found_codes[code_name], num_items, codebook_size or 256)
             columns[f"{FEATURE_PREFIX}{code_name}_codes"] = numpy_to_fixed_list(codes_to_multi_hot(codes, codebook_size))
 
     offsets, flat, user_ids = apply_short_user_policy(offsets, flat, user_ids, short_users, str(inter_path))
