@@ -37,8 +37,13 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "image-tag": {"image": {"repository": "registry.local/qbert", "tag": "1.2.3-rc1"},
                   **stages_on("finetune")},
     "external-mlflow-no-auth": {"mlflow": {"enabled": False, "externalTrackingUri": "http://mlflow.example:5000"},
-                                "ray": {"auth": {"enabled": False}, "autoscaler": {"enabled": False}},
+                                "ray": {"auth": {"enabled": False, "allowUnauthenticated": True},
+                                        "autoscaler": {"enabled": False}},
                                 "s3": {"existingSecret": "", "endpoint": "https://s3.example"}},
+    "mlflow-auth+jobs": {"mlflow": {"auth": {"enabled": True}}, **stages_on("finetune")},
+    "mlflow-auth-emptydir+minio+postgres-no-netpol": {
+        "mlflow": {"auth": {"enabled": True, "persistence": {"enabled": False}, "defaultPermission": "NO_PERMISSIONS"}},
+        "minio": {"enabled": True}, "postgresql": {"enabled": True}, "networkPolicy": {"enabled": False}},
 }
 
 
@@ -112,13 +117,17 @@ def test_secret_references_are_the_configured_names(key: str) -> None:
                (v["s3"]["existingSecret"], v["s3"]["secretAccessKeyKey"]),
                (v["postgresql"]["existingSecret"], v["postgresql"]["passwordKey"]),
                (v["mlflow"]["externalDatabase"]["existingSecret"], v["mlflow"]["externalDatabase"]["uriKey"])}
+    auth = v["mlflow"]["auth"]
+    login = {(auth["existingSecret"], auth[k]) for k in ("adminUsernameKey", "adminPasswordKey")} \
+        if auth["enabled"] and v["mlflow"]["enabled"] else set()
+    allowed |= login | ({(auth["existingSecret"], auth["flaskSecretKeyKey"])} if login else set())
     refs = set().union(*(kv.secret_refs(o) for o in objs(key)))
     assert refs <= allowed, refs - allowed
     assert all(name for name, _ in refs), "a secretKeyRef without a Secret name"
     s3 = v["s3"]["existingSecret"]
     expected_ray = {(s3, v["s3"][k]) for k in ("accessKeyIdKey", "secretAccessKeyKey")} if s3 else set()
     ray_refs = set().union(*(kv.secret_refs(o) for o in objs(key) if o["kind"] in kv.RAY_KINDS))
-    assert ray_refs == expected_ray  # the Ray pods get exactly the S3 credentials
+    assert ray_refs == expected_ray | login  # the Ray pods get exactly the S3 credentials (and the MLflow login)
 
 
 def test_gpu_worker_group_follows_values() -> None:
@@ -332,3 +341,124 @@ def test_long_release_names_stay_within_kuberay_name_limits() -> None:
     (job,) = [o for o in rendered if o["kind"] == "RayJob"]
     assert not kv.kuberay_admission_errors(job)
     assert all(len(o["metadata"]["name"]) <= 63 for o in rendered)
+
+
+# ----------------------------------------------------------------------------- network policy
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    ok = all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+    for e in selector.get("matchExpressions", []):
+        assert e["operator"] == "In"
+        ok = ok and labels.get(e["key"]) in e["values"]
+    return ok
+
+
+def _pod_labels(key: str) -> dict[str, dict[str, str]]:
+    """component -> pod labels, read from every workload the value set renders."""
+    pods = {}
+    for o in objs(key):
+        spec = o.get("spec", {})
+        if o["kind"] == "RayCluster":
+            templates = [spec["headGroupSpec"]["template"], *(g["template"] for g in spec["workerGroupSpecs"])]
+        elif o["kind"] == "RayJob":
+            templates = [spec["submitterPodTemplate"]]
+        elif o["kind"] in ("Deployment", "StatefulSet", "Job"):
+            templates = [spec["template"]]
+        else:
+            continue
+        for t in templates:
+            labels = t["metadata"]["labels"]
+            pods[labels["app.kubernetes.io/component"]] = labels
+    return pods
+
+
+def _reaches(key: str, src: dict[str, str], dst: str, port: int, same_namespace: bool = True) -> bool:
+    """Whether a pod with labels ``src`` may open ``port`` on the ``dst`` component's pods."""
+    dst_labels = _pod_labels(key)[dst]
+    policies = [p for p in objs(key, "NetworkPolicy") if _selects(p["spec"]["podSelector"], dst_labels)]
+    assert policies, f"no NetworkPolicy selects {dst}"
+    for p in policies:
+        for rule in p["spec"]["ingress"]:
+            ports = [q["port"] for q in rule.get("ports", [])]
+            if ports and port not in ports:
+                continue
+            for peer in rule["from"]:
+                ns_ok = same_namespace if "namespaceSelector" not in peer else peer["namespaceSelector"] == {}
+                if ns_ok and _selects(peer.get("podSelector", {}), src):
+                    return True
+    return False
+
+
+def test_network_policies_let_each_component_reach_only_what_it_must() -> None:
+    key = "minio+postgres+jobs"
+    pods = _pod_labels(key)
+    assert {"ray-head", "ray-worker", "ray-job-submitter", "mlflow", "minio", "minio-bucket", "postgresql"} <= set(pods)
+    head, worker, sub, mlflow = pods["ray-head"], pods["ray-worker"], pods["ray-job-submitter"], pods["mlflow"]
+    operator = {"app.kubernetes.io/name": "kuberay-operator"}
+    stranger = {"app": "something-else"}
+    other_release = {**head, "app.kubernetes.io/instance": "other"}
+    port = merged(key)["mlflow"]["port"]
+    assert _reaches(key, worker, "ray-head", 6379) and _reaches(key, head, "ray-worker", 12345)
+    assert _reaches(key, sub, "ray-head", 8265) and not _reaches(key, sub, "ray-head", 6379)
+    assert _reaches(key, operator, "ray-head", 8265, same_namespace=False)
+    assert not _reaches(key, stranger, "ray-head", 8265) and not _reaches(key, other_release, "ray-worker", 6379)
+    assert not _reaches(key, sub, "ray-worker", 8265) and not _reaches(key, mlflow, "ray-worker", 6379)
+    assert _reaches(key, head, "mlflow", port) and _reaches(key, worker, "mlflow", port)
+    assert not _reaches(key, sub, "mlflow", port) and not _reaches(key, stranger, "mlflow", port)
+    for src in (head, worker, mlflow, pods["minio-bucket"]):
+        assert _reaches(key, src, "minio", 9000)
+    assert not _reaches(key, sub, "minio", 9000) and not _reaches(key, head, "minio", 9001)
+    assert _reaches(key, mlflow, "postgresql", 5432) and not _reaches(key, head, "postgresql", 5432)
+    assert all(p["spec"]["policyTypes"] == ["Ingress"] for p in objs(key, "NetworkPolicy"))  # egress open (S3)
+
+    extra = {"podSelector": {"matchLabels": {"app": "ingress-nginx"}}}
+    rendered = render({"networkPolicy": {"dashboardClients": [extra], "mlflowClients": [extra]}})
+    for suffix in ("-ray-head", "-mlflow"):
+        (pol,) = [o for o in rendered if o["kind"] == "NetworkPolicy" and o["metadata"]["name"].endswith(suffix)]
+        assert extra in [peer for rule in pol["spec"]["ingress"] for peer in rule["from"]]
+    assert not objs("mlflow-auth-emptydir+minio+postgres-no-netpol", "NetworkPolicy")
+    assert {o["metadata"]["name"].rsplit("-", 1)[-1] for o in objs("defaults", "NetworkPolicy")} == {"head", "worker",
+                                                                                                     "mlflow"}
+
+
+def test_ray_auth_off_is_refused_unless_acknowledged_and_then_warned() -> None:
+    with pytest.raises(helm_python.HelmError, match="allowUnauthenticated"):
+        chart().render({"ray": {"auth": {"enabled": False}}}, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    notes = _render("external-mlflow-no-auth")[0][f"{CHART_DIR.name}/templates/NOTES.txt"]
+    assert "WARNING: Ray token auth is OFF" in notes and "UNAUTHENTICATED" in notes
+    assert "WARNING" not in _render("defaults")[0][f"{CHART_DIR.name}/templates/NOTES.txt"]
+
+
+def test_mlflow_basic_auth_option() -> None:
+    key = "mlflow-auth+jobs"
+    auth = merged(key)["mlflow"]["auth"]
+    (c,) = one(key, "Deployment", "-mlflow")["spec"]["template"]["spec"]["containers"]
+    assert "--app-name=basic-auth" in c["args"]
+    env = kv.env_of(c)
+    secret = auth["existingSecret"]
+    assert env["MLFLOW_AUTH_ADMIN_USERNAME"] == {"secretKeyRef": {"name": secret, "key": auth["adminUsernameKey"]}}
+    assert env["MLFLOW_AUTH_ADMIN_PASSWORD"] == {"secretKeyRef": {"name": secret, "key": auth["adminPasswordKey"]}}
+    assert env["MLFLOW_FLASK_SERVER_SECRET_KEY"] == {"secretKeyRef": {"name": secret, "key": auth["flaskSecretKeyKey"]}}
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    assert env["MLFLOW_AUTH_CONFIG_PATH"] == mounts["auth-config"] + "/basic_auth.ini"
+    cm = one(key, "ConfigMap", "-mlflow-auth")
+    ini = cm["data"]["basic_auth.ini"]
+    assert "default_permission = READ" in ini and f"sqlite:///{mounts['auth-data']}/basic_auth.db" in ini
+    assert "password" not in ini  # credentials only from the Secret
+    volumes = {v["name"]: v for v in one(key, "Deployment", "-mlflow")["spec"]["template"]["spec"]["volumes"]}
+    pvc = one(key, "PersistentVolumeClaim", "-mlflow-auth")
+    assert volumes["auth-data"]["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+    spec = one(key, "RayCluster")["spec"]
+    for pod in [spec["headGroupSpec"]["template"], *(g["template"] for g in spec["workerGroupSpecs"])]:
+        ray_env = kv.env_of(pod["spec"]["containers"][0])
+        assert ray_env["MLFLOW_TRACKING_USERNAME"]["secretKeyRef"]["key"] == auth["adminUsernameKey"]
+        assert ray_env["MLFLOW_TRACKING_PASSWORD"]["secretKeyRef"]["key"] == auth["adminPasswordKey"]
+    notes = _render(key)[0][f"{CHART_DIR.name}/templates/NOTES.txt"]
+    assert f"{secret} (MLflow login)" in notes
+
+    key = "mlflow-auth-emptydir+minio+postgres-no-netpol"
+    assert not [o for o in objs(key, "PersistentVolumeClaim") if o["metadata"]["name"].endswith("-auth")]
+    assert "default_permission = NO_PERMISSIONS" in one(key, "ConfigMap", "-mlflow-auth")["data"]["basic_auth.ini"]
+    head = kv.env_of(one("defaults", "RayCluster")["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0])
+    assert "MLFLOW_TRACKING_USERNAME" not in head and not objs("defaults", "ConfigMap")[1:]
+    with pytest.raises(helm_python.HelmError, match="mlflow.enabled is false"):
+        chart().render({"mlflow": {"enabled": False, "auth": {"enabled": True}}}, name=RELEASE, namespace=NAMESPACE)

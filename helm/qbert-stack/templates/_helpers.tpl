@@ -106,6 +106,7 @@ app.kubernetes.io/component: {{ .component }}
 - name: MLFLOW_TRACKING_URI
   value: {{ . | quote }}
 {{- end }}
+{{- include "qbert-stack.mlflowClientAuthEnv" . }}
 {{- include "qbert-stack.s3Env" . }}
 - name: QBERT_CONFIG
   value: /etc/qbert/config.yaml
@@ -267,4 +268,24 @@ workerGroupSpecs:
               {{- include "qbert-stack.rayVolumeMounts" . | nindent 14 }}
         volumes:
           {{- include "qbert-stack.rayVolumes" (dict "ctx" . "group" $v.ray.worker) | nindent 10 }}
+{{- end -}}
+
+{{/* NetworkPolicy peer: pods of this release with one of the components; call with (dict "instance" NAME "components" LIST) */}}
+{{- define "qbert-stack.npPeer" -}}
+- podSelector:
+    matchExpressions:
+      - {key: app.kubernetes.io/instance, operator: In, values: [{{ .instance | quote }}]}
+      - {key: app.kubernetes.io/component, operator: In, values: [{{ join ", " .components }}]}
+{{- end -}}
+
+{{/* The MLflow login of Ray pods and submitters when the bundled MLflow has basic auth. */}}
+{{- define "qbert-stack.mlflowClientAuthEnv" -}}
+{{- if and .Values.mlflow.enabled .Values.mlflow.auth.enabled }}
+- name: MLFLOW_TRACKING_USERNAME
+  valueFrom:
+    secretKeyRef: {name: {{ .Values.mlflow.auth.existingSecret }}, key: {{ .Values.mlflow.auth.adminUsernameKey }}}
+- name: MLFLOW_TRACKING_PASSWORD
+  valueFrom:
+    secretKeyRef: {name: {{ .Values.mlflow.auth.existingSecret }}, key: {{ .Values.mlflow.auth.adminPasswordKey }}}
+{{- end }}
 {{- end -}}
