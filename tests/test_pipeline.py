@@ -56,7 +56,7 @@ def test_end_to_end_beats_popularity_and_writes_every_artifact(tmp_path):
     for name in ("config.yaml", "fused_embeddings.parquet", "fusion_report.json", "rqvae.pt", "semantic_ids.parquet",
                  "quantize_report.json", "pretrain.pt", "model.pt", "metrics.json", "summary.json",
                  "checkpoints/finetune/last.pt", "checkpoints/pretrain/last.pt", "plots/activated_layers.png",
-                 "plots/codebook_utilisation.png"):
+                 "plots/codebook_utilisation.png", "plots/learning_curves.png"):
         assert (run / name).is_file(), name
     on_disk = json.loads((run / "metrics.json").read_text())
     assert set(on_disk["test"]) == set(METRICS) and set(on_disk["valid"]) == set(METRICS)
@@ -73,6 +73,12 @@ def test_end_to_end_beats_popularity_and_writes_every_artifact(tmp_path):
     assert summary["data"]["fingerprint"] == make_synthetic(cfg.data.synthetic).fingerprint()
     assert PipelineConfig.from_yaml(run / "config.yaml") == cfg
     assert (run / "plots/activated_layers.png").read_bytes()[:4] == b"\x89PNG"
+    # one learning curve per stage: every stage reports its per-epoch history
+    epochs = {"fusion": cfg.fusion.epochs, "quantize": cfg.quantize.epochs, "pretrain": cfg.pretrain.epochs}
+    for stage, n in epochs.items():
+        assert [h["epoch"] for h in on_disk["stages"][stage]["history"]] == list(range(1, n + 1)), stage
+    assert on_disk["history"][-1]["NDCG@10"] > 0  # fine-tuning's, with its valid metrics
+    assert str(run / "plots/learning_curves.png") in summary["plots"]
 
     sid = pq.read_table(run / "semantic_ids.parquet")
     codes = np.stack([sid.column(f"code_{i}").to_numpy() for i in range(3)], 1)

@@ -196,6 +196,7 @@ def fusion_report(cfg: FusionConfig, model: FusionModel, depth: np.ndarray, mse:
         report["best_epoch"] = fit_result.best_epoch
         report["epochs_run"] = len(fit_result.history)
         report["train_seconds"] = fit_result.train_seconds
+        report["history"] = [{k: float(v) for k, v in h.items()} for h in fit_result.history]
     if model.transformer is None:
         report["note"] = "id only: no content signal, embeddings are the random ID vectors (untrained)"
     return report

@@ -53,6 +53,47 @@ def write_plots(out_dir: str | Path, fusion_report: dict[str, Any], codes: np.nd
     return written
 
 
+LEARNING_CURVE_METRICS = ("NDCG@10", "HR@10")  # valid metrics drawn beside the loss
+
+
+def write_learning_curves(out_dir: str | Path, reports: dict[str, dict[str, Any]]) -> str | None:
+    """``plots/learning_curves.png``: training loss per epoch of every stage that trained (and, on
+    a second axis, the valid metrics of the stages that evaluate each epoch); None when no stage
+    has a history (all reused from runs made before histories were recorded)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    curves = {name: r["history"] for name, r in reports.items()
+              if isinstance(r, dict) and r.get("history") and all("loss" in h for h in r["history"])}
+    if not curves:
+        return None
+    fig, axes = plt.subplots(1, len(curves), figsize=(3.6 * len(curves), 2.8), squeeze=False)
+    for ax, (name, hist) in zip(axes[0], curves.items()):
+        epochs = [h.get("epoch", i + 1) for i, h in enumerate(hist)]
+        ax.plot(epochs, [h["loss"] for h in hist], color="tab:blue", label="train loss")
+        ax.set_title(name)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel("train loss", color="tab:blue")
+        shown = [m for m in LEARNING_CURVE_METRICS if all(m in h for h in hist)]
+        if shown:
+            twin = ax.twinx()
+            for m, style in zip(shown, ("-", "--")):
+                twin.plot(epochs, [h[m] for h in hist], style, color="tab:orange", label=f"valid {m}")
+            twin.set_ylabel("valid " + " / ".join(shown), color="tab:orange")
+            twin.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    path = Path(out_dir) / "plots" / "learning_curves.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return str(path)
+
+
 
 
 def finish_run(cfg: PipelineConfig, out: Path, data: PipelineData, reports: dict[str, Any],
@@ -82,6 +123,8 @@ def finish_run(cfg: PipelineConfig, out: Path, data: PipelineData, reports: dict
     plots: list[str] = []
     if cfg.plots:
         plots = write_plots(out, reports["fusion"], read_codes(out, data.all_items.num_items), cfg.quantize.sizes)
+        curves = write_learning_curves(out, {**reports, "finetune": {**ft, "history": history}})
+        plots += [curves] if curves else []
     summary = {
         "git_commit": commit,
         "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),

@@ -98,7 +98,8 @@ def run_pretrain_stage(cfg: PipelineConfig, data: PipelineData, out_dir: str | P
     assert res is not None
     return {"strategy": cfg.pretrain.strategy, "rows": int(len(rows)), "epochs": len(res.history),
             "final_loss": res.history[-1]["loss"] if res.history else None, "train_seconds": res.train_seconds,
-            "samples_per_second": res.samples_per_second, "domains": list(data.domain_ranges())}
+            "samples_per_second": res.samples_per_second, "domains": list(data.domain_ranges()),
+            "history": [{k: float(v) for k, v in h.items()} for h in res.history]}
 
 
 def run_finetune_stage(cfg: PipelineConfig, data: PipelineData, out_dir: str | Path,

@@ -127,6 +127,7 @@ def train_rqvae(embeddings: np.ndarray, cfg: QuantizeConfig, loop_cfg: LoopConfi
                                   if k not in ("epoch", "epoch_time_s")}
         report["epochs_run"] = len(fit_result.history)
         report["train_seconds"] = fit_result.train_seconds
+        report["history"] = [{k: float(v) for k, v in h.items()} for h in fit_result.history]
     return QuantizeResult(codes, report, model, raw, fit_result, info)
 
 
