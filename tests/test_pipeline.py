@@ -83,6 +83,11 @@ def test_end_to_end_beats_popularity_and_writes_every_artifact(tmp_path):
     sid = pq.read_table(run / "semantic_ids.parquet")
     codes = np.stack([sid.column(f"code_{i}").to_numpy() for i in range(3)], 1)
     assert len(codes) == 150 and np.unique(codes, axis=0).shape[0] == 150
+    data = make_synthetic(cfg.data.synthetic)  # the table reads without the dataset: original IDs and titles
+    assert sid.column("orig_id").to_pylist() == data.items.column("orig_id").to_pylist()
+    assert sid.column("title").to_pylist() == data.items.column("title").to_pylist()
+    preview = (run / "semantic_ids.csv").read_text().splitlines()  # MLflow previews CSV
+    assert preview[0] == '"item_id","sid","orig_id","title"' and len(preview) == 151
     assert metrics["stages"]["finetune"]["init"].startswith("pretrained")
 
     pop = popularity_test_metrics(make_synthetic(cfg.data.synthetic))

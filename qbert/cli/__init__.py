@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "qbert.cli.sweep_cmd",  # qbert sweep
     "qbert.cli.recommend_cmd",  # qbert recommend
     "qbert.cli.configs_cmd",  # qbert configs list|show|copy
+    "qbert.cli.ids_cmd",  # qbert ids show
 )
 
 

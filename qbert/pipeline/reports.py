@@ -53,6 +53,20 @@ def write_plots(out_dir: str | Path, fusion_report: dict[str, Any], codes: np.nd
     return written
 
 
+def write_semantic_id_preview(out_dir: str | Path) -> Path:
+    """``semantic_ids.csv``: the semantic-ID table without the per-level code columns (item ID,
+    semantic ID, original ID, title, domain), a form the MLflow UI previews."""
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    out = Path(out_dir)
+    table = pq.read_table(out / "semantic_ids.parquet")
+    table = table.select([c for c in table.column_names if not c.startswith("code_")])
+    with atomic_path(out / "semantic_ids.csv") as tmp:
+        pacsv.write_csv(table, str(tmp))
+    return out / "semantic_ids.csv"
+
+
 LEARNING_CURVE_METRICS = ("NDCG@10", "HR@10")  # valid metrics drawn beside the loss
 
 
@@ -125,6 +139,7 @@ def finish_run(cfg: PipelineConfig, out: Path, data: PipelineData, reports: dict
         plots = write_plots(out, reports["fusion"], read_codes(out, data.all_items.num_items), cfg.quantize.sizes)
         curves = write_learning_curves(out, {**reports, "finetune": {**ft, "history": history}})
         plots += [curves] if curves else []
+    write_semantic_id_preview(out)
     summary = {
         "git_commit": commit,
         "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),

@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
+from qbert.data.dataset import SeqDataset
 from qbert.data.errors import DataError
 from qbert.eval.report import PROTOCOL_KEYS, by_protocol, cold_start_report, write_ranks
 from qbert.pipeline.config import METRIC_KEYS, PipelineConfig
@@ -54,9 +55,17 @@ def run_quantize_stage(cfg: PipelineConfig, data: PipelineData, out_dir: str | P
     if len(ids) != data.all_items.num_items:
         raise DataError(f"{out / 'fused_embeddings.parquet'}: {len(ids)} items, data has {data.all_items.num_items}")
     res = train_rqvae(emb, cfg.quantize, callbacks=_cbs(callbacks), checkpoint_dir=out / "checkpoints" / "quantize")
-    domains = {"domain": data.union.items.column("domain")} if data.union is not None else None
-    res.save(out, ids, columns=domains)
+    res.save(out, ids, columns=item_columns(data.all_items))
     return dict(res.report)
+
+
+def item_columns(items: SeqDataset) -> dict[str, Any]:
+    """What the semantic-ID table carries beside the codes, so it reads without the dataset: the
+    original item ID, the first text column (e.g. the title) and, in multi-domain runs, the domain."""
+    table = items.items
+    text = items.meta.get("text_columns") or []
+    names = [c for c in ("orig_id", *text[:1], "domain") if c in table.column_names]
+    return {c: table.column(c) for c in dict.fromkeys(names)}
 
 
 def read_codes(out_dir: str | Path, num_items: int) -> np.ndarray:
