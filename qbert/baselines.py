@@ -32,7 +32,7 @@ from qbert.eval.report import PROTOCOL_KEYS, by_protocol, cold_start_report, wri
 from qbert.seqrec.batching import batch_indices, iterate_trimmed, masked_item_rows, next_item_rows
 from qbert.seqrec.bert4rec import BERT4Rec, mask_items
 from qbert.seqrec.sasrec import SASRec
-from qbert.train.loop import FitResult, LoopConfig, fit
+from qbert.train.loop import Batches, FitResult, LoopConfig, fit
 from qbert.train.optim import build_optimizer
 from qbert.utils.io import atomic_path, atomic_write_json, load_weights
 from qbert.utils.runtime import git_commit, machine_info, pick_device, seed_everything
@@ -112,9 +112,12 @@ class Trainer:
             self.num_targets = int((self.inputs > 0).sum())
         self.lengths = (self.inputs > 0).sum(axis=1)
 
-    def batches(self, epoch: int):
+    def batches(self, epoch: int) -> Batches:
         rng = np.random.default_rng([self.cfg.seed, epoch])
         idx = batch_indices(self.lengths, self.cfg.batch_size, rng, bucket=self.cfg.bucket)
+        return Batches(self._epoch(idx, rng), len(idx))
+
+    def _epoch(self, idx: list[np.ndarray], rng: np.random.Generator):
         if self.cfg.model == "sasrec":
             for inp, tgt in iterate_trimmed((self.inputs, self.targets), self.lengths, idx):
                 yield torch.from_numpy(inp), torch.from_numpy(tgt)

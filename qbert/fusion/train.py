@@ -18,7 +18,7 @@ from qbert.data.errors import DataError
 from qbert.fusion.config import FEATURE_MODALITIES, FusionConfig
 from qbert.fusion.losses import fusion_loss
 from qbert.fusion.modules import FusionModel
-from qbert.train import Callback, FitResult, LoopConfig, fit
+from qbert.train import Batches, Callback, FitResult, LoopConfig, fit
 from qbert.train.optim import build_optimizer
 from qbert.utils.io import atomic_path, atomic_write_json
 from qbert.utils.runtime import pick_device, seed_everything
@@ -129,13 +129,18 @@ def train_fusion(features: Mapping[str, Any], cfg: FusionConfig, loop_cfg: LoopC
         opt = build_optimizer(model, cfg.lr, cfg.weight_decay)
         bs = min(cfg.batch_size, n)
 
-        def batches(epoch: int):
+        def epoch_batches(epoch: int):
             g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
             perm = torch.randperm(n, generator=g)
             for i in range(0, n, bs):
                 idx = perm[i:i + bs]
                 if idx.numel() >= 2:  # InfoNCE needs negatives
                     yield idx.to(device)
+
+        per_epoch = sum(1 for i in range(0, n, bs) if min(bs, n - i) >= 2)
+
+        def batches(epoch: int) -> Batches:
+            return Batches(epoch_batches(epoch), per_epoch)
 
         def step(m: FusionModel, idx: torch.Tensor):
             return fusion_loss(m(idx, {k: t[idx] for k, t in tensors.items()}), cfg)

@@ -15,7 +15,7 @@ from qbert.quantize.config import QuantizeConfig, check_capacity
 from qbert.quantize.reallocate import ReallocationInfo, collision_rate, reallocate_collisions
 from qbert.quantize.rqvae import RQVAE
 from qbert.quantize.semantic_ids import write_semantic_ids
-from qbert.train import Callback, FitResult, LoopConfig, fit
+from qbert.train import Batches, Callback, FitResult, LoopConfig, fit
 from qbert.train.optim import build_optimizer
 from qbert.utils.io import atomic_path, atomic_write_json
 from qbert.utils.runtime import pick_device, seed_everything
@@ -94,7 +94,7 @@ def train_rqvae(embeddings: np.ndarray, cfg: QuantizeConfig, loop_cfg: LoopConfi
         bs = min(cfg.batch_size, n)
         reseeded: list[list[int]] = []
 
-        def batches(epoch: int):
+        def epoch_batches(epoch: int):
             if epoch > 0 and cfg.reseed_dead_codes:
                 with torch.no_grad():
                     reseeded.append(model.quantizer.reseed_dead_codes(model.encoder(x), gen))
@@ -102,6 +102,9 @@ def train_rqvae(embeddings: np.ndarray, cfg: QuantizeConfig, loop_cfg: LoopConfi
             perm = torch.randperm(n, generator=g)
             for i in range(0, n, bs):
                 yield perm[i:i + bs].to(device)
+
+        def batches(epoch: int) -> Batches:
+            return Batches(epoch_batches(epoch), -(-n // bs))
 
         def step(m: RQVAE, idx: torch.Tensor):
             out = m(x[idx])

@@ -26,7 +26,7 @@ from qbert.eval.metrics import metrics_from_ranks, target_ranks
 from qbert.seqrec import masks
 from qbert.seqrec.batching import batch_indices
 from qbert.seqrec.qbert4rec import QBert4Rec
-from qbert.train.loop import Callback, FitResult, LoopConfig, fit
+from qbert.train.loop import Batches, Callback, FitResult, LoopConfig, fit
 from qbert.train.optim import Precision, autocast, build_optimizer
 from qbert.train.schedule import build_scheduler
 
@@ -181,7 +181,7 @@ def pretrain_mask_fn(cfg: PretrainConfig) -> MaskFn:
 
 def masked_batches(sequences: np.ndarray, batch_size: int, mask_fn: MaskFn, seed: int, device: torch.device,
                    shard: tuple[int, int] | None = None, bucket: bool = True
-                   ) -> Callable[[int], Iterator[dict[str, torch.Tensor]]]:
+                   ) -> Callable[[int], Batches]:
     """``batches(epoch)``: shuffled rows with fresh masks each epoch, each batch trimmed to its
     longest row.
 
@@ -198,13 +198,15 @@ def masked_batches(sequences: np.ndarray, batch_size: int, mask_fn: MaskFn, seed
     if not 0 <= rank < world:
         raise ValueError(f"shard must be (rank, world_size) with 0 <= rank < world_size, got {shard}")
 
-    def batches(epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+    def batches(epoch: int) -> Batches:
         rng = np.random.default_rng([seed, epoch])
+        mine = [idx[rank::world] for idx in batch_indices(lengths, batch_size * world, rng, bucket=bucket)]
+        mine = [idx for idx in mine if idx.size]
+        return Batches(epoch_batches(epoch, mine), len(mine))
+
+    def epoch_batches(epoch: int, mine: list[np.ndarray]) -> Iterator[dict[str, torch.Tensor]]:
         gen = torch.Generator().manual_seed(seed * 1_000_003 + rank * 7919 + epoch)
-        for idx in batch_indices(lengths, batch_size * world, rng, bucket=bucket):
-            idx = idx[rank::world]
-            if idx.size == 0:
-                continue
+        for idx in mine:
             keep = int(lengths[idx].max())
             tokens = torch.from_numpy(rows[idx, rows.shape[1] - keep :])
             mask = mask_fn(tokens != 0, gen)

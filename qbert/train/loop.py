@@ -182,6 +182,20 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         torch.save(payload, tmp)
 
 
+class Batches:
+    """One epoch's batches with their count known in advance, so progress bars show a total and
+    an ETA. ``batches(epoch)`` may return one of these or any iterable."""
+
+    def __init__(self, items: Iterable[Any], count: int):
+        self._items, self._count = items, int(count)
+
+    def __iter__(self):
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return self._count
+
+
 def fit(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Callable[[int], Iterable[Any]],
         step: StepFn, cfg: LoopConfig, evaluate: Callable[[nn.Module, int], dict[str, float]] | None = None,
         scheduler: Any = None, callbacks: Iterable[Callback] = (), checkpoint_dir: str | Path | None = None,
@@ -229,7 +243,10 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Callable[[i
         # running sums stay on the device: no host synchronisation inside a step (one every 20 steps
         # for the finiteness check and the progress bar)
         tot_loss, n_steps, extras = torch.zeros((), device=device), 0, {}
-        bar = tqdm(batches(epoch), desc=f"{desc} epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False)
+        epoch_batches = batches(epoch)
+        total = len(epoch_batches) if hasattr(epoch_batches, "__len__") else None
+        bar = tqdm(epoch_batches, total=total, desc=f"{desc} epoch {epoch + 1}/{cfg.epochs}", unit="batch",
+                   disable=not cfg.progress, leave=False)
         for batch in bar:
             with autocast(device, cfg.precision):
                 out = step(model, batch)
