@@ -32,23 +32,34 @@ COLUMNS = ("user_id", "rank", "item_id", "score", "sid")
 class Recommender:
     """A trained model with its catalogue: ``recommend`` answers in original IDs."""
 
-    def __init__(self, model, cfg, dataset, sids: np.ndarray, device: torch.device | str = "cpu"):
+    def __init__(self, model, cfg, dataset, sids: np.ndarray, device: torch.device | str = "cpu",
+                 added_items: Sequence[str] = ()):
         self.model, self.cfg, self.dataset = model.eval(), cfg, dataset
         self.device = torch.device(device)
         self.sids = np.asarray(sids, dtype=object)
-        self.item_ids = np.asarray(dataset.items.column("orig_id").to_pylist(), dtype=object)
+        self.item_ids = np.asarray([*dataset.items.column("orig_id").to_pylist(), *added_items], dtype=object)
+        if len(self.item_ids) != model.num_items:
+            raise ValueError(f"{len(self.item_ids)} item IDs for a catalogue of {model.num_items} items")
         self._item_index = {item: i for i, item in enumerate(self.item_ids)}
         self._user_index = {user: u for u, user in enumerate(dataset.user_ids)}
 
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str | torch.device = "cpu") -> "Recommender":
-        """Load ``model.pt``, the semantic-ID table and the dataset of a finished ``qbert pipeline`` run."""
+        """Load ``model.pt``, the semantic-ID table and the dataset of a finished ``qbert pipeline`` run,
+        plus the items ``qbert ids assign`` added after training (``new_items.parquet``)."""
+        from qbert.assign import read_added_items
         from qbert.pipeline import load_data, load_run_model
         from qbert.quantize.semantic_ids import sid_strings
 
         model, cfg = load_run_model(run_dir, device)
         data = load_data(cfg)
-        return cls(model, cfg, data.target, sid_strings(model.codes.cpu().numpy()), device)
+        added = read_added_items(run_dir)
+        added_ids: list[str] = []
+        if added is not None:
+            new = np.stack([added.column(f"code_{j}").to_numpy() for j in range(model.K)], 1)
+            model.set_catalogue(torch.cat([model.codes.cpu(), torch.as_tensor(new, dtype=torch.long)]))
+            added_ids = [str(x) for x in added.column("orig_id").to_pylist()]
+        return cls(model, cfg, data.target, sid_strings(model.codes.cpu().numpy()), device, added_ids)
 
     # ------------------------------------------------------------------ histories
     def user_histories(self, users: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -1,4 +1,5 @@
-"""``qbert ids show``: the items behind a semantic ID, a prefix or an item, with titles."""
+"""``qbert ids show|assign``: the items behind a semantic ID, a prefix or an item, with titles; semantic
+IDs for items added after training."""
 
 from __future__ import annotations
 
@@ -27,6 +28,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     show.add_argument("--limit", type=int, default=50, help="items listed at most (default 50; 0 = all)")
     show.add_argument("--json", action="store_true", help="print JSON instead of a table")
     show.set_defaults(func=show_cmd)
+    assign = cmds.add_parser("assign", help="give items added after training semantic IDs, without retraining",
+                             description="Run RUN's trained fusion and RQ-VAE on new items' content features, keep "
+                                         "their IDs distinct from every existing one (Sec. 3.4's collision rule; "
+                                         "existing items never move) and append them to RUN/new_items.parquet, "
+                                         "which `qbert recommend` adds to the catalogue.")
+    assign.add_argument("--run", required=True, help="run directory of a semantic-ID `qbert pipeline` run")
+    assign.add_argument("--items", required=True,
+                        help="parquet of new items: orig_id, the run's feature columns (feat_<name>), text columns")
+    assign.add_argument("--device", default="cpu")
+    assign.set_defaults(func=assign_cmd)
 
 
 def show_cmd(args: argparse.Namespace) -> int:
@@ -70,4 +81,16 @@ def show_cmd(args: argparse.Namespace) -> int:
         print("  " + "  ".join(str(it[c]) for c in columns))
     if rows.num_rows > len(items):
         print(f"  ... {rows.num_rows - len(items)} more (--limit 0 lists all)")
+    return 0
+
+
+def assign_cmd(args: argparse.Namespace) -> int:
+    from qbert.assign import NEW_ITEMS, assign_new_items, read_new_items
+
+    items = read_new_items(args.items)
+    rows = assign_new_items(args.run, items, args.device, source=str(args.items))
+    moved = int(sum(rows.column("moved").to_pylist()))
+    print(f"assigned {rows.num_rows} semantic ID(s) ({moved} moved by the collision rule) -> {args.run}/{NEW_ITEMS}")
+    for i in range(min(rows.num_rows, 10)):
+        print(f"  {rows.column('orig_id')[i].as_py()}  {rows.column('sid')[i].as_py()}")
     return 0

@@ -79,7 +79,12 @@ def _only_features(ds: SeqDataset, cfg: PipelineConfig) -> SeqDataset:
 
 def stage_features(cfg: PipelineConfig, data: PipelineData) -> dict[str, np.ndarray]:
     """{modality: [N, d]} over every item of every domain, for the enabled feature modalities."""
-    ds = data.all_items
+    return item_features(cfg, data.all_items)
+
+
+def item_features(cfg: PipelineConfig, ds: SeqDataset) -> dict[str, np.ndarray]:
+    """{modality: [N, d]} of the items of ``ds`` (anything with ``name``, ``feature_names`` and
+    ``feature(column)``): one column as is, several L2-normalised and concatenated."""
     out = {}
     for m in cfg.fusion.feature_modalities:
         cols = cfg.data.columns(m)
