@@ -56,7 +56,8 @@ def test_end_to_end_beats_popularity_and_writes_every_artifact(tmp_path):
     for name in ("config.yaml", "fused_embeddings.parquet", "fusion_report.json", "rqvae.pt", "semantic_ids.parquet",
                  "quantize_report.json", "pretrain.pt", "model.pt", "metrics.json", "summary.json",
                  "checkpoints/finetune/last.pt", "checkpoints/pretrain/last.pt", "plots/activated_layers.png",
-                 "plots/codebook_utilisation.png", "plots/learning_curves.png"):
+                 "plots/codebook_utilisation.png", "plots/learning_curves.png",
+                 "plots/code_tree.png", "plots/fused_projection.png"):
         assert (run / name).is_file(), name
     on_disk = json.loads((run / "metrics.json").read_text())
     assert set(on_disk["test"]) == set(METRICS) and set(on_disk["valid"]) == set(METRICS)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any BaselineConfig field (YAML value), repeatable")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoints/last.pt")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bars with total and ETA (default: on when stderr is a terminal; otherwise one "
+                        "log line per epoch)")
     p.set_defaults(func=run_baseline_cmd)
 
     e = sub.add_parser("evaluate", help="re-evaluate a finished run's model (baseline or pipeline; prints JSON)",
@@ -56,8 +59,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
                        ("batch_size", "batch_size"), ("lr", "lr"), ("exclude_history", "exclude_history")):
         if getattr(args, key) is not None:
             ov[field] = getattr(args, key)
-    if args.no_progress:
-        ov["progress"] = False
+    if args.progress is not None or not sys.stderr.isatty():
+        ov["progress"] = bool(args.progress)
     ov.update(parse_overrides(args.set))
     return ov
 

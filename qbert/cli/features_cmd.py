@@ -31,7 +31,9 @@ def add_extract_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--on-error", choices=["fail", "zero"], help="per-item failure policy")
     p.add_argument("--limit", type=int, help="encode at most this many pending items in this run")
     p.add_argument("--merge-into", help="also write the dataset + feat_<modality> columns to this dir")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bars with total and ETA (default: on when stderr is a terminal; otherwise one "
+                        "log line per epoch)")
     p.add_argument("--report", help="also write the run report (JSON) to this file")
 
 
@@ -54,8 +56,8 @@ def config_from_args(args: argparse.Namespace) -> FeatureConfig:
         sets[("modalities",)] = [m.strip() for m in args.modality.split(",") if m.strip()]
     if args.image_pretrained:
         sets[("image", "pretrained")] = None if args.image_pretrained.lower() == "none" else args.image_pretrained
-    if args.no_progress:
-        sets[("pipeline", "progress")] = False
+    if args.progress is not None or not sys.stderr.isatty():
+        sets[("pipeline", "progress")] = bool(args.progress)
     for path, value in sets.items():
         if value is None and path != ("image", "pretrained"):
             continue

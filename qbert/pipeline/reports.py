@@ -50,7 +50,67 @@ def write_plots(out_dir: str | Path, fusion_report: dict[str, Any], codes: np.nd
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
     written.append(str(pdir / "codebook_utilisation.png"))
+    written.append(write_code_tree(pdir / "code_tree.png", codes, sizes))
+    fused = Path(out_dir) / "fused_embeddings.parquet"
+    if fused.is_file():
+        from qbert.fusion.train import read_fusion_embeddings
+
+        written.append(write_fused_projection(pdir / "fused_projection.png", read_fusion_embeddings(fused)[1], codes))
     return written
+
+
+def _save(fig, path: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return str(path)
+
+
+def write_code_tree(path: Path, codes: np.ndarray, sizes: list[int]) -> str:
+    """The code tree level by level: how many items share each prefix of length 1..K (sorted,
+    log scale); a full-length prefix holds exactly one item once collisions are reallocated."""
+    import matplotlib.pyplot as plt
+
+    K = codes.shape[1]
+    fig, axes = plt.subplots(1, K, figsize=(3 * K, 2.6), squeeze=False)
+    for level, ax in enumerate(axes[0]):
+        _, counts = np.unique(codes[:, : level + 1], axis=0, return_counts=True)
+        counts = np.sort(counts)[::-1]
+        ax.bar(np.arange(len(counts)), counts, width=1.0)
+        ax.set_yscale("log")
+        ax.set_title(f"prefix length {level + 1}: {len(counts)} used", fontsize=9)
+        ax.set_xlabel("prefix (by size)")
+    axes[0][0].set_ylabel("items")
+    fig.suptitle(f"code tree ({codes.shape[0]} items, codebooks {sizes})", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def write_fused_projection(path: Path, embeddings: np.ndarray, codes: np.ndarray, shown: int = 10) -> str:
+    """Fused embeddings projected on their first two principal components, coloured by the first
+    code (the ``shown`` most used first codes; the rest grey): the paper's Figs. 6-7 view of
+    whether the first level splits the embedding space."""
+    import matplotlib.pyplot as plt
+
+    x = embeddings - embeddings.mean(0, keepdims=True)
+    _, _, vt = np.linalg.svd(x[:: max(1, len(x) // 20000)], full_matrices=False)  # components from <= 20k rows
+    xy = x @ vt[:2].T
+    first = codes[: len(xy), 0]
+    top = np.argsort(-np.bincount(first))[:shown]
+    fig, ax = plt.subplots(figsize=(4.2, 3.6))
+    rest = ~np.isin(first, top)
+    ax.scatter(xy[rest, 0], xy[rest, 1], s=2, c="lightgrey", label="other first codes")
+    for code in top:
+        sel = first == code
+        ax.scatter(xy[sel, 0], xy[sel, 1], s=3, label=f"<a_{code}>")
+    ax.set_xlabel("PC 1")
+    ax.set_ylabel("PC 2")
+    ax.set_title("fused embeddings by first code", fontsize=9)
+    ax.legend(fontsize=6, markerscale=3, loc="best")
+    fig.tight_layout()
+    return _save(fig, path)
 
 
 def write_semantic_id_preview(out_dir: str | Path) -> Path:
