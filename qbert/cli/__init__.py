@@ -43,11 +43,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from qbert.platform.retry import RemoteUnavailableError
+
     try:
         rc = args.func(args)
     except (DataError, ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RemoteUnavailableError as e:  # S3 / MLflow stayed unreachable (as the Ray job scripts: exit 3)
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     return int(rc or 0)
 
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 
 from qbert.data.errors import DataError
+from qbert.platform.storage import check_reachable, download_dir, is_s3, parse_s3, s3_client
+from qbert.platform.retry import with_retries
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,8 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Write one row per (user, rank) -- user_id, rank, item_id, score, sid -- in the "
                                    "dataset's original IDs. Every user of the run's dataset by default; a user's "
                                    "history is their whole sequence.")
-    p.add_argument("--run", required=True, help="run directory of `qbert pipeline`")
-    p.add_argument("--out", required=True, help="parquet file to write (recs.parquet)")
+    p.add_argument("--run", required=True, help="run directory of `qbert pipeline`, local or s3://bucket/prefix "
+                                                "(only the model, config and semantic-ID tables are fetched)")
+    p.add_argument("--out", required=True, help="parquet file to write (recs.parquet), local or s3://bucket/key")
     p.add_argument("--k", type=int, default=10, help="items per user (default 10)")
     who = p.add_mutually_exclusive_group()
     who.add_argument("--users", help="text file, one original user ID per line (default: every user)")
@@ -66,6 +70,17 @@ def _read_histories(path: str) -> dict[str, list[str]]:
     return {u: [str(i) for i in (items or [])] for u, items in zip(users, table.column("items").to_pylist())}
 
 
+RUN_FILES = ("model.pt", "config.yaml", "semantic_ids.parquet", "new_items.parquet")  # what recommending reads
+
+
+def _local_run(run: str, scratch: Path) -> Path:
+    """The run directory itself, or (``s3://``) a scratch copy of the files recommending reads."""
+    if not is_s3(run):
+        return Path(run)
+    check_reachable(run)
+    return download_dir(run, scratch, only=RUN_FILES)
+
+
 def recommend_cmd(args: argparse.Namespace) -> int:
     from qbert.recommend import Recommender
     from qbert.utils.io import atomic_write_parquet
@@ -75,15 +90,23 @@ def recommend_cmd(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.k < 1:
         raise DataError(f"--k must be >= 1, got {args.k}")
-    if not (Path(args.run) / "model.pt").is_file():
-        raise FileNotFoundError(f"no fine-tuned model in {args.run} (model.pt missing): run `qbert pipeline` first")
     users = _read_users(args.users) if args.users else None
     histories = _read_histories(args.histories) if args.histories else None
-    rec = Recommender.from_run(args.run, pick_device(args.device))
-    progress = sys.stderr.isatty() if args.progress is None else args.progress
-    table = rec.recommend(users=users, histories=histories, k=args.k, exclude_history=args.exclude_history,
-                          batch_size=args.batch_size, progress=progress)
-    atomic_write_parquet(args.out, table)
+    with tempfile.TemporaryDirectory(prefix="qbert-recommend-") as tmp:
+        run = _local_run(args.run, Path(tmp) / "run")
+        if not (run / "model.pt").is_file():
+            raise FileNotFoundError(f"no fine-tuned model in {args.run} (model.pt missing): run `qbert pipeline` first")
+        rec = Recommender.from_run(run, pick_device(args.device))
+        progress = sys.stderr.isatty() if args.progress is None else args.progress
+        table = rec.recommend(users=users, histories=histories, k=args.k, exclude_history=args.exclude_history,
+                              batch_size=args.batch_size, progress=progress)
+        if is_s3(args.out):
+            bucket, key = parse_s3(args.out)
+            local = Path(tmp) / "recs.parquet"
+            atomic_write_parquet(local, table)
+            with_retries(lambda: s3_client().upload_file(str(local), bucket, key), f"upload {args.out}")
+        else:
+            atomic_write_parquet(args.out, table)
     k = min(args.k, rec.model.num_items)
     print(json.dumps({"out": str(args.out), "rows": table.num_rows, "users": table.num_rows // k, "k": k}))
     return 0

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 from urllib.parse import urlencode
 
 from qbert.platform.retry import RetryConfig, with_retries
@@ -114,8 +114,11 @@ def upload_dir(local_dir: str | os.PathLike, uri: str | os.PathLike, retry: Retr
     return keys
 
 
-def download_dir(uri: str | os.PathLike, local_dir: str | os.PathLike, retry: RetryConfig | None = None) -> Path:
-    """Copy a directory or S3 prefix into ``local_dir`` (created); returns ``local_dir``."""
+def download_dir(uri: str | os.PathLike, local_dir: str | os.PathLike, retry: RetryConfig | None = None,
+                 only: Iterable[str] | None = None) -> Path:
+    """Copy a directory or S3 prefix into ``local_dir`` (created); returns ``local_dir``. ``only``:
+    just these top-level file names, those that exist (e.g. a run's model without its checkpoints)."""
+    wanted = None if only is None else set(only)
     dst = Path(local_dir)
     dst.mkdir(parents=True, exist_ok=True)
     if not is_s3(uri):
@@ -123,7 +126,11 @@ def download_dir(uri: str | os.PathLike, local_dir: str | os.PathLike, retry: Re
         if not src.is_dir():
             raise FileNotFoundError(f"run directory not found: {src}")
         if src.resolve() != dst.resolve():
-            shutil.copytree(src, dst, dirs_exist_ok=True)
+            if wanted is None:
+                shutil.copytree(src, dst, dirs_exist_ok=True)
+            for name in wanted or ():
+                if (src / name).is_file():
+                    shutil.copyfile(src / name, dst / name)
         return dst
     bucket, prefix = parse_s3(str(uri))
     client = s3_client()
@@ -142,6 +149,8 @@ def download_dir(uri: str | os.PathLike, local_dir: str | os.PathLike, retry: Re
 
     for key in with_retries(list_keys, f"list s3://{bucket}/{prefix}", retry):
         rel = key[len(prefix):].lstrip("/") if prefix else key
+        if wanted is not None and rel not in wanted:
+            continue
         target = dst / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         with_retries(lambda key=key, target=target: client.download_file(bucket, key, str(target)),
