@@ -29,22 +29,38 @@ from qbert.train.optim import autocast
 COLUMNS = ("user_id", "rank", "item_id", "score", "sid")
 
 
+def catalogue_ids(run_dir: str | Path, num_items: int) -> list[str]:
+    """The original IDs of the run's first ``num_items`` items, from its semantic-ID table."""
+    import pyarrow.parquet as pq
+
+    path = Path(run_dir) / "semantic_ids.parquet"
+    if not path.is_file() or "orig_id" not in pq.read_schema(path).names:
+        raise DataError(f"{path}: no orig_id column (runs made before it was recorded need their dataset)")
+    table = pq.read_table(path, columns=["item_id", "orig_id"])
+    order = np.argsort(table.column("item_id").to_numpy(), kind="stable")[:num_items]
+    return [str(x) for x in np.asarray(table.column("orig_id").to_pylist(), dtype=object)[order]]
+
+
 class Recommender:
     """A trained model with its catalogue: ``recommend`` answers in original IDs."""
 
     def __init__(self, model, cfg, dataset, sids: np.ndarray, device: torch.device | str = "cpu",
-                 added_items: Sequence[str] = ()):
+                 added_items: Sequence[str] = (), catalogue: Sequence[str] | None = None):
+        """``dataset`` None: histories only (``catalogue``: the original item IDs, from the run's
+        semantic-ID table), so a served model needs no copy of the training data."""
         self.model, self.cfg, self.dataset = model.eval(), cfg, dataset
         self.device = torch.device(device)
         self.sids = np.asarray(sids, dtype=object)
-        self.item_ids = np.asarray([*dataset.items.column("orig_id").to_pylist(), *added_items], dtype=object)
+        known = catalogue if dataset is None else dataset.items.column("orig_id").to_pylist()
+        self.item_ids = np.asarray([*known, *added_items], dtype=object)
         if len(self.item_ids) != model.num_items:
             raise ValueError(f"{len(self.item_ids)} item IDs for a catalogue of {model.num_items} items")
         self._item_index = {item: i for i, item in enumerate(self.item_ids)}
-        self._user_index = {user: u for u, user in enumerate(dataset.user_ids)}
+        self._user_index = {} if dataset is None else {user: u for u, user in enumerate(dataset.user_ids)}
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, device: str | torch.device = "cpu") -> "Recommender":
+    def from_run(cls, run_dir: str | Path, device: str | torch.device = "cpu", with_dataset: bool = True
+                 ) -> "Recommender":
         """Load ``model.pt``, the semantic-ID table and the dataset of a finished ``qbert pipeline`` run,
         plus the items ``qbert ids assign`` added after training (``new_items.parquet``)."""
         from qbert.assign import read_added_items
@@ -52,19 +68,24 @@ class Recommender:
         from qbert.quantize.semantic_ids import sid_strings
 
         model, cfg = load_run_model(run_dir, device)
-        data = load_data(cfg)
         added = read_added_items(run_dir)
         added_ids: list[str] = []
         if added is not None:
             new = np.stack([added.column(f"code_{j}").to_numpy() for j in range(model.K)], 1)
             model.set_catalogue(torch.cat([model.codes.cpu(), torch.as_tensor(new, dtype=torch.long)]))
             added_ids = [str(x) for x in added.column("orig_id").to_pylist()]
-        return cls(model, cfg, data.target, sid_strings(model.codes.cpu().numpy()), device, added_ids)
+        sids = sid_strings(model.codes.cpu().numpy())
+        if with_dataset:
+            return cls(model, cfg, load_data(cfg).target, sids, device, added_ids)
+        return cls(model, cfg, None, sids, device, added_ids, catalogue=catalogue_ids(run_dir, model.num_items
+                                                                                      - len(added_ids)))
 
     # ------------------------------------------------------------------ histories
     def user_histories(self, users: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(original user IDs, token rows [U, max_len]) of the dataset's users (all when None)."""
         ds = self.dataset
+        if ds is None:
+            raise DataError("this recommender was loaded without the run's dataset: give histories, not users")
         if users is None:
             rows = np.arange(ds.num_users)
         else:

@@ -35,6 +35,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar (default: on when stderr is a terminal)")
     p.set_defaults(func=recommend_cmd)
+    e = sub.add_parser("export", help="write a run as an MLflow pyfunc model (top-K for a batch of histories)",
+                       description="Write an MLflow pyfunc model directory of a finished run, to serve with "
+                                   "`mlflow models serve -m DIR --env-manager local` or log to MLflow. Input: "
+                                   "user_id and items (original item IDs, oldest first); params k, exclude_history.")
+    e.add_argument("--run", required=True, help="run directory of `qbert pipeline`")
+    e.add_argument("--out", required=True, help="model directory to create")
+    e.set_defaults(func=export_cmd)
+
+
+def export_cmd(args: argparse.Namespace) -> int:
+    from qbert.platform.pyfunc import export_pyfunc
+
+    print(json.dumps({"model": str(export_pyfunc(args.run, args.out))}))
+    return 0
 
 
 def _read_users(path: str) -> list[str]:
