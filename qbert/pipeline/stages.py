@@ -30,11 +30,13 @@ def _cbs(callbacks: Iterable[Callback] | None) -> list[Callback]:
 def run_fusion_stage(cfg: PipelineConfig, data: PipelineData, out_dir: str | Path,
                      callbacks: Iterable[Callback] = ()) -> dict[str, Any]:
     """Stage 1 -> ``fused_embeddings.parquet``, ``fusion_report.json``, ``fusion_model.pt``."""
+    from qbert.fusion.train import default_loop_config as fusion_loop_config
     from qbert.fusion.train import train_fusion, write_fusion_embeddings
 
     out = Path(out_dir)
     items = data.all_items
-    res = train_fusion(stage_features(cfg, data), cfg.fusion, callbacks=_cbs(callbacks),
+    loop = fusion_loop_config(cfg.fusion).model_copy(update={"progress": cfg.progress})
+    res = train_fusion(stage_features(cfg, data), cfg.fusion, loop, callbacks=_cbs(callbacks),
                        checkpoint_dir=out / "checkpoints" / "fusion", num_items=items.num_items)
     write_fusion_embeddings(out / "fused_embeddings.parquet", res.embeddings, np.arange(items.num_items))
     with atomic_path(out / "fusion_model.pt") as tmp:
@@ -49,12 +51,14 @@ def run_quantize_stage(cfg: PipelineConfig, data: PipelineData, out_dir: str | P
     """Stage 2: ``fused_embeddings.parquet`` -> ``rqvae.pt``, ``semantic_ids.parquet``, report."""
     from qbert.fusion.train import read_fusion_embeddings
     from qbert.quantize import train_rqvae
+    from qbert.quantize.train import default_loop_config as rqvae_loop_config
 
     out = Path(out_dir)
     ids, emb = read_fusion_embeddings(out / "fused_embeddings.parquet")
     if len(ids) != data.all_items.num_items:
         raise DataError(f"{out / 'fused_embeddings.parquet'}: {len(ids)} items, data has {data.all_items.num_items}")
-    res = train_rqvae(emb, cfg.quantize, callbacks=_cbs(callbacks), checkpoint_dir=out / "checkpoints" / "quantize")
+    loop = rqvae_loop_config(cfg.quantize).model_copy(update={"progress": cfg.progress})
+    res = train_rqvae(emb, cfg.quantize, loop, callbacks=_cbs(callbacks), checkpoint_dir=out / "checkpoints" / "quantize")
     res.save(out, ids, columns=item_columns(data.all_items))
     return dict(res.report)
 
