@@ -23,6 +23,17 @@ COMMAND_MODULES = (
 )
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (torch threads, k, ...)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qbert", description="Q-BERT4Rec: semantic-ID multimodal sequential recommendation.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -53,6 +64,20 @@ def main(argv: list[str] | None = None) -> int:
     except RemoteUnavailableError as e:  # S3 / MLflow stayed unreachable (as the Ray job scripts: exit 3)
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except FloatingPointError as e:  # a diverging loss: the training settings, not a bug
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except UnicodeDecodeError as e:
+        print(f"error: an input file is not UTF-8 text ({e.reason} at byte {e.start})", file=sys.stderr)
+        return 2
+    except (IsADirectoryError, NotADirectoryError, FileExistsError, PermissionError) as e:
+        print(f"error: {e.strerror}: {e.filename}", file=sys.stderr)
+        return 2
+    except Exception as e:  # pyarrow's errors (a corrupt parquet file a reader did not name), by type name
+        if type(e).__module__.startswith("pyarrow"):
+            print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+            return 2
+        raise
     return int(rc or 0)
 
 

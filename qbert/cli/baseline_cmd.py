@@ -8,10 +8,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-
+from qbert.cli import positive_int
 from qbert.config import ConfigError, parse_overrides
 
 DATA_HELP = "a dataset dir or source readable by qbert.data.readers.read_source, or 'synthetic[:k=v,...]'"
+
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--patience", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     p.add_argument("--max-len", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)

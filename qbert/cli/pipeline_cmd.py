@@ -15,7 +15,9 @@ from pathlib import Path
 
 import torch
 
+from qbert.cli import positive_int
 from qbert.config import parse_overrides
+
 
 def _add_common(p: argparse.ArgumentParser, out_help: str, config_help: str) -> None:
     p.add_argument("--config", default=None, help=config_help)
@@ -23,7 +25,7 @@ def _add_common(p: argparse.ArgumentParser, out_help: str, config_help: str) -> 
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, dotted (e.g. --set finetune.epochs=5 --set data.max_len=50); "
                         "VALUE is parsed as YAML; repeatable")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bars (default: on when stderr is a terminal)")
 

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import torch
 
+from qbert.cli import positive_int
 from qbert.data.errors import DataError
-from qbert.platform.storage import check_reachable, download_dir, is_s3, parse_s3, s3_client
 from qbert.platform.retry import with_retries
+from qbert.platform.storage import check_reachable, download_dir, is_s3, parse_s3, s3_client
+
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--exclude-history", action="store_true", help="never recommend an item of the user's history")
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, ...")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar (default: on when stderr is a terminal)")
     p.set_defaults(func=recommend_cmd)

@@ -178,8 +178,10 @@ class SeqDataset:
             meta = json.loads((directory / "meta.json").read_text())
         except json.JSONDecodeError as e:
             raise DataError(f"{directory / 'meta.json'}: invalid JSON: {e}") from e
-        items = pq.read_table(directory / "items.parquet")
-        seqs = pq.read_table(directory / "sequences.parquet")
+        items, seqs = (_read_parquet(directory / name) for name in ("items.parquet", "sequences.parquet"))
+        if "items" not in seqs.column_names or "orig_user_id" not in seqs.column_names:
+            raise DataError(f"{directory / 'sequences.parquet'}: needs columns 'items' and 'orig_user_id', "
+                            f"has {seqs.column_names}")
         lists = seqs.column("items").combine_chunks()
         offsets = lists.offsets.to_numpy().astype(np.int64)
         flat = lists.values.to_numpy().astype(np.int64)
@@ -187,6 +189,13 @@ class SeqDataset:
         meta.setdefault("source", str(directory))
         return cls(meta.get("name", directory.name), items, offsets, flat,
                    seqs.column("orig_user_id").to_numpy(zero_copy_only=False), meta)
+
+
+def _read_parquet(path: Path) -> pa.Table:
+    try:
+        return pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:  # truncated, corrupt, or not parquet at all
+        raise DataError(f"{path}: not a readable parquet file ({str(e).splitlines()[0][:200]})") from None
 
 
 def _canonical_table(table: pa.Table) -> pa.Table:

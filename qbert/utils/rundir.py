@@ -25,12 +25,28 @@ LOCK_NAME = ".qbert.lock"
 _HELD: set[Path] = set()  # locks this process holds (an entry point may lock before the driver does)
 
 
+def make_run_dir(out: Path) -> None:
+    """Create ``out`` (and parents), or a ConfigError saying why it cannot be a run directory."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a directory")
+    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise ConfigError(f"cannot create the run directory {out}: {blocker} is a file")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".qbert-write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"cannot create the run directory {out}: not writable ({e.strerror})") from None
+
+
 @contextlib.contextmanager
 def run_lock(out_dir: str | os.PathLike) -> Iterator[Path]:
     """Hold the run directory's exclusive lock; ConfigError naming the holder when it is taken.
     Re-entrant within a process: a nested call on a directory this process holds passes through."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    make_run_dir(out)
     path = (out / LOCK_NAME).resolve()
     if path in _HELD:
         yield path
