@@ -15,6 +15,8 @@ from qbert.config import ConfigError, flatten_dict
 from qbert.data.errors import DataError
 from qbert.pipeline.config import METRIC_KEYS, CallbacksFactory, PipelineConfig
 from qbert.pipeline.data import PipelineData, check_inputs, load_data, target_split
+from qbert.pipeline.ownership import (check_artifacts, claim_checkpoints, read_manifest, record_artifacts, run_id,
+                                      settings_hash)
 from qbert.pipeline.reports import finish_run
 from qbert.pipeline.stages import REGISTRY, STAGES, read_codes
 from qbert.seqrec.stage import build_model, evaluate_split
@@ -169,18 +171,30 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, callbacks_factory: Ca
             log.info("discarding checkpoints of %s (resume off)", out)
             shutil.rmtree(ckpts)
         cfg.to_yaml(out / "config.yaml")
+        rid = run_id(out)
+        hashes = {s: settings_hash(_stage_inputs(cfg, s)) for s in STAGES}
+        if partial:  # the outputs of the stages it skips are the ones recorded for these settings
+            for stage in [s for s in STAGES[: STAGES.index(subset[-1])] if s not in subset]:
+                check_artifacts(out, stage, list(REGISTRY[stage].writes), hashes[stage])
         reports: dict[str, Any] = {}
         timings: dict[str, float] = {}
         for stage in cfg.reuse.stages:
             t0 = time.perf_counter()
             log.info("stage %s: reused from %s", stage, cfg.reuse.from_run)
             reports[stage] = reuse_stage(cfg, stage, out)
+            source = read_manifest(Path(cfg.reuse.from_run or "")).get("run_id", rid)
+            record_artifacts(out, stage, list(REGISTRY[stage].writes), source, hashes[stage])
             timings[stage] = time.perf_counter() - t0
         todo = [s for s in subset if s not in reports]
+        for stage in todo:
+            claim_checkpoints(out, stage, rid, hashes[stage])
         timings.update(executor.run(cfg, out, data, todo, reports))
+        for stage in todo:
+            record_artifacts(out, stage, list(REGISTRY[stage].writes), rid, hashes[stage])
         if partial:
             return {s: reports[s] for s in subset}
-        return finish_run(cfg, out, data, reports, timings, started, commit, extra=executor.describe() or None)
+        return finish_run(cfg, out, data, reports, timings, started, commit,
+                          extra={"run_id": rid, **(executor.describe() or {})})
 
 
 def _check_partial_run(cfg: PipelineConfig, out: Path, subset: list[str]) -> None:
