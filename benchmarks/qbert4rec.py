@@ -151,11 +151,16 @@ def plan_runs(base: PipelineConfig, rows: list[Row], runs_dir: Path) -> list[tup
     return plan
 
 
-def run_rows(base: PipelineConfig, rows: list[Row], runs_dir: Path) -> list[dict[str, Any]]:
-    """Run (or reuse) every row; return one record per row with its metrics and provenance."""
-    records = []
+def run_rows(base: PipelineConfig, rows: list[Row], runs_dir: Path, finished_only: bool = False
+             ) -> tuple[list[dict[str, Any]], list[str]]:
+    """Run (or reuse) every row; return one record per row with its metrics and provenance, and
+    (``finished_only``: rows whose run has not finished are left out, not run) the rows left out."""
+    records, left_out = [], []
     for row, cfg, run_dir, status in plan_runs(base, rows, runs_dir):
         t0 = time.perf_counter()
+        if status == "todo" and finished_only:
+            left_out.append(f"{row.table}/{row.label}")
+            continue
         if status == "todo":
             log.info("row %s: running into %s", row.name, run_dir)
             run_pipeline(cfg, run_dir)
@@ -164,7 +169,7 @@ def run_rows(base: PipelineConfig, rows: list[Row], runs_dir: Path) -> list[dict
         rec["wall_seconds"] = time.perf_counter() - t0
         records.append(rec)
         log.info("row %s (%s): test %s", row.name, status, json.dumps(rec["test"]))
-    return records
+    return records, left_out
 
 
 def record_of(row: Row, run_dir: Path, status: str) -> dict[str, Any]:
@@ -297,6 +302,8 @@ def markdown(result: dict[str, Any]) -> str:
             "Every run picks its epoch by valid NDCG@10; nothing here is selected by test metrics. ")
     if shared:
         tail += "Rows equal to an earlier row's config reuse its run: " + ", ".join(shared) + "."
+    if result.get("not_run"):
+        tail += " Not run yet (their runs have not finished): " + ", ".join(result["not_run"]) + "."
     if m.get("quick"):
         tail = "**Smoke run (`--quick`, synthetic data): not a result.**\n\n" + tail
     return "\n\n".join(parts) + "\n\n" + tail + "\n"
@@ -315,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--latency-users", type=int, default=4096, help="test users timed for the latency column")
     ap.add_argument("--dry-run", action="store_true", help="check the configs and print the plan; run nothing")
+    ap.add_argument("--finished-only", action="store_true",
+                    help="tabulate the rows whose runs have finished; run nothing (the others are listed as not run)")
     ap.add_argument("--out-json", default=None)
     ap.add_argument("--out-md", default=None)
     args = ap.parse_args(argv)
@@ -344,7 +353,9 @@ def main(argv: list[str] | None = None) -> int:
             for row, _, run_dir, status in plan_runs(base, rows, runs_dir):
                 print(f"{row.table:12s} {row.label:18s} {status:8s} {run_dir}  {json.dumps(row.overrides)}")
             return 0
-        records = run_rows(base, rows, runs_dir)
+        records, not_run = run_rows(base, rows, runs_dir, args.finished_only)
+        if not records:
+            raise FileNotFoundError(f"no finished run under {runs_dir} for these tables")
         main_rec = records[0]
         cost = profile_run(Path(main_rec["run_dir"]), quick=args.quick, latency_users=args.latency_users,
                            seed=base.seed) if "cost" in tables else None
@@ -358,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "tables": tables,
         "rows": records,
+        "not_run": not_run,
         "cost": cost,
         "paper": {"Q-BERT4Rec": PAPER},
         "baselines": load_baselines(),

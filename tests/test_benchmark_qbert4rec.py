@@ -84,6 +84,16 @@ def test_quick_benchmark_tables_dedupe_resume_and_cost(bench, tmp_path):
         assert needle in md, needle
     assert "Table 3" not in md and "Table 5" not in md
 
+    # --finished-only tabulates the finished runs and names the rest, training nothing
+    before = sorted(p.name for p in runs.iterdir())
+    assert bench.main(["--quick", "--runs-dir", str(runs), "--tables", "main,pretraining,fusion", "--finished-only",
+                       "--out-json", str(tmp_path / "f.json"), "--out-md", str(tmp_path / "f.md")]) == 0
+    partial = json.loads((tmp_path / "f.json").read_text())
+    assert [r["name"] for r in partial["rows"]] == ["main", "pretraining-none", "pretraining-mlm", "pretraining-multi",
+                                                     "fusion-dynamic"]
+    assert partial["not_run"] == ["fusion/fixed fusion"] and sorted(p.name for p in runs.iterdir()) == before
+    assert "Not run yet (their runs have not finished): fusion/fixed fusion" in (tmp_path / "f.md").read_text()
+
     # cost: measured on the main run's saved model
     cost = res["cost"]
     model, _ = load_run_model(runs / "main")
