@@ -191,7 +191,8 @@ def test_stage_jobs_on_the_shared_cluster() -> None:
         job = jobs[stage["name"]]
         argv = _argv(job)
         assert argv[:2] == ["python", f"/app/ray_jobs/{stage['script']}"]
-        assert argv[argv.index("--config") + 1] == "/etc/qbert/config.yaml"
+        mounted = "--base" if stage.get("sweepConfig") else "--config"  # a sweep runs a shipped sweep file over it
+        assert argv[argv.index(mounted) + 1] == "/etc/qbert/config.yaml"
         assert argv[argv.index("--out") + 1] == f"s3://{values['s3']['bucket']}/runs/default"
         if "workers" in stage:
             assert argv[argv.index("--workers") + 1] == str(stage["workers"])
@@ -462,3 +463,16 @@ def test_mlflow_basic_auth_option() -> None:
     assert "MLFLOW_TRACKING_USERNAME" not in head and not objs("defaults", "ConfigMap")[1:]
     with pytest.raises(helm_python.HelmError, match="mlflow.enabled is false"):
         chart().render({"mlflow": {"enabled": False, "auth": {"enabled": True}}}, name=RELEASE, namespace=NAMESPACE)
+
+
+def test_the_sweep_job_runs_a_shipped_sweep_file_over_the_mounted_config() -> None:
+    from qbert.bundled import bundled_names, resolve_config
+    from qbert.platform.tune import load_sweep
+
+    (job,) = [o for o in objs("ephemeral-jobs", "RayJob") if o["metadata"]["labels"]["qbert.dev/stage"] == "sweep"]
+    argv = _argv(job)
+    sweep = argv[argv.index("--config") + 1]
+    assert argv[argv.index("--base") + 1] == "/etc/qbert/config.yaml"
+    assert sweep in bundled_names() and load_sweep(resolve_config(sweep)).grids  # ships in the image's package
+    (pre,) = [o for o in objs("ephemeral-jobs", "RayJob") if o["metadata"]["labels"]["qbert.dev/stage"] == "pretrain"]
+    assert _argv(pre)[_argv(pre).index("--config") + 1] == "/etc/qbert/config.yaml" and "--base" not in _argv(pre)
