@@ -12,8 +12,7 @@ import torch
 
 from qbert.cli import positive_int
 from qbert.data.errors import DataError
-from qbert.platform.retry import with_retries
-from qbert.platform.storage import check_reachable, download_dir, is_s3, parse_s3, s3_client
+from qbert.platform.storage import check_reachable, download_dir, is_s3, parse_s3, s3_call, s3_client
 
 
 
@@ -120,7 +119,7 @@ def recommend_cmd(args: argparse.Namespace) -> int:
             bucket, key = parse_s3(args.out)
             local = Path(tmp) / "recs.parquet"
             atomic_write_parquet(local, table)
-            with_retries(lambda: s3_client().upload_file(str(local), bucket, key), f"upload {args.out}")
+            s3_call(lambda: s3_client().upload_file(str(local), bucket, key), f"upload {args.out}")
         else:
             atomic_write_parquet(args.out, table)
     k = min(args.k, rec.model.num_items)

@@ -12,10 +12,12 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, TypeVar
 from urllib.parse import urlencode
 
 from qbert.platform.retry import RetryConfig, with_retries
+
+T = TypeVar("T")
 
 ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")
 
@@ -83,13 +85,37 @@ def ray_storage_path(uri: str | os.PathLike) -> str:
     return f"{str(uri).rstrip('/')}?{urlencode(query)}"
 
 
+_NO_CREDENTIALS = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}
+
+
+def s3_call(fn: Callable[[], T], what: str, retry: RetryConfig | None = None) -> T:
+    """``with_retries`` for S3 calls, with the user's mistakes as a ConfigError (exit 2): no
+    credentials, access denied, a bucket that does not exist."""
+    from qbert.config import ConfigError
+
+    try:
+        return with_retries(fn, what, retry)
+    except Exception as e:
+        name = type(e).__name__
+        code = str(getattr(e, "response", {}).get("Error", {}).get("Code", "")) if name == "ClientError" else ""
+        if name in _NO_CREDENTIALS:
+            raise ConfigError(f"{what}: no S3 credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or give "
+                              "the pod a role)") from None
+        if code in {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"}:
+            raise ConfigError(f"{what}: access denied ({code}): check the S3 credentials and the bucket's policy"
+                              ) from None
+        if code in {"404", "NoSuchBucket"}:
+            raise ConfigError(f"{what}: no such bucket") from None
+        raise
+
+
 def check_reachable(uri: str | os.PathLike, retry: RetryConfig | None = None) -> None:
     """Fail early (after bounded retries) when the S3 bucket of ``uri`` cannot be reached."""
     if not is_s3(uri):
         return
     bucket, _ = parse_s3(str(uri))
     client = s3_client()
-    with_retries(lambda: client.head_bucket(Bucket=bucket), f"S3 bucket {bucket!r} at {s3_endpoint() or 'AWS'}", retry)
+    s3_call(lambda: client.head_bucket(Bucket=bucket), f"S3 bucket {bucket!r} at {s3_endpoint() or 'AWS'}", retry)
 
 
 def upload_dir(local_dir: str | os.PathLike, uri: str | os.PathLike, retry: RetryConfig | None = None) -> list[str]:
@@ -109,7 +135,7 @@ def upload_dir(local_dir: str | os.PathLike, uri: str | os.PathLike, retry: Retr
     keys = []
     for p in files:
         key = "/".join(x for x in (prefix, p.relative_to(src).as_posix()) if x)
-        with_retries(lambda p=p, key=key: client.upload_file(str(p), bucket, key), f"upload s3://{bucket}/{key}", retry)
+        s3_call(lambda p=p, key=key: client.upload_file(str(p), bucket, key), f"upload s3://{bucket}/{key}", retry)
         keys.append(key)
     return keys
 
@@ -147,12 +173,12 @@ def download_dir(uri: str | os.PathLike, local_dir: str | os.PathLike, retry: Re
                 return keys
             token = page["NextContinuationToken"]
 
-    for key in with_retries(list_keys, f"list s3://{bucket}/{prefix}", retry):
+    for key in s3_call(list_keys, f"list s3://{bucket}/{prefix}", retry):
         rel = key[len(prefix):].lstrip("/") if prefix else key
         if wanted is not None and rel not in wanted:
             continue
         target = dst / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        with_retries(lambda key=key, target=target: client.download_file(bucket, key, str(target)),
+        s3_call(lambda key=key, target=target: client.download_file(bucket, key, str(target)),
                      f"download s3://{bucket}/{key}", retry)
     return dst

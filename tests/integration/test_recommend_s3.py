@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -40,6 +41,16 @@ def test_recommend_reads_an_s3_run_and_writes_to_s3(tmp_path, monkeypatch, capsy
         client.download_file("runs", "exp/recs.parquet", str(tmp_path / "from_s3.parquet"))
         assert pq.read_table(tmp_path / "from_s3.parquet").equals(pq.read_table(tmp_path / "local.parquet"))
         capsys.readouterr()
+        assert main(["recommend", "--run", "s3://no-such-bucket/run1", "--out", str(tmp_path / "x.parquet")]) == 2
+        assert "no such bucket" in capsys.readouterr().err
+        # no credentials anywhere (a fresh process: boto3 caches credentials per process): a clear error
+        env = {k: v for k, v in os.environ.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+        env.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"),
+                   AWS_EC2_METADATA_DISABLED="true")
+        r = subprocess.run([sys.executable, "-c", "import sys; from qbert.cli import main; sys.exit(main())",
+                            "recommend", "--run", "s3://runs/exp/run1", "--out", str(tmp_path / "x.parquet")],
+                           env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and "no S3 credentials" in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert main(["recommend", "--run", "s3://runs/exp/nothing", "--out", str(tmp_path / "x.parquet")]) == 2
         assert "model.pt missing" in capsys.readouterr().err and not (tmp_path / "x.parquet").exists()
     finally:
