@@ -82,24 +82,34 @@ def run_baseline_cmd(args: argparse.Namespace) -> int:
 
 
 def evaluate_cmd(args: argparse.Namespace) -> int:
+    """``--run`` local or ``s3://`` (the files evaluation reads are fetched into a scratch dir)."""
+    import tempfile
+
+    from qbert.cli.recommend_cmd import local_run
+
+    with tempfile.TemporaryDirectory(prefix="qbert-evaluate-") as tmp:
+        return _evaluate(args, local_run(args.run, Path(tmp) / "run"))
+
+
+def _evaluate(args: argparse.Namespace, run: Path) -> int:
     from qbert.baselines import evaluate_run, load_run_info
     from qbert.data.readers import read_source
 
-    if (Path(args.run) / "semantic_ids.parquet").is_file():  # a Q-BERT4Rec pipeline run
+    if (run / "semantic_ids.parquet").is_file():  # a Q-BERT4Rec pipeline run
         from qbert.pipeline import evaluate_run as evaluate_pipeline_run
         from qbert.utils.runtime import pick_device
 
         if args.data:
             raise ConfigError("--data applies to baseline runs; a pipeline run is evaluated on its own config's data")
-        res = evaluate_pipeline_run(args.run, args.split, args.exclude_history, device=pick_device(args.device))
+        res = evaluate_pipeline_run(run, args.split, args.exclude_history, device=pick_device(args.device))
         print(json.dumps({"run": str(args.run), "split": args.split, **res}, indent=2))
         return 0
 
-    info = load_run_info(args.run)
+    info = load_run_info(run)
     source = args.data or info.get("data_source")
     if not source:
         raise ConfigError(f"run {args.run} records no data source; pass --data")
     dataset = read_source(source)
-    res = evaluate_run(args.run, dataset, which=args.split, exclude_history=args.exclude_history, device=args.device)
+    res = evaluate_run(run, dataset, which=args.split, exclude_history=args.exclude_history, device=args.device)
     print(json.dumps({"run": str(args.run), "split": args.split, "data": str(source), **res}, indent=2))
     return 0

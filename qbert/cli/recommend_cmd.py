@@ -85,10 +85,10 @@ def _read_histories(path: str) -> dict[str, list[str]]:
     return {u: [str(i) for i in (items or [])] for u, items in zip(users, table.column("items").to_pylist())}
 
 
-RUN_FILES = ("model.pt", "config.yaml", "semantic_ids.parquet", "new_items.parquet")  # what recommending reads
+RUN_FILES = ("model.pt", "config.yaml", "semantic_ids.parquet", "new_items.parquet")  # what recommend/evaluate read
 
 
-def _local_run(run: str, scratch: Path) -> Path:
+def local_run(run: str, scratch: Path) -> Path:
     """The run directory itself, or (``s3://``) a scratch copy of the files recommending reads."""
     if not is_s3(run):
         return Path(run)
@@ -108,7 +108,7 @@ def recommend_cmd(args: argparse.Namespace) -> int:
     users = _read_users(args.users) if args.users else None
     histories = _read_histories(args.histories) if args.histories else None
     with tempfile.TemporaryDirectory(prefix="qbert-recommend-") as tmp:
-        run = _local_run(args.run, Path(tmp) / "run")
+        run = local_run(args.run, Path(tmp) / "run")
         if not (run / "model.pt").is_file():
             raise FileNotFoundError(f"no fine-tuned model in {args.run} (model.pt missing): run `qbert pipeline` first")
         rec = Recommender.from_run(run, pick_device(args.device))

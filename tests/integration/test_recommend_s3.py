@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -39,6 +40,12 @@ def test_recommend_reads_an_s3_run_and_writes_to_s3(tmp_path, monkeypatch, capsy
         assert main(["recommend", "--run", "s3://runs/exp/run1", "--out", "s3://runs/exp/recs.parquet",
                      "--k", "5"]) == 0
         client.download_file("runs", "exp/recs.parquet", str(tmp_path / "from_s3.parquet"))
+        capsys.readouterr()
+        assert main(["evaluate", "--run", str(run), "--split", "valid"]) == 0
+        local_eval = json.loads(capsys.readouterr().out)
+        assert main(["evaluate", "--run", "s3://runs/exp/run1", "--split", "valid"]) == 0
+        s3_eval = json.loads(capsys.readouterr().out)
+        assert s3_eval["run"] == "s3://runs/exp/run1" and s3_eval["NDCG@10"] == local_eval["NDCG@10"]
         assert pq.read_table(tmp_path / "from_s3.parquet").equals(pq.read_table(tmp_path / "local.parquet"))
         capsys.readouterr()
         assert main(["recommend", "--run", "s3://no-such-bucket/run1", "--out", str(tmp_path / "x.parquet")]) == 2
