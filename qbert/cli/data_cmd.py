@@ -67,6 +67,17 @@ def _summary(ds: SeqDataset) -> dict[str, Any]:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
+    if str(args.out).startswith("s3://"):  # prepared locally, then uploaded
+        import tempfile
+
+        from qbert.platform.storage import check_reachable, upload_dir
+
+        check_reachable(args.out)
+        with tempfile.TemporaryDirectory(prefix="qbert-prepare-") as tmp:
+            remote, args.out, args.shown_out = args.out, str(Path(tmp) / "dataset"), args.out
+            rc = cmd_prepare(args)
+            upload_dir(args.out, remote)
+        return rc
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not is_canonical_dir(out))):
         raise DataError(f"--out {out} exists and is not a qbert dataset directory; refusing to replace it")
@@ -86,7 +97,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     if args.max_len is not None:
         ds.meta["max_len"] = args.max_len  # history length the leave-one-out split should use
     ds.save(out)
-    print(json.dumps({"out": str(out), **_summary(ds)}, indent=2))
+    print(json.dumps({"out": getattr(args, "shown_out", str(out)), **_summary(ds)}, indent=2))
     return 0
 
 

@@ -87,6 +87,19 @@ def read_source(source: str | Path, **options: Any) -> SeqDataset:
     ``None``-valued options are ignored so a CLI can pass its defaults through unchanged.
     """
     options = {k: v for k, v in options.items() if v is not None}
+    if str(source).startswith("s3://"):  # any layout, fetched to a scratch directory and read from there
+        import tempfile
+
+        from qbert.platform.storage import check_reachable, download_dir
+
+        with tempfile.TemporaryDirectory(prefix="qbert-data-") as tmp:
+            check_reachable(str(source))
+            local = download_dir(str(source), Path(tmp) / "data")
+            if not any(local.iterdir()):
+                raise DataError(f"data source {source}: no objects under this prefix")
+            ds = read_source(local, **options)
+        ds.meta["source"] = str(source)
+        return ds
     fmt = detect_format(source)
     if fmt == "synthetic":
         cfg = parse_synthetic_spec(str(source))
