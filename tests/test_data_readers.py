@@ -393,6 +393,32 @@ def test_assemble_domains_offsets_columns_and_errors():
         assemble_domains([], [])
 
 
+def test_a_prepared_dataset_with_nan_features_is_an_error_naming_its_directory(tmp_path, capsys):
+    from qbert.cli import main
+    from qbert.data.dataset import numpy_to_fixed_list
+
+    ds = make_synthetic(SyntheticConfig(num_users=50, num_items=30, num_clusters=3))
+    ds.save(tmp_path / "d")
+    items = pq.read_table(tmp_path / "d" / "items.parquet")
+    text = ds.feature("text").copy()
+    text[3, 2] = np.nan
+    items = items.set_column(items.column_names.index("feat_text"), "feat_text", numpy_to_fixed_list(text))
+    pq.write_table(items, tmp_path / "d" / "items.parquet")
+    assert main(["data", "stats", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'd'}: " in err and "NaN/inf" in err and "item_id 3" in err
+
+
+def test_recbole_duplicate_rows_are_dropped_with_a_warning(tmp_path):
+    d = tmp_path / "rb"
+    d.mkdir()
+    rows = "".join(f"u{u}\ti{i}\t{u * 10 + i}\n" for u in range(3) for i in range(4))
+    (d / "rb.inter").write_text("user_id:token\titem_id:token\ttimestamp:float\n" + rows + "u1\ti2\t12\nu1\ti2\t13\n")
+    with pytest.warns(DataWarning, match=r"dropped 1 duplicate interaction row\(s\) .*first at line 14"):
+        ds = read_recbole(d)
+    assert ds.num_interactions == 13  # the same line twice is one interaction; another timestamp is a repeat
+
+
 def test_recbole_dense_ids_never_merge_distinct_raw_ids():
     from qbert.data.readers.recbole import _dense_ids
 

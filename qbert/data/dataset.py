@@ -187,8 +187,11 @@ class SeqDataset:
         flat = lists.values.to_numpy().astype(np.int64)
         offsets = offsets - offsets[0]
         meta.setdefault("source", str(directory))
-        return cls(meta.get("name", directory.name), items, offsets, flat,
-                   seqs.column("orig_user_id").to_numpy(zero_copy_only=False), meta)
+        try:
+            return cls(meta.get("name", directory.name), items, offsets, flat,
+                       seqs.column("orig_user_id").to_numpy(zero_copy_only=False), meta)
+        except DataError as e:  # name the directory, not just the dataset's name
+            raise DataError(f"{directory}: {e}") from None
 
 
 def _read_parquet(path: Path) -> pa.Table:
