@@ -158,7 +158,7 @@ def run_rows(base: PipelineConfig, rows: list[Row], runs_dir: Path, finished_onl
     records, left_out = [], []
     for row, cfg, run_dir, status in plan_runs(base, rows, runs_dir):
         t0 = time.perf_counter()
-        if status == "todo" and finished_only:
+        if finished_only and not (run_dir / "metrics.json").is_file():  # todo, or shared with an unfinished row
             left_out.append(f"{row.table}/{row.label}")
             continue
         if status == "todo":
@@ -357,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
         if not records:
             raise FileNotFoundError(f"no finished run under {runs_dir} for these tables")
         main_rec = records[0]
+        if "cost" in tables and main_rec["name"] != "main":
+            raise FileNotFoundError("the cost table is measured on the main row's run, which has not finished")
         cost = profile_run(Path(main_rec["run_dir"]), quick=args.quick, latency_users=args.latency_users,
                            seed=base.seed) if "cost" in tables else None
     except (ConfigError, DataError, FileNotFoundError) as e:

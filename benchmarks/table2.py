@@ -8,7 +8,7 @@
 
 A setup is chosen on valid first (search runs keep ``eval.test=false``); this command then trains
 it once per seed with test on and scores test once per seed. Each run lives in
-``RUNS_DIR/<model>/seed<S>/``; a finished run of the same settings is read, not re-run (so the
+``RUNS_DIR/<dataset>/<model>/seed<S>/``; a finished run of the same settings is read, not re-run (so the
 command resumes, and a run made by ``qbert pipeline`` with the same config counts). ``--baseline``
 trains one of our ID-only baselines (SASRec, BERT4Rec at RecBole's settings) on ``--config``'s
 data instead of the pipeline.
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     data = load_data(base) if args.baseline else None
     per_seed, item_table = [], None
     for seed in args.seeds:
-        run = args.runs_dir / model / f"seed{seed}"
+        run = args.runs_dir / name / model / f"seed{seed}"  # the dataset in the path: rows never share runs
         log.info("%s, seed %d: %s", model, seed, run)
         if args.baseline:
             bcfg = BaselineConfig(model=args.baseline, max_len=base.data.max_len, seed=seed, progress=False,

@@ -110,8 +110,10 @@ def assign_new_items(run_dir: str | Path, items: pa.Table, device: str | torch.d
     from qbert.quantize.semantic_ids import sid_strings
     from qbert.quantize.train import assign_codes, code_distances
 
+    from qbert.utils.runtime import pick_device
+
     run = Path(run_dir)
-    device = torch.device(device)
+    device = pick_device(str(device))
     _, cfg = load_run_model(run, "cpu")  # also checks that the run finished (model.pt)
     if cfg.model.item_id != "none":
         raise DataError(f"{run}: this run's stage 3 has an item-ID table (model.item_id={cfg.model.item_id!r}); "
@@ -153,10 +155,13 @@ def assign_new_items(run_dir: str | Path, items: pa.Table, device: str | torch.d
             out[new] = code_distances(rqvae, x, idx[new] - n_old, cfg.quantize.infer_batch_size)
         return out
 
-    codes, _ = reallocate_collisions(np.concatenate([existing, raw]), distances, cfg.quantize.sizes)
-    if not np.array_equal(codes[:n_old], existing):
-        raise RuntimeError("an existing item's semantic ID moved (bug)")
-    new_codes = codes[n_old:]
+    if cfg.quantize.reallocate:  # the run's IDs are unique: keep them so, existing items first
+        codes, _ = reallocate_collisions(np.concatenate([existing, raw]), distances, cfg.quantize.sizes)
+        if not np.array_equal(codes[:n_old], existing):
+            raise RuntimeError("an existing item's semantic ID moved (bug)")
+        new_codes = codes[n_old:]
+    else:  # the run kept colliding IDs (quantize.reallocate: false): so do its new items
+        new_codes = raw
     first_id = int(base.column("item_id").to_numpy().max()) + 1 + (0 if added is None else added.num_rows)
     columns: dict[str, Any] = {"item_id": pa.array(np.arange(first_id, first_id + items.num_rows), pa.int64())}
     columns |= {f"code_{j}": pa.array(new_codes[:, j], pa.int64()) for j in range(levels)}
@@ -166,8 +171,10 @@ def assign_new_items(run_dir: str | Path, items: pa.Table, device: str | torch.d
         if not c.startswith(FEATURE_PREFIX) and c not in columns:
             columns[c] = items.column(c)
     rows = pa.table(columns)
-    table = rows if added is None else pa.concat_tables([added, rows.select(added.column_names)],
-                                                        promote_options="permissive")
+    try:
+        table = rows if added is None else pa.concat_tables([added, rows], promote_options="permissive")
+    except pa.ArrowException as e:
+        raise DataError(f"{source}: its columns do not fit those of {run / NEW_ITEMS} ({e})") from None
     atomic_write_parquet(run / NEW_ITEMS, table)
     return rows
 

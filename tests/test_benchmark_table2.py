@@ -42,7 +42,7 @@ def test_rows_over_seeds_resume_and_merge(tmp_path, capsys):
             assert mean == pytest.approx(np.mean(values)) and row[f"{part}_std"][k] == pytest.approx(np.std(values, ddof=1))
     # each seed's run scored its test split once, and is the pipeline's own record
     for s in per_seed:
-        metrics = json.loads((runs / "qbert4rec" / f"seed{s['seed']}" / "metrics.json").read_text())
+        metrics = json.loads((runs / "synthetic" / "qbert4rec" / f"seed{s['seed']}" / "metrics.json").read_text())
         assert metrics["test"]["NDCG@10"] == s["test"]["NDCG@10"]
     assert "| synthetic | qbert4rec | no | 2 |" in (runs / "table2.md").read_text()
 

@@ -41,6 +41,12 @@ def test_show_and_copy(tmp_path, capsys):
     assert (tmp_path / "mine.yaml").read_text() == (REPO / "configs" / "synthetic.yaml").read_text()
     assert main(["configs", "copy", "synthetic", str(tmp_path / "no" / "dir.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err and not (tmp_path / "no").exists()
+    assert main(["configs", "copy", "sweeps/ablations", str(tmp_path / "my-sweep.yaml")]) == 0
+    from qbert.platform.tune import SweepConfig
+
+    base = SweepConfig.load(tmp_path / "my-sweep.yaml").base_config  # ../synthetic.yaml: found by name
+    assert Path(base).read_text() == (REPO / "configs" / "synthetic.yaml").read_text()
+    capsys.readouterr()
     assert main(["configs", "show", "nope"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: no bundled config named 'nope'") and "instruments-tuned" in err

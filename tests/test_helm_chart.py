@@ -372,8 +372,8 @@ def _pod_labels(key: str) -> dict[str, dict[str, str]]:
     return pods
 
 
-def _reaches(key: str, src: dict[str, str], dst: str, port: int, same_namespace: bool = True) -> bool:
-    """Whether a pod with labels ``src`` may open ``port`` on the ``dst`` component's pods."""
+def _reaches(key: str, src: dict[str, str], dst: str, port: int, namespace: str = NAMESPACE) -> bool:
+    """Whether a pod with labels ``src`` in ``namespace`` may open ``port`` on the ``dst`` component's pods."""
     dst_labels = _pod_labels(key)[dst]
     policies = [p for p in objs(key, "NetworkPolicy") if _selects(p["spec"]["podSelector"], dst_labels)]
     assert policies, f"no NetworkPolicy selects {dst}"
@@ -383,7 +383,9 @@ def _reaches(key: str, src: dict[str, str], dst: str, port: int, same_namespace:
             if ports and port not in ports:
                 continue
             for peer in rule["from"]:
-                ns_ok = same_namespace if "namespaceSelector" not in peer else peer["namespaceSelector"] == {}
+                ns_labels = {"kubernetes.io/metadata.name": namespace}
+                ns_ok = namespace == NAMESPACE if "namespaceSelector" not in peer else \
+                    _selects(peer["namespaceSelector"], ns_labels)
                 if ns_ok and _selects(peer.get("podSelector", {}), src):
                     return True
     return False
@@ -400,7 +402,8 @@ def test_network_policies_let_each_component_reach_only_what_it_must() -> None:
     port = merged(key)["mlflow"]["port"]
     assert _reaches(key, worker, "ray-head", 6379) and _reaches(key, head, "ray-worker", 12345)
     assert _reaches(key, sub, "ray-head", 8265) and not _reaches(key, sub, "ray-head", 6379)
-    assert _reaches(key, operator, "ray-head", 8265, same_namespace=False)
+    assert _reaches(key, operator, "ray-head", 8265, namespace="kuberay-system")
+    assert not _reaches(key, operator, "ray-head", 8265, namespace="attacker")  # a look-alike pod elsewhere
     assert not _reaches(key, stranger, "ray-head", 8265) and not _reaches(key, other_release, "ray-worker", 6379)
     assert not _reaches(key, sub, "ray-worker", 8265) and not _reaches(key, mlflow, "ray-worker", 6379)
     assert _reaches(key, head, "mlflow", port) and _reaches(key, worker, "mlflow", port)

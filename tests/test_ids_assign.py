@@ -41,7 +41,8 @@ def setup(tmp_path_factory):
     torch.set_num_threads(1)
     run_pipeline(cfg.override({"data.source": str(tmp / "data"), "plots": False}), run)
     new_items = full.items.slice(old).drop_columns(["item_id"])
-    pq.write_table(new_items, tmp / "new.parquet")
+    pq.write_table(new_items.slice(0, NEW - 5), tmp / "new.parquet")  # two batches, the second without titles
+    pq.write_table(new_items.slice(NEW - 5).drop_columns(["title"]), tmp / "new2.parquet")
     return full, seqs, old, run, tmp
 
 
@@ -51,10 +52,12 @@ def test_new_items_get_content_ids_and_are_recommended(setup, capsys):
     before = Recommender.from_run(run)
     base = pq.read_table(run / "semantic_ids.parquet")
     assert main(["ids", "assign", "--run", str(run), "--items", str(tmp / "new.parquet")]) == 0
-    assert f"assigned {NEW} semantic ID(s)" in capsys.readouterr().out
+    assert f"assigned {NEW - 5} semantic ID(s)" in capsys.readouterr().out
+    assert main(["ids", "assign", "--run", str(run), "--items", str(tmp / "new2.parquet"), "--device", "auto"]) == 0
     added = pq.read_table(run / "new_items.parquet")
     assert added.column("orig_id").to_pylist() == full.items.column("orig_id").to_pylist()[old:]
-    assert pq.read_table(run / "semantic_ids.parquet").equals(base)  # existing IDs never move
+    assert added.column("title").null_count == 5  # the second batch had none
+    assert added.column("item_id").to_pylist() == list(range(old, old + NEW))
     sids = base.column("sid").to_pylist() + added.column("sid").to_pylist()
     assert len(set(sids)) == len(sids)
 
@@ -70,6 +73,7 @@ def test_new_items_get_content_ids_and_are_recommended(setup, capsys):
     # above a random new item (the model never saw any of them)
     rec = Recommender.from_run(run)
     assert rec.model.num_items == old + NEW and list(rec.item_ids[old:]) == added.column("orig_id").to_pylist()
+    assert torch.equal(rec.model.codes[:old], before.model.codes)  # existing IDs never move
     ids = full.items.column("orig_id").to_pylist()
     histories, targets = {}, []
     for u, s in enumerate(seqs):

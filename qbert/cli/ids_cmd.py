@@ -50,7 +50,7 @@ def show_cmd(args: argparse.Namespace) -> int:
     k = levels(table)
     focus = None
     if args.item is not None:
-        depth = k - 1 if args.depth is None else args.depth
+        depth = max(1, k - 1) if args.depth is None else args.depth
         if not 1 <= depth <= k:
             raise ConfigError(f"--depth must be between 1 and {k}, got {depth}")
         focus = find_item(table, args.item)

@@ -107,6 +107,8 @@ def recommend_cmd(args: argparse.Namespace) -> int:
         raise DataError(f"--k must be >= 1, got {args.k}")
     users = _read_users(args.users) if args.users else None
     histories = _read_histories(args.histories) if args.histories else None
+    if is_s3(args.out):
+        check_reachable(args.out)  # before the work, not after it
     with tempfile.TemporaryDirectory(prefix="qbert-recommend-") as tmp:
         run = local_run(args.run, Path(tmp) / "run")
         if not (run / "model.pt").is_file():

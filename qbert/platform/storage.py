@@ -96,15 +96,20 @@ def s3_call(fn: Callable[[], T], what: str, retry: RetryConfig | None = None) ->
     try:
         return with_retries(fn, what, retry)
     except Exception as e:
-        name = type(e).__name__
-        code = str(getattr(e, "response", {}).get("Error", {}).get("Code", "")) if name == "ClientError" else ""
-        if name in _NO_CREDENTIALS:
+        # boto3's transfer layer wraps the ClientError (S3UploadFailedError): look through the chain
+        chain = [e, e.__cause__, e.__context__]
+        names = {type(x).__name__ for x in chain if x is not None}
+        codes = {str(x.response.get("Error", {}).get("Code", "")) for x in chain
+                 if isinstance(getattr(x, "response", None), dict)}
+        text = str(e)
+        codes |= {c for c in ("NoSuchBucket", "AccessDenied", "403", "404") if c in text and "S3UploadFailed" in
+                  type(e).__name__}
+        if names & _NO_CREDENTIALS:
             raise ConfigError(f"{what}: no S3 credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or give "
                               "the pod a role)") from None
-        if code in {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"}:
-            raise ConfigError(f"{what}: access denied ({code}): check the S3 credentials and the bucket's policy"
-                              ) from None
-        if code in {"404", "NoSuchBucket"}:
+        if codes & {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"}:
+            raise ConfigError(f"{what}: access denied: check the S3 credentials and the bucket's policy") from None
+        if codes & {"404", "NoSuchBucket"}:
             raise ConfigError(f"{what}: no such bucket") from None
         raise
 

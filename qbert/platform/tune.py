@@ -80,6 +80,11 @@ class SweepConfig(Config):
         if not base.is_absolute():
             rel = (Path(path).parent / base)
             base = rel if rel.is_file() else base  # relative to the sweep file, else to the cwd
+        if not base.is_file():  # a bundled sweep copied elsewhere (`qbert configs copy`): its base by name
+            from qbert.bundled import bundled_names, resolve_config
+
+            if Path(cfg.base_config).stem in bundled_names():
+                base = resolve_config(Path(cfg.base_config).stem)
         return cfg.model_copy(update={"base_config": str(base)})
 
 

@@ -50,6 +50,8 @@ def test_recommend_reads_an_s3_run_and_writes_to_s3(tmp_path, monkeypatch, capsy
         capsys.readouterr()
         assert main(["recommend", "--run", "s3://no-such-bucket/run1", "--out", str(tmp_path / "x.parquet")]) == 2
         assert "no such bucket" in capsys.readouterr().err
+        assert main(["recommend", "--run", str(run), "--out", "s3://no-such-bucket/recs.parquet"]) == 2
+        assert "no such bucket" in capsys.readouterr().err
         # no credentials anywhere (a fresh process: boto3 caches credentials per process): a clear error
         env = {k: v for k, v in os.environ.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
         env.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"),

@@ -12,7 +12,8 @@ from test_pipeline import tiny
 
 from qbert.config import ConfigError
 from qbert.pipeline import REGISTRY, STAGES, run_pipeline
-from qbert.pipeline.ownership import file_hash
+from qbert.pipeline.ownership import file_hash, settings_hash
+from qbert.pipeline.runs import _stage_inputs
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -42,6 +43,8 @@ def test_manifest_owners_and_refusals(tmp_path):
     theirs = {s: json.loads((other / "checkpoints" / s / "owner.json").read_text())["settings_hash"]
               for s in STAGES[:1]}
     assert theirs["fusion"] == json.loads((run / "checkpoints/fusion/owner.json").read_text())["settings_hash"]
+    finetune_hash = json.loads((run / "checkpoints/finetune/owner.json").read_text())["settings_hash"]
+    assert settings_hash(_stage_inputs(_cfg().override({"finetune.lr": 1e-3}), "finetune")) != finetune_hash
 
     # another run's checkpoints copied into this directory are refused, not resumed
     stolen = tmp_path / "stolen"

@@ -182,16 +182,19 @@ def read_recbole(directory: str | Path, name: str | None = None, *, user_field: 
         if not keep.any():
             raise DataError(f"{inter_path}: empty dataset (no interaction with {rating_field} >= {min_rating})")
 
-    keys = np.char.add(np.char.add(users_raw.astype(str), "\x1f"), items_raw.astype(str))
+    # the same line twice (same user, item and timestamp) is one interaction; without timestamps a
+    # repeated (user, item) row may be a real repeat, so nothing is dropped
+    keys = first = None
     if time is not None:
-        keys = np.char.add(np.char.add(keys, "\x1f"), time.astype(str))
-    _, first = np.unique(keys, return_index=True)
-    if first.size < keys.size:  # the same line twice (same user, item and timestamp): one interaction
+        keys = np.char.add(np.char.add(np.char.add(users_raw.astype(str), "\x1f"), items_raw.astype(str)),
+                           np.char.add("\x1f", time.astype(str)))
+        first = np.unique(keys, return_index=True)[1]
+    if first is not None and first.size < keys.size:
         keep = np.zeros(keys.size, dtype=bool)
         keep[first] = True
         dup = int(line_arr[np.flatnonzero(~keep)[0]])
-        warn_filter(f"{inter_path}: dropped {int((~keep).sum())} duplicate interaction row(s) (same user, item"
-                    f"{' and ' + time_field if time is not None else ''}; first at line {dup})")
+        warn_filter(f"{inter_path}: dropped {int((~keep).sum())} duplicate interaction row(s) (same user, item and "
+                    f"{time_field}; first at line {dup})")
         users_raw, items_raw, line_arr = users_raw[keep], items_raw[keep], line_arr[keep]
         time = time[keep] if time is not None else None
     user_orig, uidx = _dense_ids(users_raw)
