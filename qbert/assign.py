@@ -27,6 +27,7 @@ from qbert.data.errors import DataError
 from qbert.utils.io import atomic_write_parquet, load_weights
 
 NEW_ITEMS = "new_items.parquet"
+BASE_KEY = "qbert.semantic_ids_sha256"  # the semantic-ID table (and so the RQ-VAE) the new IDs extend
 
 
 class _ItemTable:
@@ -73,7 +74,7 @@ def _existing(run: Path) -> tuple[pa.Table, pa.Table | None]:
     from qbert.explore import load_table
 
     base = load_table(run)
-    added = pq.read_table(run / NEW_ITEMS) if (run / NEW_ITEMS).is_file() else None
+    added = read_added_items(run)
     return base, added
 
 
@@ -102,6 +103,17 @@ def assign_new_items(run_dir: str | Path, items: pa.Table, device: str | torch.d
                      source: str = "new items") -> pa.Table:
     """Give ``items`` semantic IDs with the run's trained fusion and RQ-VAE, distinct from every
     existing ID, and append them to ``RUN/new_items.parquet``; returns the appended rows."""
+    from qbert.utils.rundir import run_lock
+    from qbert.utils.runtime import pick_device
+
+    run = Path(run_dir)
+    device = pick_device(str(device))
+    with run_lock(run):  # one writer of new_items.parquet at a time, and never beside a running pipeline
+        return _assign(run, items, device, source)
+
+
+@torch.no_grad()
+def _assign(run: Path, items: pa.Table, device: torch.device, source: str) -> pa.Table:
     from qbert.fusion.train import infer_fusion, validate_features
     from qbert.pipeline.data import item_features
     from qbert.pipeline.runs import load_run_model
@@ -110,10 +122,6 @@ def assign_new_items(run_dir: str | Path, items: pa.Table, device: str | torch.d
     from qbert.quantize.semantic_ids import sid_strings
     from qbert.quantize.train import assign_codes, code_distances
 
-    from qbert.utils.runtime import pick_device
-
-    run = Path(run_dir)
-    device = pick_device(str(device))
     _, cfg = load_run_model(run, "cpu")  # also checks that the run finished (model.pt)
     if cfg.model.item_id != "none":
         raise DataError(f"{run}: this run's stage 3 has an item-ID table (model.item_id={cfg.model.item_id!r}); "
@@ -175,16 +183,29 @@ def assign_new_items(run_dir: str | Path, items: pa.Table, device: str | torch.d
         table = rows if added is None else pa.concat_tables([added, rows], promote_options="permissive")
     except pa.ArrowException as e:
         raise DataError(f"{source}: its columns do not fit those of {run / NEW_ITEMS} ({e})") from None
+    table = table.replace_schema_metadata({BASE_KEY: base_table_hash(run)})
     atomic_write_parquet(run / NEW_ITEMS, table)
     return rows
 
 
+def base_table_hash(run: Path) -> str:
+    from qbert.pipeline.ownership import file_hash
+
+    return file_hash(run / "semantic_ids.parquet")
+
+
 def read_added_items(run_dir: str | Path) -> pa.Table | None:
-    """``RUN/new_items.parquet`` when ``qbert ids assign`` has added items, else None."""
+    """``RUN/new_items.parquet`` when ``qbert ids assign`` has added items, else None; refused when
+    the run's semantic-ID table changed since (stage 2 ran again: the IDs may collide)."""
     path = Path(run_dir) / NEW_ITEMS
     if not path.is_file():
         return None
     try:
-        return pq.read_table(path)
+        table = pq.read_table(path)
     except (pa.ArrowException, OSError) as e:
         raise DataError(f"{path}: not a readable parquet file ({str(e).splitlines()[0][:200]})") from None
+    made_for = (table.schema.metadata or {}).get(BASE_KEY.encode(), b"").decode()
+    if made_for != base_table_hash(Path(run_dir)):
+        raise DataError(f"{path}: assigned against another semantic-ID table than the run's (stage 2 ran again); "
+                        "remove it and run `qbert ids assign` again")
+    return table

@@ -4,6 +4,8 @@ ranks the new items for the histories that lead to them."""
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -13,6 +15,7 @@ from test_pipeline import tiny
 
 from qbert.cli import main
 from qbert.data.dataset import SeqDataset
+from qbert.data.errors import DataError
 from qbert.data.synthetic import make_synthetic
 from qbert.pipeline import run_pipeline
 from qbert.recommend import Recommender
@@ -98,6 +101,13 @@ def test_new_items_get_content_ids_and_are_recommended(setup, capsys):
 
     recs = rec.recommend(histories=dict(list(histories.items())[:3]), k=old + NEW)
     assert set(added.column("orig_id").to_pylist()) <= set(recs.column("item_id").to_pylist())
+
+    # stage 2 ran again (another semantic-ID table): the assigned IDs are refused, not mixed in
+    stale = tmp / "stale"
+    shutil.copytree(run, stale)
+    pq.write_table(pq.read_table(stale / "semantic_ids.parquet"), stale / "semantic_ids.parquet", compression="gzip")
+    with pytest.raises(DataError, match="assigned against another semantic-ID table"):
+        Recommender.from_run(stale)
 
 
 def test_refusals(setup, capsys, tmp_path):
