@@ -19,12 +19,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from qbert.data.dataset import FEATURE_PREFIX, fixed_list_to_numpy
 from qbert.data.errors import DataError
-from qbert.utils.io import atomic_write_parquet, load_weights
+from qbert.utils.io import atomic_write_parquet, load_weights, read_parquet
 
 NEW_ITEMS = "new_items.parquet"
 BASE_KEY = "qbert.semantic_ids_sha256"  # the semantic-ID table (and so the RQ-VAE) the new IDs extend
@@ -53,12 +52,7 @@ def read_new_items(path: str | Path) -> pa.Table:
     (``feat_<name>``, one fixed-size float list per item, as in a prepared dataset) and any text
     columns (e.g. ``title``)."""
     p = Path(path)
-    if not p.is_file():
-        raise DataError(f"new-items file not found: {p}")
-    try:
-        table = pq.read_table(p)
-    except (pa.ArrowException, OSError) as e:
-        raise DataError(f"{p}: not a readable parquet file ({str(e).splitlines()[0][:200]})") from None
+    table = read_parquet(p, "new-items file")
     if "orig_id" not in table.column_names:
         raise DataError(f"{p}: needs a column 'orig_id' (the new items' original IDs), has {table.column_names}")
     if table.num_rows == 0:
@@ -200,10 +194,7 @@ def read_added_items(run_dir: str | Path) -> pa.Table | None:
     path = Path(run_dir) / NEW_ITEMS
     if not path.is_file():
         return None
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowException, OSError) as e:
-        raise DataError(f"{path}: not a readable parquet file ({str(e).splitlines()[0][:200]})") from None
+    table = read_parquet(path)
     made_for = (table.schema.metadata or {}).get(BASE_KEY.encode(), b"").decode()
     if made_for != base_table_hash(Path(run_dir)):
         raise DataError(f"{path}: assigned against another semantic-ID table than the run's (stage 2 ran again); "

@@ -7,18 +7,9 @@ import json
 
 import numpy as np
 import pytest
-import torch
-from test_benchmark_qbert4rec import _bench
+from test_benchmark_qbert4rec import _bench, one_thread  # noqa: F401 - the module's autouse fixture
 
 TEST_METRICS = {"HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _mtimes(runs):

@@ -66,16 +66,10 @@ def _read_users(path: str) -> list[str]:
 
 
 def _read_histories(path: str) -> dict[str, list[str]]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    from qbert.utils.io import read_parquet
 
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"--histories file not found: {p}")
-    try:
-        table = pq.read_table(p)
-    except (pa.ArrowException, OSError) as e:
-        raise DataError(f"{p}: not a readable parquet file ({str(e).splitlines()[0][:200]})") from None
+    table = read_parquet(p, "--histories file")
     for col in ("user_id", "items"):
         if col not in table.column_names:
             raise DataError(f"{p}: missing column '{col}' (has {table.column_names})")

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from qbert.data.errors import DataError
-from qbert.utils.io import atomic_dir
+from qbert.utils.io import atomic_dir, read_parquet
 
 FORMAT_VERSION = 1
 FEATURE_PREFIX = "feat_"
@@ -178,7 +178,7 @@ class SeqDataset:
             meta = json.loads((directory / "meta.json").read_text())
         except json.JSONDecodeError as e:
             raise DataError(f"{directory / 'meta.json'}: invalid JSON: {e}") from e
-        items, seqs = (_read_parquet(directory / name) for name in ("items.parquet", "sequences.parquet"))
+        items, seqs = (read_parquet(directory / name) for name in ("items.parquet", "sequences.parquet"))
         if "items" not in seqs.column_names or "orig_user_id" not in seqs.column_names:
             raise DataError(f"{directory / 'sequences.parquet'}: needs columns 'items' and 'orig_user_id', "
                             f"has {seqs.column_names}")
@@ -192,13 +192,6 @@ class SeqDataset:
                        seqs.column("orig_user_id").to_numpy(zero_copy_only=False), meta)
         except DataError as e:  # name the directory, not just the dataset's name
             raise DataError(f"{directory}: {e}") from None
-
-
-def _read_parquet(path: Path) -> pa.Table:
-    try:
-        return pq.read_table(path)
-    except (pa.ArrowException, OSError) as e:  # truncated, corrupt, or not parquet at all
-        raise DataError(f"{path}: not a readable parquet file ({str(e).splitlines()[0][:200]})") from None
 
 
 def _canonical_table(table: pa.Table) -> pa.Table:

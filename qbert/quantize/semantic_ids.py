@@ -8,11 +8,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from qbert.data.errors import DataError
 from qbert.quantize.config import LEVEL_LETTERS
-from qbert.utils.io import atomic_write_parquet
+from qbert.utils.io import atomic_write_parquet, read_parquet
 
 _TOKEN = re.compile(r"<([a-z])_(\d+)>")
 
@@ -74,12 +73,7 @@ def read_semantic_ids(path: str | Path, codebook_sizes: list[int] | None = None,
                       require_unique: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(item_ids int64 [N], codes int64 [N, K]) sorted by item id; errors name the file and column."""
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"semantic-ID table not found: {p}")
-    try:
-        table = pq.read_table(p)
-    except (pa.ArrowException, OSError) as e:  # truncated or not parquet at all
-        raise DataError(f"{p}: not a readable parquet file ({str(e).splitlines()[0][:200]})") from None
+    table = read_parquet(p, "semantic-ID table")
     _validate(table, str(p), codebook_sizes, require_unique)
     ids = table.column("item_id").to_numpy().astype(np.int64)
     K = _levels(table)

@@ -61,6 +61,20 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
 
 
+def read_parquet(path: str | os.PathLike, what: str = "parquet file") -> pa.Table:
+    """A parquet table; a missing file is FileNotFoundError and a truncated, corrupt or foreign one
+    a DataError, both naming the file (the CLI prints ``error: ...``)."""
+    from qbert.data.errors import DataError
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} not found: {p}")
+    try:
+        return pq.read_table(p)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{p}: not a readable parquet file ({str(e).splitlines()[0][:200]})") from None
+
+
 def atomic_write_parquet(path: str | os.PathLike, table: pa.Table) -> None:
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
