@@ -275,7 +275,7 @@ def load_run_info(run_dir: str | Path) -> dict[str, Any]:
 
 
 def evaluate_run(run_dir: str | Path, dataset: SeqDataset, which: str = "test", exclude_history: bool | None = None,
-                 device: str = "auto") -> dict[str, float]:
+                 device: str = "auto", progress: bool = False) -> dict[str, float]:
     """Re-evaluate a finished run's best checkpoint on ``dataset`` (must be the training data)."""
     model, cfg, payload = load_run(run_dir, device)
     fp = dataset.fingerprint()
@@ -287,5 +287,5 @@ def evaluate_run(run_dir: str | Path, dataset: SeqDataset, which: str = "test", 
     split = LeaveOneOutSplit(dataset, max_len=cfg.max_len)
     excl = cfg.exclude_history if exclude_history is None else exclude_history
     dev = next(model.parameters()).device
-    res = evaluate_model(model, cfg.model, split, which, cfg.max_len, dev, excl, cfg.eval_batch_size)
+    res = evaluate_model(model, cfg.model, split, which, cfg.max_len, dev, excl, cfg.eval_batch_size, progress)
     return res

@@ -50,6 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="remove history items from the ranking (default: the run's setting)")
     e.add_argument("--data", default=None, help="data source (default: the one recorded in the run)")
     e.add_argument("--device", default="auto")
+    e.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar with total and ETA (default: on when stderr is a terminal)")
     e.set_defaults(func=evaluate_cmd)
 
 
@@ -81,6 +83,10 @@ def run_baseline_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _progress(args: argparse.Namespace) -> bool:
+    return sys.stderr.isatty() if args.progress is None else args.progress
+
+
 def evaluate_cmd(args: argparse.Namespace) -> int:
     """``--run`` local or ``s3://`` (the files evaluation reads are fetched into a scratch dir)."""
     import tempfile
@@ -101,7 +107,8 @@ def _evaluate(args: argparse.Namespace, run: Path) -> int:
 
         if args.data:
             raise ConfigError("--data applies to baseline runs; a pipeline run is evaluated on its own config's data")
-        res = evaluate_pipeline_run(run, args.split, args.exclude_history, device=pick_device(args.device))
+        res = evaluate_pipeline_run(run, args.split, args.exclude_history, device=pick_device(args.device),
+                                    progress=_progress(args))
         print(json.dumps({"run": str(args.run), "split": args.split, **res}, indent=2))
         return 0
 
@@ -110,6 +117,7 @@ def _evaluate(args: argparse.Namespace, run: Path) -> int:
     if not source:
         raise ConfigError(f"run {args.run} records no data source; pass --data")
     dataset = read_source(source)
-    res = evaluate_run(run, dataset, which=args.split, exclude_history=args.exclude_history, device=args.device)
+    res = evaluate_run(run, dataset, which=args.split, exclude_history=args.exclude_history, device=args.device,
+                       progress=_progress(args))
     print(json.dumps({"run": str(args.run), "split": args.split, "data": str(source), **res}, indent=2))
     return 0

@@ -244,7 +244,7 @@ def _load_run(run_dir: str | Path, device: str | torch.device = "cpu"):
 
 
 def evaluate_run(run_dir: str | Path, which: str = "test", exclude_history: bool | None = None,
-                 device: str | torch.device = "cpu") -> dict[str, Any]:
+                 device: str | torch.device = "cpu", progress: bool = False) -> dict[str, Any]:
     """Re-evaluate a finished pipeline run's ``model.pt`` on its own data (at its chosen ranking weight).
 
     ``exclude_history`` None keeps the run's ``eval.exclude_history``. Refuses data whose
@@ -258,7 +258,7 @@ def evaluate_run(run_dir: str | Path, which: str = "test", exclude_history: bool
                         f"{run_dir} was trained on ({trained_on}); evaluate on the data the model was trained on")
     split = target_split(cfg, data)
     excl = cfg.eval.exclude_history if exclude_history is None else exclude_history
-    res = evaluate_split(model, split, which, cfg.eval.batch_size, device, excl, cfg.finetune.precision)
+    res = evaluate_split(model, split, which, cfg.eval.batch_size, device, excl, cfg.finetune.precision, progress)
     return {**{k: res[k] for k in METRIC_KEYS}, "users": res.get("users"), "exclude_history": excl,
             "code_score_weight": model.code_score_weight}
 

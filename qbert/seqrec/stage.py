@@ -232,7 +232,7 @@ def masked_step(model: QBert4Rec, batch: dict[str, torch.Tensor],
 
 def split_ranks(model: QBert4Rec, split: LeaveOneOutSplit, which: str, batch_size: int = 1024,
                 device: torch.device | str = "cpu", protocols: tuple[str, ...] = ("kept", "excluded"),
-                precision: Precision = "fp32") -> dict[str, torch.Tensor]:
+                precision: Precision = "fp32", progress: bool = False) -> dict[str, torch.Tensor]:
     """Per-user 0-based target ranks of ``which`` in {'valid', 'test'} under each ranking protocol
     (history items kept / excluded), from one scoring pass. ``precision`` is the encoder's (the
     scores themselves are always fp32)."""
@@ -244,17 +244,17 @@ def split_ranks(model: QBert4Rec, split: LeaveOneOutSplit, which: str, batch_siz
         with autocast(device, precision):
             return rank_targets(model.score, split.history(which, pad=0, shift=1), split.targets(which),
                                 split.num_items, batch_size=batch_size, protocols=protocols, history_pad=0,
-                                history_shift=1, device=device)
+                                history_shift=1, device=device, progress=progress, desc=f"eval[{which}]")
     finally:
         model.train(was_training)
 
 
 def evaluate_split(model: QBert4Rec, split: LeaveOneOutSplit, which: str, batch_size: int = 1024,
                    device: torch.device | str = "cpu", exclude_history: bool = False,
-                   precision: Precision = "fp32") -> dict[str, float]:
+                   precision: Precision = "fp32", progress: bool = False) -> dict[str, float]:
     """Full-ranking metrics of ``which`` in {'valid', 'test'} with the foundation's evaluator."""
     protocol = "excluded" if exclude_history else "kept"
-    r = split_ranks(model, split, which, batch_size, device, (protocol,), precision)[protocol]
+    r = split_ranks(model, split, which, batch_size, device, (protocol,), precision, progress)[protocol]
     return {**metrics_from_ranks(r), "users": int(len(r))}
 
 
