@@ -20,12 +20,22 @@ from qbert.quantize.semantic_ids import read_semantic_ids
 _TOKEN = re.compile(r"<?([A-Za-z])_(\d+)>?|(\d+)")
 
 
-def load_table(run_dir: str | Path) -> pa.Table:
-    """The run's ``semantic_ids.parquet`` (validated by the one reader), sorted by item ID."""
+def load_table(run_dir: str | Path, with_added: bool = False) -> pa.Table:
+    """The run's ``semantic_ids.parquet`` (validated by the one reader), sorted by item ID; with
+    ``with_added``, followed by the items ``qbert ids assign`` added (column ``added``)."""
+    from qbert.assign import read_added_items
+
     path = Path(run_dir) / "semantic_ids.parquet"
     read_semantic_ids(path, require_unique=False)  # names the file on any defect
     table = pq.read_table(path)
-    return table.take(pc.sort_indices(table, [("item_id", "ascending")]))
+    table = table.take(pc.sort_indices(table, [("item_id", "ascending")]))
+    added = read_added_items(run_dir) if with_added else None
+    if added is None:
+        return table
+    table = table.append_column("added", pa.array([False] * table.num_rows))
+    added = added.drop_columns([c for c in ("moved",) if c in added.column_names])
+    added = added.append_column("added", pa.array([True] * added.num_rows))
+    return pa.concat_tables([table, added.replace_schema_metadata(None)], promote_options="permissive")
 
 
 def levels(table: pa.Table) -> int:

@@ -4,6 +4,7 @@ ranks the new items for the histories that lead to them."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -98,6 +99,11 @@ def test_new_items_get_content_ids_and_are_recommended(setup, capsys):
     a, _ = before.top_k(old_tokens[:20], k=old)
     b, _ = rec.top_k(old_tokens[:20], k=old + NEW)
     assert all(np.array_equal(x, y[y < old]) for x, y in zip(a, b))
+
+    capsys.readouterr()
+    assert main(["ids", "show", "--run", str(run), "--item", added.column("orig_id")[0].as_py(), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["item"]["added"] is True and shown["item"]["sid"] == added.column("sid")[0].as_py()
 
     recs = rec.recommend(histories=dict(list(histories.items())[:3]), k=old + NEW)
     assert set(added.column("orig_id").to_pylist()) <= set(recs.column("item_id").to_pylist())

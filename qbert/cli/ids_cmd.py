@@ -46,7 +46,7 @@ def show_cmd(args: argparse.Namespace) -> int:
 
     if args.limit < 0:
         raise ConfigError(f"--limit must be >= 0, got {args.limit}")
-    table = load_table(args.run)
+    table = load_table(args.run, with_added=True)
     k = levels(table)
     focus = None
     if args.item is not None:
@@ -61,7 +61,7 @@ def show_cmd(args: argparse.Namespace) -> int:
             raise ConfigError(f"--sid '{args.sid}': a whole semantic ID has {k} tokens (use --prefix for fewer)")
     rows = under_prefix(table, prefix)
     shown = rows if args.limit == 0 else rows.slice(0, args.limit)
-    columns = [c for c in ("item_id", "orig_id", "sid", "title", "domain") if c in rows.column_names]
+    columns = [c for c in ("item_id", "orig_id", "sid", "title", "domain", "added") if c in rows.column_names]
     items = [{c: shown.column(c)[i].as_py() for c in columns} for i in range(shown.num_rows)]
     result = {"prefix": "".join(token(j, c) for j, c in enumerate(prefix)), "items": rows.num_rows,
               "next_level": next_level_counts(rows, len(prefix)), "shown": items}
