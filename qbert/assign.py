@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from qbert.data.dataset import FEATURE_PREFIX, fixed_list_to_numpy
+from qbert.data.dataset import FEATURE_PREFIX, ItemFeatures
 from qbert.data.errors import DataError
 from qbert.utils.io import atomic_write_parquet, load_weights, read_parquet
 
@@ -29,22 +29,11 @@ NEW_ITEMS = "new_items.parquet"
 BASE_KEY = "qbert.semantic_ids_sha256"  # the semantic-ID table (and so the RQ-VAE) the new IDs extend
 
 
-class _ItemTable:
-    """The slice of :class:`~qbert.data.dataset.SeqDataset` that ``item_features`` reads."""
+class _ItemTable(ItemFeatures):
+    """New items: features without sequences (what ``item_features`` reads)."""
 
     def __init__(self, name: str, items: pa.Table):
         self.name, self.items = name, items
-        self.num_items = items.num_rows
-
-    @property
-    def feature_names(self) -> list[str]:
-        return [c[len(FEATURE_PREFIX):] for c in self.items.column_names if c.startswith(FEATURE_PREFIX)]
-
-    def feature(self, col: str) -> np.ndarray:
-        name = FEATURE_PREFIX + col
-        if name not in self.items.column_names:
-            raise DataError(f"{self.name}: no feature column '{name}' (has: {self.items.column_names})")
-        return fixed_list_to_numpy(self.items.column(name), f"{self.name}: {name}")
 
 
 def read_new_items(path: str | Path) -> pa.Table:

@@ -12,10 +12,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from qbert.data.errors import DataError
-from qbert.quantize.semantic_ids import read_semantic_ids
+from qbert.quantize.semantic_ids import read_semantic_id_table
 
 _TOKEN = re.compile(r"<?([A-Za-z])_(\d+)>?|(\d+)")
 
@@ -25,9 +24,7 @@ def load_table(run_dir: str | Path, with_added: bool = False) -> pa.Table:
     ``with_added``, followed by the items ``qbert ids assign`` added (column ``added``)."""
     from qbert.assign import read_added_items
 
-    path = Path(run_dir) / "semantic_ids.parquet"
-    read_semantic_ids(path, require_unique=False)  # names the file on any defect
-    table = pq.read_table(path)
+    table = read_semantic_id_table(Path(run_dir) / "semantic_ids.parquet", require_unique=False)
     table = table.take(pc.sort_indices(table, [("item_id", "ascending")]))
     added = read_added_items(run_dir) if with_added else None
     if added is None:

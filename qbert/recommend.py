@@ -29,6 +29,9 @@ from qbert.train.optim import autocast
 COLUMNS = ("user_id", "rank", "item_id", "score", "sid")
 
 
+RUN_FILES = ("model.pt", "config.yaml", "semantic_ids.parquet", "new_items.parquet")  # what using a run reads
+
+
 def catalogue_ids(run_dir: str | Path, num_items: int) -> list[str]:
     """The original IDs of the run's first ``num_items`` items, from its semantic-ID table."""
     import pyarrow.parquet as pq

@@ -91,10 +91,11 @@ def evaluate_cmd(args: argparse.Namespace) -> int:
     """``--run`` local or ``s3://`` (the files evaluation reads are fetched into a scratch dir)."""
     import tempfile
 
-    from qbert.cli.recommend_cmd import local_run
+    from qbert.platform.storage import local_copy
+    from qbert.recommend import RUN_FILES
 
     with tempfile.TemporaryDirectory(prefix="qbert-evaluate-") as tmp:
-        return _evaluate(args, local_run(args.run, Path(tmp) / "run"))
+        return _evaluate(args, local_copy(args.run, Path(tmp) / "run", RUN_FILES))
 
 
 def _evaluate(args: argparse.Namespace, run: Path) -> int:

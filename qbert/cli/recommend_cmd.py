@@ -12,7 +12,7 @@ import torch
 
 from qbert.cli import positive_int
 from qbert.data.errors import DataError
-from qbert.platform.storage import check_reachable, download_dir, is_s3, parse_s3, s3_call, s3_client
+from qbert.platform.storage import check_reachable, is_s3, local_copy, parse_s3, s3_call, s3_client
 
 
 
@@ -79,19 +79,8 @@ def _read_histories(path: str) -> dict[str, list[str]]:
     return {u: [str(i) for i in (items or [])] for u, items in zip(users, table.column("items").to_pylist())}
 
 
-RUN_FILES = ("model.pt", "config.yaml", "semantic_ids.parquet", "new_items.parquet")  # what recommend/evaluate read
-
-
-def local_run(run: str, scratch: Path) -> Path:
-    """The run directory itself, or (``s3://``) a scratch copy of the files recommending reads."""
-    if not is_s3(run):
-        return Path(run)
-    check_reachable(run)
-    return download_dir(run, scratch, only=RUN_FILES)
-
-
 def recommend_cmd(args: argparse.Namespace) -> int:
-    from qbert.recommend import Recommender
+    from qbert.recommend import RUN_FILES, Recommender
     from qbert.utils.io import atomic_write_parquet
     from qbert.utils.runtime import pick_device
 
@@ -104,7 +93,7 @@ def recommend_cmd(args: argparse.Namespace) -> int:
     if is_s3(args.out):
         check_reachable(args.out)  # before the work, not after it
     with tempfile.TemporaryDirectory(prefix="qbert-recommend-") as tmp:
-        run = local_run(args.run, Path(tmp) / "run")
+        run = local_copy(args.run, Path(tmp) / "run", RUN_FILES)
         if not (run / "model.pt").is_file():
             raise FileNotFoundError(f"no fine-tuned model in {args.run} (model.pt missing): run `qbert pipeline` first")
         rec = Recommender.from_run(run, pick_device(args.device))

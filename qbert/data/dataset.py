@@ -34,8 +34,27 @@ FEATURE_PREFIX = "feat_"
 MIN_USER_INTERACTIONS = 3  # leave-one-out needs >= 1 training item plus valid and test targets
 
 
+class ItemFeatures:
+    """The ``feat_*`` columns of an items table (``self.items``, named ``self.name``): shared by
+    :class:`SeqDataset` and tables of items that have no sequences (``qbert ids assign``)."""
+
+    name: str
+    items: pa.Table
+
+    @property
+    def feature_names(self) -> list[str]:
+        return [c[len(FEATURE_PREFIX) :] for c in self.items.column_names if c.startswith(FEATURE_PREFIX)]
+
+    def feature(self, modality: str) -> np.ndarray:
+        """The ``feat_<modality>`` column as a float32 matrix [num_items, d]."""
+        col = FEATURE_PREFIX + modality
+        if col not in self.items.column_names:
+            raise DataError(f"dataset '{self.name}' has no feature column '{col}' (has: {self.feature_names})")
+        return fixed_list_to_numpy(self.items.column(col), col)
+
+
 @dataclass
-class SeqDataset:
+class SeqDataset(ItemFeatures):
     """Items table plus time-ordered item sequences per user (CSR)."""
 
     name: str
@@ -71,16 +90,6 @@ class SeqDataset:
     def sequence(self, user: int) -> np.ndarray:
         return self.seq_items[self.seq_offsets[user] : self.seq_offsets[user + 1]]
 
-    @property
-    def feature_names(self) -> list[str]:
-        return [c[len(FEATURE_PREFIX) :] for c in self.items.column_names if c.startswith(FEATURE_PREFIX)]
-
-    def feature(self, modality: str) -> np.ndarray:
-        """The ``feat_<modality>`` column as a float32 matrix [num_items, d]."""
-        col = FEATURE_PREFIX + modality
-        if col not in self.items.column_names:
-            raise DataError(f"dataset '{self.name}' has no feature column '{col}' (has: {self.feature_names})")
-        return fixed_list_to_numpy(self.items.column(col), col)
 
     def with_feature(self, modality: str, matrix: np.ndarray) -> "SeqDataset":
         """A copy with ``feat_<modality>`` set (replacing an existing column)."""

@@ -22,7 +22,6 @@ from typing import Any
 
 import mlflow.pyfunc
 
-RUN_FILES = ("model.pt", "config.yaml", "semantic_ids.parquet", "new_items.parquet")
 
 
 class QBertRecommender(mlflow.pyfunc.PythonModel):
@@ -43,6 +42,8 @@ class QBertRecommender(mlflow.pyfunc.PythonModel):
 def export_pyfunc(run_dir: str | Path, out_dir: str | Path) -> Path:
     """Write ``out_dir`` as an MLflow pyfunc model of the finished run ``run_dir``."""
     from mlflow.models import ModelSignature
+
+    from qbert.recommend import RUN_FILES
     from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
 
     run, out = Path(run_dir), Path(out_dir)

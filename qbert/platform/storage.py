@@ -101,9 +101,6 @@ def s3_call(fn: Callable[[], T], what: str, retry: RetryConfig | None = None) ->
         names = {type(x).__name__ for x in chain if x is not None}
         codes = {str(x.response.get("Error", {}).get("Code", "")) for x in chain
                  if isinstance(getattr(x, "response", None), dict)}
-        text = str(e)
-        codes |= {c for c in ("NoSuchBucket", "AccessDenied", "403", "404") if c in text and "S3UploadFailed" in
-                  type(e).__name__}
         if names & _NO_CREDENTIALS:
             raise ConfigError(f"{what}: no S3 credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or give "
                               "the pod a role)") from None
@@ -143,6 +140,14 @@ def upload_dir(local_dir: str | os.PathLike, uri: str | os.PathLike, retry: Retr
         s3_call(lambda p=p, key=key: client.upload_file(str(p), bucket, key), f"upload s3://{bucket}/{key}", retry)
         keys.append(key)
     return keys
+
+
+def local_copy(uri: str, scratch: str | os.PathLike, only: Iterable[str]) -> Path:
+    """``uri`` itself when local; for ``s3://``, the files ``only`` names fetched into ``scratch``."""
+    if not is_s3(uri):
+        return Path(uri)
+    check_reachable(uri)
+    return download_dir(uri, scratch, only=only)
 
 
 def download_dir(uri: str | os.PathLike, local_dir: str | os.PathLike, retry: RetryConfig | None = None,

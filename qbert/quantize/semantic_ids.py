@@ -69,12 +69,18 @@ def write_semantic_ids(path: str | Path, codes: np.ndarray, item_ids: np.ndarray
     return Path(path)
 
 
+def read_semantic_id_table(path: str | Path, codebook_sizes: list[int] | None = None,
+                           require_unique: bool = True) -> pa.Table:
+    """The table as written (codes, sid and the item columns), validated; errors name the file."""
+    table = read_parquet(path, "semantic-ID table")
+    _validate(table, str(path), codebook_sizes, require_unique)
+    return table
+
+
 def read_semantic_ids(path: str | Path, codebook_sizes: list[int] | None = None,
                       require_unique: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(item_ids int64 [N], codes int64 [N, K]) sorted by item id; errors name the file and column."""
-    p = Path(path)
-    table = read_parquet(p, "semantic-ID table")
-    _validate(table, str(p), codebook_sizes, require_unique)
+    table = read_semantic_id_table(path, codebook_sizes, require_unique)
     ids = table.column("item_id").to_numpy().astype(np.int64)
     K = _levels(table)
     codes = np.stack([table.column(f"code_{l}").to_numpy().astype(np.int64) for l in range(K)], 1)
