@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import os
 import subprocess
 import sys
 import zipfile
@@ -61,6 +63,14 @@ def test_config_flags_take_bundled_names_and_name_a_missing_file(tmp_path, capsy
         resolve_config("synthetic")
     assert main(["pipeline", "--config", "nope.yaml", "--out", str(tmp_path / "run")]) == 2
     assert "config file 'nope.yaml' not found" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_a_closed_pipe_is_not_an_error(monkeypatch):
+    """`qbert configs list | head -n 1`: the reader left; no traceback, exit 0."""
+    r, w = os.pipe()
+    os.close(r)
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(io.FileIO(w, "w"), write_through=True))
+    assert main(["configs", "list"]) == 0
 
 
 @pytest.mark.timeout(300)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from qbert.config import ConfigError
@@ -61,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader of stdout went away (`qbert configs list | head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
     except RemoteUnavailableError as e:  # S3 / MLflow stayed unreachable (as the Ray job scripts: exit 3)
         print(f"error: {e}", file=sys.stderr)
         return 3
