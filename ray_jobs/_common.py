@@ -5,8 +5,10 @@ KubeRay RayJob::
 
     --config FILE           pipeline config (YAML)
     --out URI               run directory: a local path or s3://bucket/prefix
-    --workers N             Ray Train workers per stage (0: run in this process, no Ray Train)
-    --gpus-per-worker G     GPUs per worker (0: CPU, gloo; >0: nccl)
+    --workers N             Ray Train workers of every stage (0: run in this process, no Ray Train;
+                            default: each stage's ``resources`` section of the config)
+    --gpus-per-worker G     GPUs per worker with --workers (0: CPU, gloo; >0: nccl; default: one
+                            per worker when the cluster has GPUs)
     --set key=value         dotted config override, repeatable (value parsed as YAML)
 
 ``ray.init()`` without an address joins the cluster the job was submitted to (the job
@@ -46,9 +48,12 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--config", required=True, help="pipeline config YAML or bundled config name (same file as local runs and KubeRay)")
     p.add_argument("--out", required=True, help="run directory: local path or s3://bucket/prefix")
-    p.add_argument("--workers", type=int, default=1, help="Ray Train workers per stage; 0 = in-process, no Ray Train")
-    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker (0 = CPU)")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--workers", type=int, default=None,
+                   help="Ray Train workers of every stage, overriding the config's resources section; "
+                        "0 = in-process, no Ray Train (default: resources.<stage>.workers of the config)")
+    p.add_argument("--gpus-per-worker", type=float, default=None,
+                   help="GPUs per worker with --workers (0 = CPU; default: one when the cluster has GPUs)")
+    p.add_argument("--cpus-per-worker", type=float, default=None, help="CPUs per worker with --workers (default 1)")
     p.add_argument("--max-failures", type=int, default=1, help="Ray Train FailureConfig.max_failures per stage")
     p.add_argument("--trainer-per-stage", action="store_true",
                    help="pipeline: one TorchTrainer per stage (default: one for all four stages)")
@@ -81,13 +86,21 @@ def run_name(args: argparse.Namespace) -> str:
 
 
 def scaling_from_args(args: argparse.Namespace) -> Any:
+    """Every stage's scaling from ``--workers``/``--gpus-per-worker``/``--cpus-per-worker``; None
+    without ``--workers`` (each stage then takes the config's ``resources`` section)."""
+    from qbert.pipeline.config import StageResources
     from qbert.platform.ray_train import RayScalingConfig
 
-    resources = {"CPU": args.cpus_per_worker}
-    if args.gpus_per_worker > 0:
-        resources["GPU"] = args.gpus_per_worker
-    return RayScalingConfig(num_workers=max(args.workers, 1), use_gpu=args.gpus_per_worker > 0,
-                            resources_per_worker=resources, max_failures=args.max_failures, storage_path=args.storage)
+    if args.workers is None:
+        if args.gpus_per_worker is not None or args.cpus_per_worker is not None:
+            raise ConfigError("--gpus-per-worker and --cpus-per-worker go with --workers; without it each stage "
+                              "takes resources.<stage> of the config")
+        return None
+    res = StageResources(workers=max(args.workers, 1),
+                         gpus_per_worker="auto" if args.gpus_per_worker is None else args.gpus_per_worker,
+                         cpus_per_worker=1.0 if args.cpus_per_worker is None else args.cpus_per_worker)
+    return RayScalingConfig(num_workers=res.workers, use_gpu=res.use_gpu, resources_per_worker=res.ray_resources(),
+                            max_failures=args.max_failures, storage_path=args.storage)
 
 
 def run_job(args: argparse.Namespace, stages: Sequence[str]) -> dict[str, Any]:
@@ -114,7 +127,7 @@ def run_job(args: argparse.Namespace, stages: Sequence[str]) -> dict[str, Any]:
     else:
         from qbert.platform.tracking import tracked_pipeline
 
-        tags = {"qbert.stages": ",".join(stages), "qbert.out": str(args.out), "qbert.workers": args.workers}
+        tags = {"qbert.stages": ",".join(stages), "qbert.out": str(args.out), "qbert.workers": "config resources" if args.workers is None else args.workers}
         result = tracked_pipeline(cfg, local, name, lambda run: _execute(cfg, local, stages, args, name, run),
                                   tracking=TrackingConfig(experiment=args.experiment, retry=retry), tags=tags)
     if remote:
@@ -139,8 +152,11 @@ def _execute(cfg: Any, local: Path, stages: Sequence[str], args: argparse.Namesp
 
         if not ray.is_initialized():
             ray.init()
+        from qbert.platform.ray_train import RayScalingConfig
+
         executor = RayExecutor(scaling_from_args(args), name, run, log_model=not args.no_model,
-                               trainer_per_stage=args.trainer_per_stage)
+                               trainer_per_stage=args.trainer_per_stage,
+                               failure=RayScalingConfig(max_failures=args.max_failures, storage_path=args.storage))
     if tuple(stages) == ALL_STAGES:
         return P.run_pipeline(cfg, local, executor=executor)
     out = P.run_pipeline(cfg, local, executor=executor, stages=list(stages))

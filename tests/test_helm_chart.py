@@ -236,6 +236,15 @@ def test_stage_needing_more_gpus_than_the_group_fails_clearly() -> None:
         render({"jobs": {"stages": {"fusion": {"enabled": True, "gpusPerWorker": 2}}}})
     assert render({"jobs": {"stages": {"pretrain": {"enabled": True, "workers": 8}}},
                    "ray": {"worker": {"maxReplicas": 8}}})
+    # the pipeline job's GPUs come from the mounted config's resources section
+    big = "resources:\n  pretrain: {workers: 16, gpus_per_worker: 1}\n"
+    with pytest.raises(helm_python.HelmError, match=r"resources.pretrain needs 16 GPUs"):
+        render({"qbertConfig": big, **stages_on("pipeline")})
+    with pytest.raises(helm_python.HelmError, match=r"resources.finetune.gpus_per_worker=2 exceeds"):
+        render({"qbertConfig": "resources: {finetune: {gpus_per_worker: 2}}\n", **stages_on("pipeline")})
+    fits = render({"qbertConfig": "resources: {pretrain: {workers: 4, gpus_per_worker: 1}}\n", **stages_on("pipeline")})
+    (job,) = [o for o in fits if o["kind"] == "RayJob"]
+    assert "--workers" not in _argv(job)  # the job runs what the config says
     with pytest.raises(helm_python.HelmError, match=r"minio.enabled needs s3.existingSecret"):
         render({"minio": {"enabled": True}, "s3": {"existingSecret": ""}})
 

@@ -221,3 +221,10 @@ def test_qbert_pipeline_logs_to_the_tracking_uri_like_the_ray_jobs(tmp_path, mon
     assert "final/test/NDCG_10" in run.data.metrics and "finetune/NDCG_10" in run.data.metrics  # MLflow-safe keys
     logged = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "metrics.json" in logged or any("metrics.json" in p for p in logged)
+    # the fine-tuned model: registered under what it is, its LoggedModel carrying the final metrics
+    assert run.data.tags["qbert.registered_model"] == "models:/qbert4rec-synthetic/1"
+    version = client.get_model_version("qbert4rec-synthetic", "1")
+    assert version.run_id == run.info.run_id and version.source == run.data.tags["qbert.model_uri.finetune"]
+    model = client.get_logged_model(version.source.removeprefix("models:/"))
+    linked = {m.key: m.value for m in model.metrics}
+    assert linked["final/test/NDCG_10"] == run.data.metrics["final/test/NDCG_10"]

@@ -40,6 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                 "quick start = configs/synthetic.yaml)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a run of another config in RUN_DIR (default: refuse; a run of the same config resumes)")
+    p.add_argument("--ray", action="store_true",
+                   help="run the stages on Ray Train workers with each stage's resources section of the config "
+                        "(the cluster in RAY_ADDRESS, else a local Ray); results equal a local run's")
     p.set_defaults(func=pipeline_cmd)
     for stage in ("pretrain", "finetune"):
         q = sub.add_parser(stage, help=f"run only the stage-3 {stage} step inside an existing run directory",
@@ -75,14 +78,32 @@ def pipeline_cmd(args: argparse.Namespace) -> int:
     _setup(args)
     cfg = load_config(args.config, args.overrides)
     cfg = _with_progress(cfg, args)
-    if os.environ.get("MLFLOW_TRACKING_URI"):  # the same MLflow logging as the Ray entry points
-        from qbert.platform.tracking import stage_callbacks, tracked_pipeline
+    name = Path(args.out).resolve().name or "qbert"
 
-        name = Path(args.out).resolve().name or "qbert"
+    def executor(run):
+        if not args.ray:
+            from qbert.pipeline import LocalExecutor
+
+            if run is None:
+                return LocalExecutor()
+            from qbert.platform.tracking import stage_callbacks
+
+            return LocalExecutor(stage_callbacks(run))
+        import ray
+
+        from qbert.platform.ray_train import RayExecutor
+
+        if not ray.is_initialized():
+            ray.init()
+        return RayExecutor(None, name, run)  # each stage's resources from the config
+
+    if os.environ.get("MLFLOW_TRACKING_URI"):  # the same MLflow logging as the Ray entry points
+        from qbert.platform.tracking import tracked_pipeline
+
         metrics = tracked_pipeline(cfg, args.out, name, lambda run: run_pipeline(
-            cfg, args.out, callbacks_factory=stage_callbacks(run), overwrite=args.overwrite))
+            cfg, args.out, executor=executor(run), overwrite=args.overwrite))
     else:
-        metrics = run_pipeline(cfg, args.out, overwrite=args.overwrite)
+        metrics = run_pipeline(cfg, args.out, overwrite=args.overwrite, executor=executor(None))
     print(json.dumps({"test": metrics["test"], "valid": metrics["valid"], "best_epoch": metrics["best_epoch"],
                       "run": str(Path(args.out) / "metrics.json")}, indent=2))
     return 0

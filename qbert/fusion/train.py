@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from qbert.data.dataset import fixed_list_to_numpy, numpy_to_fixed_list
 from qbert.data.errors import DataError
 from qbert.fusion.config import FEATURE_MODALITIES, FusionConfig
-from qbert.fusion.losses import fusion_loss
+from qbert.fusion.losses import BatchShard, fusion_loss
 from qbert.fusion.modules import FusionModel
 from qbert.train import Batches, Callback, FitResult, LoopConfig, fit
+from qbert.train.distributed import rank_world
 from qbert.train.optim import build_optimizer
 from qbert.utils.io import atomic_path, atomic_write_json
 from qbert.utils.runtime import pick_device, seed_everything
@@ -110,13 +111,17 @@ def default_loop_config(cfg: FusionConfig) -> LoopConfig:
 
 def train_fusion(features: Mapping[str, Any], cfg: FusionConfig, loop_cfg: LoopConfig | None = None,
                  callbacks: Iterable[Callback] = (), checkpoint_dir: str | Path | None = None,
-                 num_items: int | None = None) -> FusionResult:
+                 num_items: int | None = None, shard: tuple[int, int] | None = None) -> FusionResult:
     """Train stage 1 on ``features`` ({"text": [N, d] or [N, S, d], "image": ...}).
 
     Items are the samples: each batch is a random set of item indices. ``loop_cfg`` (default:
     ``cfg.epochs`` epochs, final weights kept) overrides how long to train. With only
     the ``id`` modality there is no content signal, so nothing is trained and the embeddings
-    are the (seeded, random) ID vectors.
+    are the (seeded, random) ID vectors. ``shard`` (rank, world): ``cfg.batch_size`` is this
+    rank's part of a global batch of ``batch_size * world`` items, drawn identically on every
+    rank; rank r takes items ``r::world`` and the loss is exactly the global batch's
+    (:class:`~qbert.fusion.losses.BatchShard`). Global batches of fewer than ``max(2, world)``
+    items are skipped (InfoNCE needs negatives, every rank needs an item).
     """
     feats, n = validate_features(features, cfg, num_items)
     device = pick_device(cfg.device)
@@ -127,23 +132,27 @@ def train_fusion(features: Mapping[str, Any], cfg: FusionConfig, loop_cfg: LoopC
     fit_result = None
     if model.transformer is not None and loop_cfg.epochs > 0:
         opt = build_optimizer(model, cfg.lr, cfg.weight_decay)
-        bs = min(cfg.batch_size, n)
+        rank, world = rank_world(shard)
+        bs = min(cfg.batch_size * world, n)  # the global batch
+        smallest = max(2, world)  # InfoNCE needs negatives; every rank needs an item
 
         def epoch_batches(epoch: int):
-            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)  # no rank: the global batch
             perm = torch.randperm(n, generator=g)
             for i in range(0, n, bs):
                 idx = perm[i:i + bs]
-                if idx.numel() >= 2:  # InfoNCE needs negatives
-                    yield idx.to(device)
+                if idx.numel() >= smallest:
+                    part = BatchShard(idx.numel() / world, -(-idx.numel() // world)) if world > 1 else None
+                    yield idx[rank::world].to(device), part
 
-        per_epoch = sum(1 for i in range(0, n, bs) if min(bs, n - i) >= 2)
+        per_epoch = sum(1 for i in range(0, n, bs) if min(bs, n - i) >= smallest)
 
         def batches(epoch: int) -> Batches:
             return Batches(epoch_batches(epoch), per_epoch)
 
-        def step(m: FusionModel, idx: torch.Tensor):
-            return fusion_loss(m(idx, {k: t[idx] for k, t in tensors.items()}), cfg)
+        def step(m: FusionModel, batch: tuple[torch.Tensor, BatchShard | None]):
+            idx, part = batch
+            return fusion_loss(m(idx, {k: t[idx] for k, t in tensors.items()}), cfg, part)
 
         fit_result = fit(model, opt, batches, step, loop_cfg, callbacks=callbacks,
                          checkpoint_dir=checkpoint_dir, desc="fusion")

@@ -55,6 +55,44 @@ class EvalSection(Config):
     test: bool = True  # False: never score test (search runs choose on valid and keep it off)
 
 
+class StageResources(Config):
+    """What one stage asks of a Ray cluster: Ray Train workers and each worker's GPUs and CPUs."""
+
+    workers: int = Field(1, ge=1)
+    # > 0: CUDA and nccl; 0: CPU and gloo; "auto": one GPU per worker when the cluster has GPUs, else CPU
+    gpus_per_worker: float | Literal["auto"] = "auto"
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+
+    @field_validator("gpus_per_worker")
+    @classmethod
+    def _gpus(cls, v: float | str) -> float | str:
+        if not isinstance(v, str) and v < 0:
+            raise ValueError(f"gpus_per_worker must be >= 0 or 'auto', got {v}")
+        return v
+
+    @property
+    def use_gpu(self) -> bool | str:
+        """``ScalingConfig.use_gpu`` (``"auto"`` is resolved against the cluster when the stage starts)."""
+        return "auto" if self.gpus_per_worker == "auto" else self.gpus_per_worker > 0
+
+    def ray_resources(self) -> dict[str, float]:
+        """``ScalingConfig.resources_per_worker`` (with ``"auto"``, Ray adds one GPU when it uses GPUs)."""
+        gpus = self.gpus_per_worker
+        return {"CPU": self.cpus_per_worker, **({"GPU": float(gpus)} if gpus != "auto" and gpus > 0 else {})}
+
+
+class ResourcesSection(Config):
+    """Per-stage resources on Ray (``qbert pipeline --ray``, ``ray_jobs/*``, the chart's RayJobs).
+    They never change results (N workers compute what one does), so a run resumes or is reused
+    under other resources. Feature extraction (stage 0) has its own config: its ``pipeline``
+    section sets Ray Data actors and GPUs per actor."""
+
+    fusion: StageResources = Field(default_factory=StageResources)
+    quantize: StageResources = Field(default_factory=StageResources)
+    pretrain: StageResources = Field(default_factory=StageResources)
+    finetune: StageResources = Field(default_factory=StageResources)
+
+
 class ReuseSection(Config):
     """Take the first stages' outputs from a finished run instead of training them again.
 
@@ -89,6 +127,7 @@ class PipelineConfig(Config):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     eval: EvalSection = Field(default_factory=EvalSection)
     reuse: ReuseSection = Field(default_factory=ReuseSection)
+    resources: ResourcesSection = Field(default_factory=ResourcesSection)
     seed: int = 42
     device: str = "auto"
     progress: bool = False

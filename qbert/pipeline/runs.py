@@ -90,7 +90,8 @@ def reuse_stage(cfg: PipelineConfig, stage: str, out_dir: str | Path) -> dict[st
 
 def config_differences(path: Path, cfg: PipelineConfig) -> list[str] | None:
     """Dotted keys where the run config at ``path`` differs from ``cfg`` (settings of where a run
-    executes, such as device and progress bars, aside); None when there is no config there."""
+    executes, such as device, progress bars and Ray resources, aside); None when there is no
+    config there."""
     if not path.is_file():
         return None
     try:
@@ -98,7 +99,7 @@ def config_differences(path: Path, cfg: PipelineConfig) -> list[str] | None:
     except ConfigError:
         return [f"{path.name} (unreadable with this version)"]
     mine = flatten_dict(cfg.to_dict())
-    skip = lambda k: k.split(".")[-1] in _RUNTIME_KEYS  # noqa: E731
+    skip = lambda k: k.split(".")[-1] in _RUNTIME_KEYS or k.startswith("resources.")  # noqa: E731
     return sorted(k for k in set(mine) | set(theirs) if not skip(k) and mine.get(k) != theirs.get(k))
 
 

@@ -28,7 +28,7 @@ def _cbs(callbacks: Iterable[Callback] | None) -> list[Callback]:
 
 
 def run_fusion_stage(cfg: PipelineConfig, data: PipelineData, out_dir: str | Path,
-                     callbacks: Iterable[Callback] = ()) -> dict[str, Any]:
+                     callbacks: Iterable[Callback] = (), shard: tuple[int, int] | None = None) -> dict[str, Any]:
     """Stage 1 -> ``fused_embeddings.parquet``, ``fusion_report.json``, ``fusion_model.pt``."""
     from qbert.fusion.train import default_loop_config as fusion_loop_config
     from qbert.fusion.train import train_fusion, write_fusion_embeddings
@@ -37,7 +37,7 @@ def run_fusion_stage(cfg: PipelineConfig, data: PipelineData, out_dir: str | Pat
     items = data.all_items
     loop = fusion_loop_config(cfg.fusion).model_copy(update={"progress": cfg.progress})
     res = train_fusion(stage_features(cfg, data), cfg.fusion, loop, callbacks=_cbs(callbacks),
-                       checkpoint_dir=out / "checkpoints" / "fusion", num_items=items.num_items)
+                       checkpoint_dir=out / "checkpoints" / "fusion", num_items=items.num_items, shard=shard)
     write_fusion_embeddings(out / "fused_embeddings.parquet", res.embeddings, np.arange(items.num_items))
     with atomic_path(out / "fusion_model.pt") as tmp:
         torch.save({"config": cfg.fusion.to_dict(), "num_items": items.num_items,
@@ -150,10 +150,12 @@ def run_finetune_stage(cfg: PipelineConfig, data: PipelineData, out_dir: str | P
         weights["prefix_weight"] = [float(w) for w in model.prefix_weight.detach()]
     t0 = time.perf_counter()
     protocols = ("kept", "excluded")
-    valid_ranks = split_ranks(model, split, "valid", cfg.eval.batch_size, device, protocols, cfg.finetune.precision)
+    valid_ranks = split_ranks(model, split, "valid", cfg.eval.batch_size, device, protocols, cfg.finetune.precision,
+                              shard=shard)
     ranks = {"valid": valid_ranks}
     if cfg.eval.test:
-        ranks["test"] = split_ranks(model, split, "test", cfg.eval.batch_size, device, protocols, cfg.finetune.precision)
+        ranks["test"] = split_ranks(model, split, "test", cfg.eval.batch_size, device, protocols,
+                                    cfg.finetune.precision, shard=shard)
         write_ranks(out / "test_ranks.parquet", split.targets("test"), ranks["test"])
     by_split = {which: by_protocol(r) for which, r in ranks.items()}
     test = by_split["test"][PROTOCOL_KEYS["excluded" if cfg.eval.exclude_history else "kept"]] if cfg.eval.test else {}
@@ -196,7 +198,7 @@ class Stage:
 
 REGISTRY: dict[str, Stage] = {s.name: s for s in (
     Stage("fusion", run_fusion_stage, ("data", "pretrain_sources", "fusion", "seed"), (),
-          ("fused_embeddings.parquet", "fusion_model.pt", "fusion_report.json")),
+          ("fused_embeddings.parquet", "fusion_model.pt", "fusion_report.json"), ("fusion.batch_size",)),
     Stage("quantize", run_quantize_stage, ("quantize",), ("fused_embeddings.parquet",),
           ("rqvae.pt", "semantic_ids.parquet", "quantize_report.json")),
     Stage("pretrain", run_pretrain_stage, ("model", "pretrain"), ("semantic_ids.parquet",), ("pretrain.pt",),

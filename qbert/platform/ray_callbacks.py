@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from qbert.train.distributed import mean_over_ranks
 from qbert.train.loop import Callback, FitResult, LoopState, unwrap
 
 log = logging.getLogger(__name__)
@@ -94,10 +95,19 @@ class GradSyncCallback(Callback):
             if int(round(float(flat[-1]))) == 0:
                 return
 
+    def on_train_epoch_end(self, model: nn.Module, state: LoopState, metrics: dict[str, float]) -> None:
+        """Wait for every rank to finish the epoch's steps, then make the epoch's training losses
+        the global batches' (the mean over ranks: a sharded step's loss is the rank's share times
+        the world size), so history, monitor and early stopping agree on every rank."""
+        if not self._active_group():
+            return
+        if self._params:
+            self._join()
+        metrics.update(mean_over_ranks(metrics))
+
     def on_epoch_end(self, model: nn.Module, state: LoopState, metrics: dict[str, float], checkpoint: Path | None) -> None:
         if not self._active_group() or not self._params:
             return
-        self._join()
         flag = torch.tensor([1.0 if state.stopped_early else 0.0], dtype=torch.float64, device=_coll_device())
         dist.broadcast(flag, src=0)
         state.stopped_early = bool(flag.item())

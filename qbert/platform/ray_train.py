@@ -350,19 +350,47 @@ def _pipeline_worker(spec: _Spec) -> Any:
     return reports if rank == 0 else None
 
 
+def stage_scaling(cfg: Any, stage: str, base: RayScalingConfig | None = None) -> RayScalingConfig:
+    """``stage``'s workers and per-worker resources from the config's ``resources`` section, with
+    ``base``'s failure budget and storage path."""
+    res = getattr(cfg.resources, stage)
+    base = base or RayScalingConfig()
+    return base.model_copy(update={"num_workers": res.workers, "use_gpu": res.use_gpu,
+                                   "resources_per_worker": res.ray_resources()})
+
+
+def stage_groups(cfg: Any, stages: list[str], scaling: RayScalingConfig | None,
+                 per_stage: bool = False) -> list[tuple[list[str], RayScalingConfig]]:
+    """The stages in order, cut into runs of consecutive stages that ask for the same resources
+    (each run is one ``TorchTrainer``); every stage its own with ``per_stage``. ``scaling`` given:
+    it applies to every stage (command-line workers override the config)."""
+    groups: list[tuple[list[str], RayScalingConfig]] = []
+    for stage in stages:
+        sc = scaling if scaling is not None else stage_scaling(cfg, stage)
+        if groups and not per_stage and groups[-1][1] == sc:
+            groups[-1][0].append(stage)
+        else:
+            groups.append(([stage], sc))
+    return groups
+
+
 class RayExecutor:
     """Runs the pipeline's stages on Ray Train workers, for :func:`qbert.pipeline.run_pipeline`.
 
-    Default: one ``TorchTrainer`` (run ``<name>``) runs the remaining stages in one worker group
-    (one start-up instead of four; a restart skips the finished stages); ``trainer_per_stage``
-    gives each stage its own ``TorchTrainer`` (``<name>-<stage>``). Re-submitting with the same
-    name resumes from the last reported checkpoint. Reused stages' artifacts (copied in by the
-    driver) are shipped to every worker.
+    Resources: ``scaling`` for every stage when given (command-line flags), else each stage's
+    ``resources`` section of the config. Consecutive stages with the same resources run in one
+    ``TorchTrainer`` (one worker group, one start-up; a restart skips the finished stages), so
+    the default config runs all four in one; ``trainer_per_stage`` gives each stage its own
+    (``<name>-<stage>``). A trainer of only some stages is named ``<name>-<stage>-...``. Re-
+    submitting with the same name resumes from the last reported checkpoint. Reused and earlier
+    stages' artifacts (copied in by the driver) are shipped to every worker.
     """
 
     def __init__(self, scaling: RayScalingConfig | None = None, name: str = "qbert", tracked_run: Any = None,
-                 log_model: bool = True, trainer_per_stage: bool = False):
-        self.scaling = scaling or RayScalingConfig()
+                 log_model: bool = True, trainer_per_stage: bool = False,
+                 failure: RayScalingConfig | None = None):
+        self.scaling = scaling
+        self.failure = failure  # max_failures / storage_path when resources come from the config
         self.name, self.tracked_run, self.log_model = name, tracked_run, log_model
         self.trainer_per_stage = trainer_per_stage
 
@@ -376,31 +404,30 @@ class RayExecutor:
         handle = tracking_handle(self.tracked_run) if self.tracked_run is not None else None
         load = functools.partial(P.load_data, cfg)  # each worker loads the data itself
         timings: dict[str, float] = {}
-        if not self.trainer_per_stage:
-            shipped = tuple(f for stage in P.STAGES[: P.STAGES.index(stages[0])] for f in P.REGISTRY[stage].writes
+        scaling = self.scaling
+        if scaling is None:
+            groups = [(g, stage_scaling(cfg, g[0], self.failure))
+                      for g, _ in stage_groups(cfg, stages, None, self.trainer_per_stage)]
+        else:
+            groups = stage_groups(cfg, stages, scaling, self.trainer_per_stage)
+        for group, sc in groups:
+            shipped = tuple(f for stage in P.STAGES[: P.STAGES.index(group[0])] for f in P.REGISTRY[stage].writes
                             if (out / f).is_file())  # reused or earlier stages' outputs, for every worker
+            # a trainer of some stages gets a name of its own: Ray resumes a run by name
+            whole = set(group) | set(reports) == set(P.STAGES) and len(groups) == 1
+            name = self.name if whole else f"{self.name}-{'-'.join(group)}"
+            log.info("stages %s on Ray: %d workers x %s", ",".join(group), sc.num_workers, sc.resources_per_worker)
             t0 = time.perf_counter()
-            # a run of some stages gets a name of its own: Ray resumes a run by name, and the whole
-            # pipeline's checkpoints under ``self.name`` belong to other stages
-            name = self.name if set(stages) | set(reports) == set(P.STAGES) else f"{self.name}-{'-'.join(stages)}"
-            res = run_stage_on_ray(None, cfg, load, out, scaling=self.scaling, name=name, stage="pipeline",
+            res = run_stage_on_ray(None, cfg, load, out, scaling=sc, name=name, stage="pipeline",
                                    tracking=handle, log_model=self.log_model, worker=_pipeline_worker,
-                                   stage_kwargs={"reused": dict(reports), "stages": list(stages)}, input_files=shipped)
+                                   stage_kwargs={"reused": dict(reports), "stages": list(group)}, input_files=shipped)
             reports.update(res.value)
-            timings["pipeline"] = time.perf_counter() - t0
-        for stage in stages if self.trainer_per_stage else ():
-            t0 = time.perf_counter()
-            log.info("stage %s on Ray (%d workers)", stage, self.scaling.num_workers)
-            st = P.REGISTRY[stage]
-            res = run_stage_on_ray(st.run, cfg, load, out, scaling=self.scaling, name=f"{self.name}-{stage}",
-                                   stage=stage, tracking=handle, log_model=self.log_model and st.model,
-                                   input_files=st.reads, per_rank_batch_keys=st.batch_keys)
-            reports[stage] = res.value
-            timings[stage] = time.perf_counter() - t0
+            timings["pipeline" if whole else "-".join(group)] = time.perf_counter() - t0
         return timings
 
     def describe(self) -> dict[str, Any]:
-        return {"ray": {"num_workers": self.scaling.num_workers, "name": self.name}}
+        return {"ray": {"num_workers": self.scaling.num_workers if self.scaling else "per stage (config resources)",
+                        "name": self.name}}
 
 
 def run_pipeline_on_ray(cfg: Any, out_dir: str | os.PathLike, *, scaling: RayScalingConfig | None = None,

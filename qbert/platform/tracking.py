@@ -130,11 +130,12 @@ class TrackedRun:
         for i in range(0, len(items), BATCH):
             self._call("log_batch(tags)", self.client.log_batch, self.run_id, tags=items[i:i + BATCH])
 
-    def log_metrics(self, metrics: dict[str, Any], step: int, prefix: str = "") -> None:
+    def log_metrics(self, metrics: dict[str, Any], step: int, prefix: str = "", model_id: str | None = None) -> None:
+        """Log numeric, finite ``metrics``; with ``model_id`` they are also the LoggedModel's metrics."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(metric_key(prefix + k), float(v), now, step) for k, v in metrics.items()
+        items = [Metric(metric_key(prefix + k), float(v), now, step, model_id=model_id) for k, v in metrics.items()
                  if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
         for i in range(0, len(items), 1000):
             self._call("log_batch(metrics)", self.client.log_batch, self.run_id, metrics=items[i:i + 1000])
@@ -174,6 +175,22 @@ class TrackedRun:
         uri = with_retries(do, f"MLflow log_model({name}) at {self.tracking_uri}", self.retry)
         self.set_tags({f"qbert.model_uri.{name}": uri})
         return uri
+
+    def register_model(self, stage: str, name: str) -> tuple[str, str] | None:
+        """Register the model ``stage``'s callback logged to this run (tag ``qbert.model_uri.<stage>``)
+        as a new version of registered model ``name``; return (model_id, version), None if no model."""
+        tags = self._call("get_run", self.client.get_run, self.run_id).data.tags
+        uri = tags.get(f"qbert.model_uri.{stage}")
+        if not uri:
+            return None
+        model_id = uri.removeprefix("models:/").split("/")[0]
+        if not self._call("search_registered_models", self.client.search_registered_models,
+                          filter_string=f"name = '{name}'"):
+            self._call("create_registered_model", self.client.create_registered_model, name)
+        version = self._call("create_model_version", self.client.create_model_version, name, uri,
+                             run_id=self.run_id, model_id=model_id)
+        self.set_tags({"qbert.registered_model": f"models:/{name}/{version.version}"})
+        return model_id, str(version.version)
 
     def end(self, status: str = "FINISHED") -> None:
         self._call("set_terminated", self.client.set_terminated, self.run_id, status)
@@ -303,13 +320,22 @@ def stage_callbacks(run: TrackedRun | None, log_model: bool = True) -> Any:
     return factory
 
 
+def registered_model_name(cfg: Any) -> str:
+    """What the fine-tuned model is registered as: ``qbert4rec-<dataset>`` (``qbert4rec-hybrid-<dataset>``
+    for the item-ID hybrid), the dataset named by the last part of ``data.source``."""
+    src = str(cfg.data.source).rstrip("/")
+    dataset = "synthetic" if src.startswith("synthetic") else src.rsplit("/", 1)[-1]
+    model = "qbert4rec" if cfg.model.item_id == "none" else "qbert4rec-hybrid"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{model}-{dataset}")
+
+
 def tracked_pipeline(cfg: Any, run_dir: str | os.PathLike, name: str, execute: Any, *,
                      tracking: TrackingConfig | None = None, tags: dict[str, Any] | None = None,
                      artifacts_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """The one MLflow path of every entry point (``qbert pipeline``, ``ray_jobs/*``): start (or
     resume) the run with the config, git commit and data fingerprint, ``execute(run)`` the stages,
     then log the final metrics and the run directory and end the run (FAILED if ``execute`` raised)."""
-    from qbert.pipeline import config_differences, load_data
+    from qbert.pipeline import MODEL_STAGE, config_differences, load_data
     from qbert.utils.rundir import run_lock
 
     tracking = tracking or TrackingConfig()
@@ -326,7 +352,9 @@ def tracked_pipeline(cfg: Any, run_dir: str | os.PathLike, name: str, execute: A
                 log.exception("could not mark the MLflow run failed")
             raise
         final = {f"{split}/{k}": v for split in ("valid", "test") for k, v in (result.get(split) or {}).items()}
-        run.log_metrics(final, step=0, prefix="final/")
+        registered = run.register_model(MODEL_STAGE, registered_model_name(cfg)) if "valid" in result else None
+        # the final metrics belong to the run and, when a model was logged, to that model too
+        run.log_metrics(final, step=0, prefix="final/", model_id=registered[0] if registered else None)
         run.log_run_dir(artifacts_dir or run_dir)
         run.end()
     return result

@@ -368,14 +368,16 @@ class QBert4Rec(nn.Module):
         """[M, L] tokens -> [M, N] float indicator of the catalogue items among them."""
         return self._seen_groups(visible, torch.arange(self.num_items, device=visible.device), self.num_items)
 
-    def masked_loss(self, tokens: torch.Tensor, mask: torch.Tensor,
-                    label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+    def masked_loss(self, tokens: torch.Tensor, mask: torch.Tensor, label_smoothing: float = 0.0,
+                    norm: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """Eq. (11): cross-entropy of the semantic IDs of the masked items.
 
         ``tokens`` [B, L] are the original (unmasked) item tokens, ``mask`` [B, L] bool. The loss
         is ``code_loss_weight`` x the per-level code cross-entropy, plus the cross-entropy of the
         item softmax (the catalogue head's semantic IDs, or the hybrid's item-ID head).
         ``label_smoothing`` applies to that item softmax only; the code targets stay one-hot.
+        ``norm``: divide the summed cross-entropies by this count of masked positions instead of
+        taking their mean (data parallelism: the global count over the number of workers).
         """
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing}")
@@ -395,8 +397,8 @@ class QBert4Rec(nn.Module):
         loss = h.new_zeros(())
         if self.code_loss_weight > 0 or not self.item_softmax:
             targets = self.codes[items.clamp(min=0)].masked_fill(~real[:, None], IGNORE)
-            code_loss = F.cross_entropy(self.code_logits(h).reshape(-1, self.C), targets.reshape(-1),
-                                        ignore_index=IGNORE)
+            code_loss = _ce(self.code_logits(h).reshape(-1, self.C), targets.reshape(-1),
+                            None if norm is None else norm * self.K)
             loss = loss + (self.code_loss_weight if self.item_softmax else 1.0) * code_loss
             logs["code_loss"] = code_loss.detach()
         if self.item_softmax:
@@ -405,7 +407,7 @@ class QBert4Rec(nn.Module):
             logits = self.item_logits(h, visible, self.train_candidates)  # over the items training contains
             if self.train_candidates is not None:
                 items = torch.where(real, self.candidate_index[items.clamp(min=0)], IGNORE)
-            item_loss = F.cross_entropy(logits, items, label_smoothing=label_smoothing, ignore_index=IGNORE)
+            item_loss = _ce(logits, items, norm, label_smoothing)
             loss = loss + item_loss
             logs["id_loss" if self.id_head else "item_loss"] = item_loss.detach()
         return loss, logs
@@ -476,6 +478,15 @@ def _upgrade_in_place(state: dict[str, torch.Tensor], prefix: str, *args) -> Non
     """``load_state_dict`` pre-hook: legacy prefix-table keys under ``prefix`` renamed in place."""
     legacy = {k: state.pop(prefix + k) for k in _LEGACY_PREFIX_KEYS if prefix + k in state}
     state.update(upgrade_state_dict(legacy, prefix))
+
+
+def _ce(logits: torch.Tensor, targets: torch.Tensor, norm: float | None,
+        label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy over the targets that are not ``IGNORE``: their mean, or their sum / ``norm``."""
+    if norm is None:
+        return F.cross_entropy(logits, targets, label_smoothing=label_smoothing, ignore_index=IGNORE)
+    return F.cross_entropy(logits, targets, label_smoothing=label_smoothing, ignore_index=IGNORE,
+                           reduction="sum") / norm
 
 
 def _pad_rows(mask: torch.Tensor, multiple: int) -> torch.Tensor:

@@ -13,7 +13,7 @@ import contextlib
 import math
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ from qbert.eval.metrics import metrics_from_ranks, target_ranks
 from qbert.seqrec import masks
 from qbert.seqrec.batching import batch_indices
 from qbert.seqrec.qbert4rec import QBert4Rec
+from qbert.train.distributed import gather_interleaved, rank_world
 from qbert.train.loop import Batches, Callback, FitResult, LoopConfig, fit
 from qbert.train.optim import Precision, autocast, build_optimizer
 from qbert.train.schedule import build_scheduler
@@ -186,31 +187,46 @@ def masked_batches(sequences: np.ndarray, batch_size: int, mask_fn: MaskFn, seed
     longest row.
 
     ``bucket`` groups rows of similar length (:func:`batching.batch_indices`), so trimming
-    removes most padding: Instruments' fine-tuning rows are mostly short prefixes. ``shard``
-    (rank, world): the epoch is cut into global batches of ``batch_size * world`` rows and rank
-    ``r`` takes rows ``r::world`` of each, so the ranks together see exactly the batches one
-    worker would see at that global batch size.
+    removes most padding: Instruments' fine-tuning rows are mostly short prefixes.
+
+    ``shard`` (rank, world): exact data parallelism (:mod:`qbert.train.distributed`). The epoch
+    is cut into global batches of ``batch_size * world`` rows and each global batch's masks are
+    drawn once from a generator without the rank in its seed, so every rank draws the masks one
+    worker would draw; rank ``r`` then takes rows ``r::world``. Every batch carries ``norm``, the
+    global batch's count of masked positions over ``world``: the loss divides by it instead of the
+    local count (see
+    :meth:`QBert4Rec.masked_loss`), so the ranks' averaged gradients are the global batch's. A
+    rank left without rows by a short last batch gets one row with nothing masked (loss 0), so
+    every rank takes the same steps.
     """
     rows = np.ascontiguousarray(sequences, dtype=np.int64)
     rows = rows[(rows != 0).any(axis=1)]
     lengths = (rows != 0).sum(axis=1)
-    rank, world = shard if shard is not None else (0, 1)
-    if not 0 <= rank < world:
-        raise ValueError(f"shard must be (rank, world_size) with 0 <= rank < world_size, got {shard}")
+    rank, world = rank_world(shard)
+    pin = torch.device(device).type == "cuda"
 
     def batches(epoch: int) -> Batches:
         rng = np.random.default_rng([seed, epoch])
-        mine = [idx[rank::world] for idx in batch_indices(lengths, batch_size * world, rng, bucket=bucket)]
-        mine = [idx for idx in mine if idx.size]
-        return Batches(epoch_batches(epoch, mine), len(mine))
+        glob = batch_indices(lengths, batch_size * world, rng, bucket=bucket)
+        return Batches(epoch_batches(epoch, glob), len(glob))
 
-    def epoch_batches(epoch: int, mine: list[np.ndarray]) -> Iterator[dict[str, torch.Tensor]]:
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + rank * 7919 + epoch)
-        for idx in mine:
+    def epoch_batches(epoch: int, glob: list[np.ndarray]) -> Iterator[dict[str, Any]]:
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)  # no rank: the masks of the global batch
+        for idx in glob:
             keep = int(lengths[idx].max())
             tokens = torch.from_numpy(rows[idx, rows.shape[1] - keep :])
             mask = mask_fn(tokens != 0, gen)
-            yield {"tokens": tokens.to(device, non_blocking=True), "mask": mask.to(device, non_blocking=True)}
+            batch: dict[str, Any] = {}
+            if world > 1:
+                batch["norm"] = max(int(mask.sum()), 1) / world
+                if rank < len(idx):
+                    tokens, mask = tokens[rank::world], mask[rank::world]
+                else:  # a short last batch: one row, nothing masked
+                    tokens, mask = tokens[:1], torch.zeros_like(mask[:1])
+            if pin:  # page-locked host memory: the copies below overlap with the previous step on the GPU
+                tokens, mask = tokens.pin_memory(), mask.pin_memory()
+            batch.update(tokens=tokens.to(device, non_blocking=True), mask=mask.to(device, non_blocking=True))
+            yield batch
 
     return batches
 
@@ -225,36 +241,43 @@ def _candidates(model: QBert4Rec, rows: np.ndarray, negatives: str) -> Iterator[
         model.set_train_candidates(None)
 
 
-def masked_step(model: QBert4Rec, batch: dict[str, torch.Tensor],
+def masked_step(model: QBert4Rec, batch: dict[str, Any],
                 label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
-    return model.masked_loss(batch["tokens"], batch["mask"], label_smoothing)
+    return model.masked_loss(batch["tokens"], batch["mask"], label_smoothing, norm=batch.get("norm"))
 
 
 def split_ranks(model: QBert4Rec, split: LeaveOneOutSplit, which: str, batch_size: int = 1024,
                 device: torch.device | str = "cpu", protocols: tuple[str, ...] = ("kept", "excluded"),
-                precision: Precision = "fp32", progress: bool = False) -> dict[str, torch.Tensor]:
+                precision: Precision = "fp32", progress: bool = False,
+                shard: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
     """Per-user 0-based target ranks of ``which`` in {'valid', 'test'} under each ranking protocol
     (history items kept / excluded), from one scoring pass. ``precision`` is the encoder's (the
-    scores themselves are always fp32)."""
+    scores themselves are always fp32). ``shard`` (rank, world): each rank scores users
+    ``rank::world`` and the ranks are gathered back in the users' order (every rank returns all)."""
     if model.num_items != split.num_items:
         raise ValueError(f"model catalogue has {model.num_items} items, split has {split.num_items}")
+    rank, world = rank_world(shard)
+    hist, tgt = split.history(which, pad=0, shift=1), split.targets(which)
     was_training = model.training
     model.eval()
     try:
         with autocast(device, precision):
-            return rank_targets(model.score, split.history(which, pad=0, shift=1), split.targets(which),
-                                split.num_items, batch_size=batch_size, protocols=protocols, history_pad=0,
-                                history_shift=1, device=device, progress=progress, desc=f"eval[{which}]")
+            ranks = rank_targets(model.score, hist[rank::world], tgt[rank::world], split.num_items,
+                                 batch_size=batch_size, protocols=protocols, history_pad=0, history_shift=1,
+                                 device=device, progress=progress, desc=f"eval[{which}]")
     finally:
         model.train(was_training)
+    return {p: gather_interleaved(r, len(tgt), (rank, world)) for p, r in ranks.items()}
 
 
 def evaluate_split(model: QBert4Rec, split: LeaveOneOutSplit, which: str, batch_size: int = 1024,
                    device: torch.device | str = "cpu", exclude_history: bool = False,
-                   precision: Precision = "fp32", progress: bool = False) -> dict[str, float]:
-    """Full-ranking metrics of ``which`` in {'valid', 'test'} with the foundation's evaluator."""
+                   precision: Precision = "fp32", progress: bool = False,
+                   shard: tuple[int, int] | None = None) -> dict[str, float]:
+    """Full-ranking metrics of ``which`` in {'valid', 'test'} with the foundation's evaluator
+    (sharded by user over ranks with ``shard``)."""
     protocol = "excluded" if exclude_history else "kept"
-    r = split_ranks(model, split, which, batch_size, device, (protocol,), precision, progress)[protocol]
+    r = split_ranks(model, split, which, batch_size, device, (protocol,), precision, progress, shard)[protocol]
     return {**metrics_from_ranks(r), "users": int(len(r))}
 
 
@@ -354,7 +377,8 @@ def finetune(model: QBert4Rec, split: LeaveOneOutSplit, cfg: FinetuneConfig, dev
     mask_fn: MaskFn = lambda valid, g: masks.finetune_mask(valid, cfg.mask_ratio, cfg.last_prob, g)  # noqa: E731
 
     def evaluate(m: torch.nn.Module, epoch: int) -> dict[str, float]:
-        out = evaluate_split(model, split, "valid", cfg.eval_batch_size, device, exclude_history, cfg.precision)
+        out = evaluate_split(model, split, "valid", cfg.eval_batch_size, device, exclude_history, cfg.precision,
+                             shard=shard)
         out.pop("users", None)
         return out
 

@@ -93,6 +93,10 @@ class Callback:
 
     def on_fit_start(self, model: nn.Module, state: LoopState) -> None: ...
 
+    def on_train_epoch_end(self, model: nn.Module, state: LoopState, metrics: dict[str, float]) -> None:
+        """After an epoch's last step, before evaluation: ``metrics`` (the training losses) may be
+        changed in place, e.g. averaged over data-parallel ranks."""
+
     def on_epoch_end(self, model: nn.Module, state: LoopState, metrics: dict[str, float],
                      checkpoint: Path | None) -> None: ...
 
@@ -274,6 +278,8 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Callable[[i
         state.train_seconds += epoch_time
         metrics: dict[str, float] = {"loss": float(tot_loss) / max(n_steps, 1), "epoch_time_s": epoch_time}
         metrics.update({k: float(v) / max(n_steps, 1) for k, v in extras.items()})
+        for cb in callbacks:
+            cb.on_train_epoch_end(model, state, metrics)
         if ema is not None:
             ema.swap_in()  # evaluation and the best-weights copy below see the average
         if evaluate is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):

@@ -99,6 +99,7 @@ class Server:
     timeout: float
     env: dict[str, str] | None = None
     temp_dir: Path | None = None
+    address: str | None = None  # a Ray head's GCS address (``ray start --address``)
 
     def wait(self) -> "Server":
         wait_http(self.url + self.health, self.proc, self.timeout, self.log)
@@ -131,7 +132,7 @@ def start_mlflow(workdir: Path, artifacts_destination: str, s3_endpoint: str) ->
     return Server("mlflow", _spawn(cmd, env, log), f"http://{HOST}:{port}", "/health", log, 150)
 
 
-def start_ray_head(num_cpus: int = 2) -> Server:
+def start_ray_head(num_cpus: int = 2, env: dict[str, str] | None = None) -> Server:
     """A Ray head on 127.0.0.1 with token auth (``RAY_AUTH_MODE=token``), every port chosen free.
 
     ``server.url`` is the dashboard (``ray job submit --address``); ``server.env`` holds the
@@ -140,7 +141,7 @@ def start_ray_head(num_cpus: int = 2) -> Server:
     token = secrets.token_hex(32)
     temp = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))  # short: Ray's socket paths have a length limit
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
-    env = {**os.environ, **auth, "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, **(env or {}), **auth, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     dash = free_port()
     ports = {"--port": free_port(), "--dashboard-port": dash, "--ray-client-server-port": free_port(),
@@ -154,7 +155,49 @@ def start_ray_head(num_cpus: int = 2) -> Server:
            "--min-worker-port", str(worker_lo), "--max-worker-port", str(worker_lo + 200),
            *[x for kv in ports.items() for x in (kv[0], str(kv[1]))]]
     log = temp / "ray-start.log"
-    return Server("ray", _spawn(cmd, env, log), f"http://{HOST}:{dash}", "/api/version", log, 180, auth, temp)
+    return Server("ray", _spawn(cmd, env, log), f"http://{HOST}:{dash}", "/api/version", log, 180, auth, temp,
+                  f"{HOST}:{ports['--port']}")
+
+
+def start_ray_worker(head: Server, num_cpus: int = 1, env: dict[str, str] | None = None) -> Server:
+    """A second Ray node joining ``head`` (``ray start --address``) on 127.0.0.1, ports chosen free.
+    Its ``url`` is the head's dashboard (a worker node serves no HTTP); wait for it with
+    :func:`wait_nodes`."""
+    assert head.address and head.env and head.temp_dir
+    env = {**os.environ, **(env or {}), **head.env, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    ports = {"--node-manager-port": free_port(), "--object-manager-port": free_port(),
+             "--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
+             "--runtime-env-agent-port": free_port(), "--metrics-export-port": free_port()}
+    worker_lo = 10000 + (ports["--node-manager-port"] % 9000)
+    cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--address", head.address, "--block",
+           "--node-ip-address", HOST, "--num-cpus", str(num_cpus), "--num-gpus", "0", "--disable-usage-stats",
+           "--min-worker-port", str(worker_lo), "--max-worker-port", str(worker_lo + 200),
+           *[x for kv in ports.items() for x in (kv[0], str(kv[1]))]]
+    log = head.temp_dir / f"ray-worker-{ports['--node-manager-port']}.log"
+    return Server("ray", _spawn(cmd, env, log), head.url, "/api/version", log, 180, head.env)
+
+
+def wait_nodes(head: Server, count: int, timeout: float = 180) -> list[dict]:
+    """Block until ``count`` Ray nodes are alive (the head's state API, with its token)."""
+    import json
+    import urllib.request
+
+    deadline = time.time() + timeout
+    nodes: list[dict] = []
+    while time.time() < deadline:
+        req = urllib.request.Request(f"{head.url}/nodes?view=summary",
+                                     headers={"Authorization": f"Bearer {head.env['RAY_AUTH_TOKEN']}"})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                body = json.loads(r.read())
+            nodes = [n for n in body["data"]["summary"] if n.get("raylet", {}).get("state") == "ALIVE"]
+            if len(nodes) >= count:
+                return nodes
+        except (OSError, KeyError, ValueError):
+            pass
+        time.sleep(2)
+    raise TimeoutError(f"only {len(nodes)} of {count} Ray nodes alive after {timeout}s; see {head.temp_dir}")
 
 
 @contextmanager

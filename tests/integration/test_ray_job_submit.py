@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -118,6 +119,14 @@ def test_pipeline_job_tracks_to_mlflow_with_s3_artifacts(stack):
     assert tags["qbert.dataset_fingerprint"] and tags["qbert.git_commit"] and "qbert.model_uri.finetune" in tags
     metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
     assert 0.0 <= metrics["final/test/NDCG_10"] <= 1.0
+    # the fine-tuned model is registered under a name saying what it is, and carries its metrics
+    assert tags["qbert.registered_model"] == "models:/qbert4rec-synthetic/1"
+    version = _rest(mlflow.url, "model-versions/get", name="qbert4rec-synthetic", version="1")["model_version"]
+    assert version["run_id"] == run_id
+    model_id = tags["qbert.model_uri.finetune"].removeprefix("models:/")
+    logged = _rest(mlflow.url, f"logged-models/{model_id}")["model"]
+    linked = {m["key"]: m["value"] for m in logged["data"]["metrics"]}
+    assert linked["final/test/NDCG_10"] == metrics["final/test/NDCG_10"]
     hist = _rest(mlflow.url, "metrics/get-history", run_id=run_id, metric_key="finetune/loss")["metrics"]
     assert sorted(int(m["step"]) for m in hist) == [1, 2]
     for stage in ("fusion", "quantize", "pretrain"):
@@ -135,3 +144,48 @@ def test_pipeline_job_tracks_to_mlflow_with_s3_artifacts(stack):
     # And the run directory itself was uploaded to --out.
     run_keys = {o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix=f"runs/{sid}/").get("Contents", [])}
     assert f"runs/{sid}/metrics.json" in run_keys and f"runs/{sid}/model.pt" in run_keys
+
+
+def test_the_readme_ray_job_submit_example_runs_as_written(stack):
+    """README.md's `ray job submit` block, run by bash as written; only the placeholders a reader
+    fills in (the head's address and token, the MLflow and S3 endpoints, the S3 keys) are
+    replaced by the local servers'. The job must succeed and log the README's config to MLflow."""
+    import boto3
+
+    s3, mlflow, head = stack["s3"], stack["mlflow"], stack["ray"]
+    readme = (REPO / "README.md").read_text()
+    blocks = [b for b in readme.split("```bash\n")[1:] if "ray job submit" in b.split("```")[0]]
+    assert blocks, "README.md has no `ray job submit` example"
+    script = blocks[0].split("```")[0]
+    filled = {"RAY_AUTH_TOKEN=...": f"RAY_AUTH_TOKEN={head.env['RAY_AUTH_TOKEN']}",
+              "http://127.0.0.1:8265": head.url, "http://mlflow:5000": mlflow.url, "http://minio:9000": s3.url,
+              '"AWS_ACCESS_KEY_ID": "..."': f'"AWS_ACCESS_KEY_ID": "{S3_ENV["AWS_ACCESS_KEY_ID"]}"',
+              '"AWS_SECRET_ACCESS_KEY": "..."': f'"AWS_SECRET_ACCESS_KEY": "{S3_ENV["AWS_SECRET_ACCESS_KEY"]}"'}
+    for placeholder, value in filled.items():
+        assert placeholder in script, placeholder
+        script = script.replace(placeholder, value)
+    out_uri = re.search(r"--out (s3://\S+)", script).group(1)
+    bucket = out_uri[len("s3://"):].split("/")[0]
+    client = boto3.client("s3", endpoint_url=s3.url, **_boto_kw())
+    if bucket != BUCKET:
+        client.create_bucket(Bucket=bucket)
+    sid = f"readme-{uuid.uuid4().hex[:8]}"
+    script = script.replace("ray job submit ", f"ray job submit --submission-id {sid} ", 1)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    proc = subprocess.run(["bash", "-euo", "pipefail", "-c", script], env=env, capture_output=True, text=True,
+                          timeout=840, cwd=REPO)
+    req = urllib.request.Request(f"{head.url}/api/jobs/{sid}",
+                                 headers={"Authorization": f"Bearer {head.env['RAY_AUTH_TOKEN']}"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        job = json.loads(r.read())
+    assert proc.returncode == 0 and job["status"] == "SUCCEEDED", (job.get("message"), proc.stdout[-3000:],
+                                                                   proc.stderr[-3000:])
+    prefix = out_uri[len(f"s3://{bucket}/"):]
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])}
+    assert f"{prefix}/metrics.json" in keys
+    exp = _rest(mlflow.url, "experiments/get-by-name", experiment_name="qbert")["experiment"]
+    runs = _rest(mlflow.url, "runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
+    (run,) = [r for r in runs if r["info"]["run_name"] == out_uri.rstrip("/").rsplit("/", 1)[-1]]
+    tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+    assert tags["qbert.git_commit"] == subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                                      cwd=REPO).stdout.strip()
