@@ -135,10 +135,15 @@ def test_rendered_pipeline_rayjob_runs_on_a_three_node_ray_cluster(servers, tmp_
     # Three Ray nodes with the pods' environment.
     head = start_ray_head(num_cpus=1, env=pod_env)
     servers.append(head)
-    for _ in range(2):
-        servers.append(start_ray_worker(head, num_cpus=1, env=pod_env))
-    head.wait()
-    assert len(wait_nodes(head, 3, timeout=400)) == 3
+    head.wait()  # worker nodes join a running head (their `ray start --address` gives up otherwise)
+    workers = []
+    for nodes in (2, 3):  # one at a time: nodes starting together on one host race for socket names
+        workers.append(start_ray_worker(head, num_cpus=1, env=pod_env))
+        servers.append(workers[-1])
+        try:
+            wait_nodes(head, nodes, timeout=240)
+        except TimeoutError as e:
+            raise AssertionError(f"{e}\n{workers[-1].log.read_text()[-2000:]}") from None
 
     # The RayJob as rendered: its entrypoint (pod paths translated) and runtime environment.
     config_file = work / "config.yaml"

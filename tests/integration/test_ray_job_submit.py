@@ -154,7 +154,7 @@ def test_the_readme_ray_job_submit_example_runs_as_written(stack):
 
     s3, mlflow, head = stack["s3"], stack["mlflow"], stack["ray"]
     readme = (REPO / "README.md").read_text()
-    blocks = [b for b in readme.split("```bash\n")[1:] if "ray job submit" in b.split("```")[0]]
+    blocks = [b for b in readme.split("```bash\n")[1:] if "ray job submit --address" in b.split("```")[0]]
     assert blocks, "README.md has no `ray job submit` example"
     script = blocks[0].split("```")[0]
     filled = {"RAY_AUTH_TOKEN=...": f"RAY_AUTH_TOKEN={head.env['RAY_AUTH_TOKEN']}",
