@@ -28,11 +28,12 @@ from qbert.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
 from qbert.utils.runtime import benchmark_meta  # noqa: E402
 
 STAGES = ("fusion", "pretrain", "finetune")
-CONFIG = {  # the quick-start synthetic data, bigger, with a few epochs per stage
-    "data.synthetic.num_users": 4000, "data.synthetic.num_items": 1200, "data.synthetic.num_clusters": 40,
-    "fusion.epochs": 4, "fusion.batch_size": 256, "quantize.epochs": 20,
-    "pretrain.epochs": 4, "pretrain.batch_size": 256, "pretrain.precision": "fp32",
-    "finetune.epochs": 4, "finetune.batch_size": 256, "finetune.patience": 0, "finetune.precision": "fp32",
+CONFIG = {  # synthetic data at about Instruments' size (24.8K users, 6.3K items), a few epochs per stage
+    "data.synthetic.num_users": 24000, "data.synthetic.num_items": 6000, "data.synthetic.num_clusters": 120,
+    "fusion.dim": 128, "fusion.epochs": 3, "fusion.batch_size": 1024, "quantize.epochs": 10,
+    "quantize.codebook_size": 64, "model.hidden": 128,
+    "pretrain.epochs": 3, "pretrain.batch_size": 512, "pretrain.precision": "fp32",
+    "finetune.epochs": 3, "finetune.batch_size": 256, "finetune.patience": 0, "finetune.precision": "fp32",
     "plots": False,
 }
 
