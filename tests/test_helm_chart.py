@@ -242,6 +242,8 @@ def test_stage_needing_more_gpus_than_the_group_fails_clearly() -> None:
         render({"qbertConfig": big, **stages_on("pipeline")})
     with pytest.raises(helm_python.HelmError, match=r"resources.finetune.gpus_per_worker=2 exceeds"):
         render({"qbertConfig": "resources: {finetune: {gpus_per_worker: 2}}\n", **stages_on("pipeline")})
+    cpu_stage = "resources: {quantize: {workers: 8, gpus_per_worker: 0}, finetune: {gpus_per_worker: 0.5}}\n"
+    assert render({"qbertConfig": cpu_stage, **stages_on("pipeline")})  # 0 GPUs is not "auto"
     fits = render({"qbertConfig": "resources: {pretrain: {workers: 4, gpus_per_worker: 1}}\n", **stages_on("pipeline")})
     (job,) = [o for o in fits if o["kind"] == "RayJob"]
     assert "--workers" not in _argv(job)  # the job runs what the config says

@@ -42,7 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="replace a run of another config in RUN_DIR (default: refuse; a run of the same config resumes)")
     p.add_argument("--ray", action="store_true",
                    help="run the stages on Ray Train workers with each stage's resources section of the config "
-                        "(the cluster in RAY_ADDRESS, else a local Ray); results equal a local run's")
+                        "(the cluster in RAY_ADDRESS, else a local Ray); N workers compute what one does "
+                        "(docs/platform.md, 'Exact data parallelism')")
     p.set_defaults(func=pipeline_cmd)
     for stage in ("pretrain", "finetune"):
         q = sub.add_parser(stage, help=f"run only the stage-3 {stage} step inside an existing run directory",

@@ -261,6 +261,9 @@ def run_stage_on_ray(stage_fn: Callable[..., Any] | None, cfg: Any, dataset: Any
     spec = _Spec(stage_fn, cfg, dataset, str(out_dir), stage or name, stage_kwargs or {}, tracking, log_model, use_gpu,
                  fail_at_epoch, inputs, tuple(per_rank_batch_keys))
     body = worker or _worker
+    # rank 0 marks out_dir when it wrote there (same node); a mark left by an earlier trainer of
+    # this run would hide that this one's rank 0 ran elsewhere and its outputs must be copied back
+    (out_dir / FINAL_MARK).unlink(missing_ok=True)
     trainer = TorchTrainer(
         lambda: body(spec),
         scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=use_gpu,

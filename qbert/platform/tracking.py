@@ -184,6 +184,8 @@ class TrackedRun:
         if not uri:
             return None
         model_id = uri.removeprefix("models:/").split("/")[0]
+        if tags.get("qbert.registered_model"):  # a resumed, already finished run: no second version
+            return model_id, tags["qbert.registered_model"].rsplit("/", 1)[-1]
         if not self._call("search_registered_models", self.client.search_registered_models,
                           filter_string=f"name = '{name}'"):
             self._call("create_registered_model", self.client.create_registered_model, name)
@@ -352,7 +354,12 @@ def tracked_pipeline(cfg: Any, run_dir: str | os.PathLike, name: str, execute: A
                 log.exception("could not mark the MLflow run failed")
             raise
         final = {f"{split}/{k}": v for split in ("valid", "test") for k, v in (result.get(split) or {}).items()}
-        registered = run.register_model(MODEL_STAGE, registered_model_name(cfg)) if "valid" in result else None
+        registered = None
+        if "valid" in result:
+            try:  # the run succeeded: a registry that refuses must not turn it into a failure
+                registered = run.register_model(MODEL_STAGE, registered_model_name(cfg))
+            except Exception as e:  # noqa: BLE001
+                log.warning("the model was not registered in MLflow (%s); the run and its model are logged", e)
         # the final metrics belong to the run and, when a model was logged, to that model too
         run.log_metrics(final, step=0, prefix="final/", model_id=registered[0] if registered else None)
         run.log_run_dir(artifacts_dir or run_dir)
