@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from qbert.train.distributed import mean_over_ranks
+from qbert.train.distributed import collective_device, mean_over_ranks
 from qbert.train.loop import Callback, FitResult, LoopState, unwrap
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ class GradSyncCallback(Callback):
     def on_epoch_end(self, model: nn.Module, state: LoopState, metrics: dict[str, float], checkpoint: Path | None) -> None:
         if not self._active_group() or not self._params:
             return
-        flag = torch.tensor([1.0 if state.stopped_early else 0.0], dtype=torch.float64, device=_coll_device())
+        flag = torch.tensor([1.0 if state.stopped_early else 0.0], dtype=torch.float64, device=collective_device())
         dist.broadcast(flag, src=0)
         state.stopped_early = bool(flag.item())
 
@@ -116,22 +116,6 @@ class GradSyncCallback(Callback):
         for h in self._handles:
             h.remove()
         self._handles.clear()
-
-
-def _coll_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
-def _mean_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return dict(metrics)
-    keys = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
-    t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=_coll_device())
-    dist.all_reduce(t)
-    t /= dist.get_world_size()
-    out = dict(metrics)
-    out.update({k: float(v) for k, v in zip(keys, t.tolist())})
-    return out
 
 
 class RayReportCallback(Callback):
@@ -148,7 +132,7 @@ class RayReportCallback(Callback):
     def on_epoch_end(self, model: nn.Module, state: LoopState, metrics: dict[str, float], checkpoint: Path | None) -> None:
         import ray.train
 
-        report = _mean_over_ranks(metrics)
+        report = mean_over_ranks(metrics)
         report.update(stage=self.stage, start_epoch=self.start_epoch, epochs_done=state.epoch, rank0_stopped=state.stopped_early)
         if self.rank != 0 or checkpoint is None or not Path(checkpoint).is_file():
             ray.train.report(report)

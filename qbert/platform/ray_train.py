@@ -363,13 +363,15 @@ def stage_scaling(cfg: Any, stage: str, base: RayScalingConfig | None = None) ->
 
 
 def stage_groups(cfg: Any, stages: list[str], scaling: RayScalingConfig | None,
-                 per_stage: bool = False) -> list[tuple[list[str], RayScalingConfig]]:
+                 per_stage: bool = False, base: RayScalingConfig | None = None
+                 ) -> list[tuple[list[str], RayScalingConfig]]:
     """The stages in order, cut into runs of consecutive stages that ask for the same resources
     (each run is one ``TorchTrainer``); every stage its own with ``per_stage``. ``scaling`` given:
-    it applies to every stage (command-line workers override the config)."""
+    it applies to every stage (command-line workers override the config); else each stage's
+    :func:`stage_scaling` with ``base``'s failure budget and storage."""
     groups: list[tuple[list[str], RayScalingConfig]] = []
     for stage in stages:
-        sc = scaling if scaling is not None else stage_scaling(cfg, stage)
+        sc = scaling if scaling is not None else stage_scaling(cfg, stage, base)
         if groups and not per_stage and groups[-1][1] == sc:
             groups[-1][0].append(stage)
         else:
@@ -407,12 +409,7 @@ class RayExecutor:
         handle = tracking_handle(self.tracked_run) if self.tracked_run is not None else None
         load = functools.partial(P.load_data, cfg)  # each worker loads the data itself
         timings: dict[str, float] = {}
-        scaling = self.scaling
-        if scaling is None:
-            groups = [(g, stage_scaling(cfg, g[0], self.failure))
-                      for g, _ in stage_groups(cfg, stages, None, self.trainer_per_stage)]
-        else:
-            groups = stage_groups(cfg, stages, scaling, self.trainer_per_stage)
+        groups = stage_groups(cfg, stages, self.scaling, self.trainer_per_stage, self.failure)
         for group, sc in groups:
             shipped = tuple(f for stage in P.STAGES[: P.STAGES.index(group[0])] for f in P.REGISTRY[stage].writes
                             if (out / f).is_file())  # reused or earlier stages' outputs, for every worker

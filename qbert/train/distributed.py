@@ -36,7 +36,7 @@ def rank_world(shard: tuple[int, int] | None) -> tuple[int, int]:
     return int(rank), int(world)
 
 
-def _device() -> torch.device:
+def collective_device() -> torch.device:
     """Where collectives run: the current CUDA device under nccl, else the CPU."""
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
@@ -47,7 +47,7 @@ def mean_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
     if not active():
         return dict(metrics)
     keys = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
-    t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=_device())
+    t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=collective_device())
     dist.all_reduce(t)
     t /= dist.get_world_size()
     return {**metrics, **dict(zip(keys, t.tolist()))}
