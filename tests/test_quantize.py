@@ -207,6 +207,14 @@ def test_semantic_id_table_and_parquet(tmp_path):
     pq.write_table(tampered, tmp_path / "bad.parquet")
     with pytest.raises(DataError, match="'sid' row 0"):
         read_semantic_ids(tmp_path / "bad.parquet")
+    # an item column may be null (a domain without titles), a code may not
+    import pyarrow as pa
+    path = write_semantic_ids(tmp_path / "titles.parquet", codes, np.array([5, 9]), [256] * 4,
+                              columns={"title": pa.array(["a drum", None])})
+    assert pq.read_table(path).column("title").to_pylist() == ["a drum", None]
+    pq.write_table(table.set_column(1, "code_0", pa.array([12, None], pa.int64())), tmp_path / "null.parquet")
+    with pytest.raises(DataError, match="'code_0' has null values"):
+        read_semantic_ids(tmp_path / "null.parquet")
     with pytest.raises(DataError, match="level 1 must use letter 'b'"):
         parse_sid("<a_1><c_2>")
     assert len(sid_strings(np.zeros((3, 26), dtype=np.int64))[0]) > 0

@@ -129,16 +129,24 @@ def target_split(cfg: PipelineConfig, data: PipelineData) -> LeaveOneOutSplit:
     return cfg.data.cold_start.apply(LeaveOneOutSplit(data.target, cfg.data.max_len))
 
 
+def pretraining_domains(cfg: PipelineConfig, data: PipelineData) -> list[str]:
+    """The domains whose sequences pretraining reads: the target's training part unless
+    ``pretrain.include_target`` is off with sources, then every source in order."""
+    names = list(data.domain_ranges())
+    return names if not data.multi_domain or cfg.pretrain.include_target else names[1:]
+
+
 def pretraining_rows(cfg: PipelineConfig, data: PipelineData) -> np.ndarray:
     """Token rows for pretraining (union item space, +1 shift). Never a target's valid/test item."""
     L = cfg.data.max_len
     parts = []
-    if not data.multi_domain or cfg.pretrain.include_target:
-        parts.append(target_split(cfg, data).train_sequences(pad=0, shift=1))  # target first: offset 0
-    for name, (start, _) in list(data.domain_ranges().items())[1:]:
-        src = data.sources[data.names.index(name) - 1]
-        rows = full_sequences(src, L)
-        parts.append(np.where(rows > 0, rows + start, 0))
+    ranges = data.domain_ranges()
+    for name in pretraining_domains(cfg, data):
+        if name == next(iter(ranges)):  # the target first: offset 0, its training part only
+            parts.append(target_split(cfg, data).train_sequences(pad=0, shift=1))
+            continue
+        rows = full_sequences(data.sources[data.names.index(name) - 1], L)
+        parts.append(np.where(rows > 0, rows + ranges[name][0], 0))
     return np.concatenate(parts) if parts else np.zeros((0, L), np.int64)
 
 

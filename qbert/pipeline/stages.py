@@ -15,7 +15,7 @@ from qbert.data.dataset import SeqDataset
 from qbert.data.errors import DataError
 from qbert.eval.report import PROTOCOL_KEYS, by_protocol, cold_start_report, write_ranks
 from qbert.pipeline.config import METRIC_KEYS, PipelineConfig
-from qbert.pipeline.data import PipelineData, pretraining_rows, stage_features, target_split
+from qbert.pipeline.data import PipelineData, pretraining_domains, pretraining_rows, stage_features, target_split
 from qbert.seqrec.stage import build_model, finetune, pretrain, select_code_weight, split_ranks
 from qbert.train.loop import Callback
 from qbert.utils.io import atomic_path, atomic_write_json, load_weights
@@ -111,7 +111,7 @@ def run_pretrain_stage(cfg: PipelineConfig, data: PipelineData, out_dir: str | P
     assert res is not None
     return {"strategy": cfg.pretrain.strategy, "rows": int(len(rows)), "epochs": len(res.history),
             "final_loss": res.history[-1]["loss"] if res.history else None, "train_seconds": res.train_seconds,
-            "samples_per_second": res.samples_per_second, "domains": list(data.domain_ranges()),
+            "samples_per_second": res.samples_per_second, "domains": pretraining_domains(cfg, data),
             "history": [{k: float(v) for k, v in h.items()} for h in res.history]}
 
 

@@ -104,8 +104,8 @@ def _validate(table: pa.Table, source: str, sizes: list[int] | None, require_uni
         raise DataError(f"{source}: no code_0.. columns")
     if sizes is not None and len(sizes) != K:
         raise DataError(f"{source}: {K} code levels but {len(sizes)} codebook sizes expected")
-    for name in table.column_names:
-        if table.column(name).null_count:
+    for name in ("item_id", "sid", *(f"code_{l}" for l in range(K))):  # item columns (a title) may be
+        if table.column(name).null_count:  # null: a domain of several may have none
             raise DataError(f"{source}: column '{name}' has null values")
     ids = table.column("item_id").to_numpy()
     if np.unique(ids).size != ids.size:
