@@ -94,4 +94,4 @@ def fusion_loss(out: FusionOutput, cfg: FusionConfig,
     if out.exit_probs is not None and out.depth is not None:
         terms["expected_depth"] = mean(out.depth)
         total = total + cfg.ponder_weight * terms["expected_depth"]
-    return total, {k: float(v.detach()) for k, v in terms.items()}
+    return total, {k: v.detach() for k, v in terms.items()}  # tensors: logging them never waits for the device

@@ -4,6 +4,7 @@ straight-through gradients, k-means codebook initialisation and dead-code re-see
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -142,6 +143,11 @@ class RQVAEOutput:
     commit_loss: torch.Tensor
 
 
+def _forget_initted(module: RQVAE, keys: Any) -> None:
+    """After ``load_state_dict``: read the loaded buffers' flag again."""
+    module._initted = False
+
+
 class RQVAE(nn.Module):
     """Encoder -> residual quantizer -> decoder; loss Eq. (9) = recon + sum_l (codebook + beta commit)."""
 
@@ -153,14 +159,20 @@ class RQVAE(nn.Module):
         self.decoder = mlp([cfg.code_dim, *reversed(cfg.hidden), in_dim], cfg.dropout)
         self.quantizer = ResidualQuantizer(cfg.sizes, cfg.code_dim)
 
+        self._initted = False  # a host-side copy of the buffers' flag once it is True (no device read per step)
+        self.register_load_state_dict_post_hook(_forget_initted)
+
     @property
     def initted(self) -> bool:
-        return all(bool(vq.initted) for vq in self.quantizer.levels)
+        if not self._initted:
+            self._initted = all(bool(vq.initted) for vq in self.quantizer.levels)
+        return self._initted
 
     def forward(self, x: torch.Tensor) -> RQVAEOutput:
         z = self.encoder(x)
-        if self.training and not self.initted and self.cfg.kmeans_init:
+        if self.training and self.cfg.kmeans_init and not self.initted:
             self.quantizer.init_codebooks(z, self.cfg.kmeans_iters, self.cfg.kmeans_seeding)  # first batch
+            self._initted = True
         q = self.quantizer(z)
         recon = self.decoder(q.quantized)
         recon_loss = F.mse_loss(recon, x)  # Eq. (7)

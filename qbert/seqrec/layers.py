@@ -51,7 +51,7 @@ class MultiHeadSelfAttention(nn.Module):
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                              dropout_p=self.attn_dropout if self.training else 0.0)
         ctx = ctx.transpose(1, 2).reshape(B, L, H)
-        return self.out(ctx if keep is None else ctx[keep])
+        return self.out(ctx if keep is None else take_positions(ctx, keep))
 
 
 class TransformerBlock(nn.Module):
@@ -71,7 +71,7 @@ class TransformerBlock(nn.Module):
         """[B, L, H] -> [B, L, H], or with ``keep`` [B, L] bool the kept positions' outputs [M, H]:
         every position is still a key and value, but the output projection, residual and FFN run
         on the kept rows only (exact: a position's output depends on the others only through attention)."""
-        res = x if keep is None else x[keep]
+        res = x if keep is None else take_positions(x, keep)
         if self.pre_ln:
             x = res + self.drop(self.attn(self.ln1(x), mask, keep))
             return x + self.drop(self.ffn(self.ln2(x)))
@@ -99,8 +99,9 @@ class TransformerEncoder(nn.Module):
         self.final_ln = nn.LayerNorm(hidden, eps=eps) if pre_ln else nn.Identity()
 
     def forward(self, x: torch.Tensor, pad_mask: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """``keep`` [B, L] bool: return only those positions' outputs [M, H] (row-major order, as
-        ``out[keep]``); the last block then does its per-position work on them alone."""
+        """``keep`` [B, L] bool, or the flat indices [M] of positions in ``[B * L]``: return only those
+        positions' outputs [M, H] (in that order; bool: row-major, as ``out[keep]``); the last block
+        then does its per-position work on them alone. Indices select without a host synchronisation."""
         mask = attention_mask(pad_mask, self.causal)
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
@@ -129,6 +130,13 @@ class SequenceEmbedding(nn.Module):
             raise ValueError(f"sequence length {L} exceeds max_len {self.max_len}")
         pos = torch.arange(self.max_len - L, self.max_len, device=seq.device)
         return self.drop(self.ln(self.tokens(seq) + self.positions(pos)[None]))
+
+
+def take_positions(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """[B, L, H] -> [M, H]: the positions ``keep`` names, as a [B, L] bool mask (row-major; its
+    count is data-dependent, so the host waits for the device) or as flat long indices into
+    ``B * L`` (no synchronisation)."""
+    return x[keep] if keep.dtype == torch.bool else x.flatten(0, 1).index_select(0, keep)
 
 
 def trim_left_padding(seq: torch.Tensor, pad: int = 0) -> torch.Tensor:

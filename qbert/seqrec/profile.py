@@ -106,7 +106,7 @@ def training_throughput(model: nn.Module, rows: torch.Tensor, mask_fn: MaskFn, b
 
     def step() -> int:
         b = next(it)
-        loss, _ = m.masked_loss(b["tokens"], b["mask"])
+        loss, _ = m.masked_loss(b["tokens"], b["mask"], keep=b.get("keep"))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -369,7 +369,8 @@ class QBert4Rec(nn.Module):
         return self._seen_groups(visible, torch.arange(self.num_items, device=visible.device), self.num_items)
 
     def masked_loss(self, tokens: torch.Tensor, mask: torch.Tensor, label_smoothing: float = 0.0,
-                    norm: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                    norm: float | None = None, keep: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, dict[str, float]]:
         """Eq. (11): cross-entropy of the semantic IDs of the masked items.
 
         ``tokens`` [B, L] are the original (unmasked) item tokens, ``mask`` [B, L] bool. The loss
@@ -378,20 +379,21 @@ class QBert4Rec(nn.Module):
         ``label_smoothing`` applies to that item softmax only; the code targets stay one-hot.
         ``norm``: divide the summed cross-entropies by this count of masked positions instead of
         taking their mean (data parallelism: the global count over the number of workers).
+        ``keep``: the batch's :func:`masked_positions` computed ahead (the batch builder does it on
+        the host, so the step has no data-dependent shape and never waits for the device); then
+        ``tokens`` and ``mask`` are the trimmed ones it returned.
         """
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing}")
         if label_smoothing and not self.item_softmax:
             raise ValueError("label_smoothing smooths an item softmax: it needs head='catalogue' or "
                              "item_id='input_and_head'")
-        if bool((mask & (tokens == PAD)).any()):
-            raise ValueError("mask covers padding positions")
-        keep = trim_left_padding(tokens).shape[1]  # columns that are padding in every row do no work
-        tokens, mask = tokens[:, tokens.shape[1] - keep :], mask[:, mask.shape[1] - keep :]
+        if keep is None:
+            tokens, mask, keep = masked_positions(tokens, mask, self.ROW_MULTIPLE)
+        L = tokens.shape[1]
         inp = tokens.masked_fill(mask, self.mask_token)
-        keep = _pad_rows(mask, self.ROW_MULTIPLE)  # the masked positions, plus a few others up to a multiple
-        real = mask[keep]  # which kept rows are masked positions (the rest only round the row count)
-        items = torch.where(real, tokens[keep] - 1, IGNORE)  # [M'] 0-based item ids, IGNORE for the extra rows
+        real = mask.reshape(-1).index_select(0, keep)  # which kept rows are masked (the rest round the count)
+        items = torch.where(real, tokens.reshape(-1).index_select(0, keep) - 1, IGNORE)  # [M'] 0-based, or IGNORE
         h = self(inp, keep=keep)  # [M', H]
         logs: dict[str, torch.Tensor] = {}
         loss = h.new_zeros(())
@@ -403,7 +405,7 @@ class QBert4Rec(nn.Module):
             logs["code_loss"] = code_loss.detach()
         if self.item_softmax:
             biased = self.repeat_raw is not None or self.prefix_raw is not None
-            visible = inp[keep.nonzero()[:, 0]] if biased else None  # the row each kept position sees
+            visible = inp.index_select(0, keep // L) if biased else None  # the row each kept position sees
             logits = self.item_logits(h, visible, self.train_candidates)  # over the items training contains
             if self.train_candidates is not None:
                 items = torch.where(real, self.candidate_index[items.clamp(min=0)], IGNORE)
@@ -487,6 +489,19 @@ def _ce(logits: torch.Tensor, targets: torch.Tensor, norm: float | None,
         return F.cross_entropy(logits, targets, label_smoothing=label_smoothing, ignore_index=IGNORE)
     return F.cross_entropy(logits, targets, label_smoothing=label_smoothing, ignore_index=IGNORE,
                            reduction="sum") / norm
+
+
+def masked_positions(tokens: torch.Tensor, mask: torch.Tensor, multiple: int = 1
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(tokens, mask trimmed of all-padding leading columns, flat long indices into the trimmed
+    ``[B * L]`` of the masked positions plus the first others that round their count to a
+    multiple of ``multiple``). Checks that no padding is masked. Data-dependent shapes: call it
+    where the tensors live on the host (the batch builder), not inside a device step."""
+    if bool((mask & (tokens == PAD)).any()):
+        raise ValueError("mask covers padding positions")
+    width = trim_left_padding(tokens).shape[1]  # columns that are padding in every row do no work
+    tokens, mask = tokens[:, tokens.shape[1] - width :], mask[:, mask.shape[1] - width :]
+    return tokens, mask, _pad_rows(mask, multiple).reshape(-1).nonzero()[:, 0]
 
 
 def _pad_rows(mask: torch.Tensor, multiple: int) -> torch.Tensor:

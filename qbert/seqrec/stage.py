@@ -25,7 +25,7 @@ from qbert.eval.evaluator import history_mask, rank_targets
 from qbert.eval.metrics import metrics_from_ranks, target_ranks
 from qbert.seqrec import masks
 from qbert.seqrec.batching import batch_indices
-from qbert.seqrec.qbert4rec import QBert4Rec
+from qbert.seqrec.qbert4rec import QBert4Rec, masked_positions
 from qbert.train.distributed import gather_interleaved, rank_world
 from qbert.train.loop import Batches, Callback, FitResult, LoopConfig, fit
 from qbert.train.optim import Precision, autocast, build_optimizer
@@ -223,9 +223,11 @@ def masked_batches(sequences: np.ndarray, batch_size: int, mask_fn: MaskFn, seed
                     tokens, mask = tokens[rank::world], mask[rank::world]
                 else:  # a short last batch: one row, nothing masked
                     tokens, mask = tokens[:1], torch.zeros_like(mask[:1])
-            if pin:  # page-locked host memory: the copies below overlap with the previous step on the GPU
-                tokens, mask = tokens.pin_memory(), mask.pin_memory()
-            batch.update(tokens=tokens.to(device, non_blocking=True), mask=mask.to(device, non_blocking=True))
+            # every data-dependent shape is settled here, on the host: the step never waits for the device
+            tokens, mask, keep = masked_positions(tokens, mask, QBert4Rec.ROW_MULTIPLE)
+            for name, t in (("tokens", tokens), ("mask", mask), ("keep", keep)):
+                # page-locked host memory: the copy overlaps with the previous step on the GPU
+                batch[name] = (t.pin_memory() if pin else t).to(device, non_blocking=True)
             yield batch
 
     return batches
@@ -243,7 +245,8 @@ def _candidates(model: QBert4Rec, rows: np.ndarray, negatives: str) -> Iterator[
 
 def masked_step(model: QBert4Rec, batch: dict[str, Any],
                 label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
-    return model.masked_loss(batch["tokens"], batch["mask"], label_smoothing, norm=batch.get("norm"))
+    return model.masked_loss(batch["tokens"], batch["mask"], label_smoothing, norm=batch.get("norm"),
+                             keep=batch.get("keep"))
 
 
 def split_ranks(model: QBert4Rec, split: LeaveOneOutSplit, which: str, batch_size: int = 1024,
