@@ -1,0 +1,36 @@
+"""benchmarks/cost_growth.py: one process per domain, every stage measured (seconds per epoch,
+peak memory of the stage), the JSON and markdown written, bad input named."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_benchmark_qbert4rec import _bench
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def test_each_domain_and_stage_measured(tmp_path, capsys):
+    bench = _bench("cost_growth")
+    small, large = "synthetic:users=200,items=80,max_len=12", "synthetic:users=600,items=160,max_len=12"
+    args = ["--quick", "--runs-dir", str(tmp_path), "--threads", "1", "--sources", small, large,
+            "--set", "finetune.epochs=2", "--set", "pretrain.epochs=2"]
+    assert bench.main(args) == 0
+    out = json.loads((tmp_path / "cost_growth.json").read_text())
+    rows = out["rows"]
+    assert [r["source"] for r in rows] == [small, large] and rows[0]["interactions"] < rows[1]["interactions"]
+    for r in rows:
+        assert list(r["stages"]) == ["fusion", "quantize", "pretrain", "finetune"]
+        for stage, s in r["stages"].items():
+            assert s["epoch_seconds"] > 0 and s["peak_rss_mib"] > 50, (stage, s)
+        assert r["stages"]["finetune"]["epochs"] == 2
+        # every stage ran in the domain's own run directory, one stage at a time
+        assert (tmp_path / f"d{rows.index(r)}" / "model.pt").is_file()
+    assert out["command"].startswith("python benchmarks/cost_growth.py") and out["threads"] == 1
+    md = (tmp_path / "cost_growth.md").read_text()
+    assert "| finetune |" in md and "(1.00x)" in md
+
+    capsys.readouterr()
+    assert bench.main(["--quick"]) == 2 and "--runs-dir" in capsys.readouterr().err
+    assert bench.main(["--runs-dir", str(tmp_path)]) == 2 and "--sources" in capsys.readouterr().err
