@@ -27,7 +27,7 @@ from qbert.pipeline import PipelineConfig, run_pipeline  # noqa: E402
 from qbert.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
 from qbert.utils.runtime import benchmark_meta  # noqa: E402
 
-STAGES = ("fusion", "pretrain", "finetune")
+STAGES = ("fusion", "quantize", "pretrain", "finetune")
 CONFIG = {  # synthetic data at about Instruments' size (24.8K users, 6.3K items), a few epochs per stage
     "data.synthetic.num_users": 24000, "data.synthetic.num_items": 6000, "data.synthetic.num_clusters": 120,
     "fusion.dim": 128, "fusion.epochs": 3, "fusion.batch_size": 1024, "quantize.epochs": 10,

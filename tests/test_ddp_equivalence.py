@@ -100,7 +100,7 @@ def test_fusion_two_workers_equal_one(reference, tmp_path):
 
 
 def test_quantize_two_workers_equal_one(reference, tmp_path):
-    """Replicated on every rank (all items, same seed): bit-identical semantic IDs."""
+    """Sharded by item, k-means and dead-code re-seeding identical on every rank: bit-identical semantic IDs."""
     cfg, ref, _ = reference
     out, _ = _two_workers(cfg, ref, "quantize", tmp_path)
     _assert_same_weights(ref / "rqvae.pt", out / "rqvae.pt", rtol=1e-5, atol=1e-6)

@@ -47,7 +47,7 @@ def run_fusion_stage(cfg: PipelineConfig, data: PipelineData, out_dir: str | Pat
 
 
 def run_quantize_stage(cfg: PipelineConfig, data: PipelineData, out_dir: str | Path,
-                       callbacks: Iterable[Callback] = ()) -> dict[str, Any]:
+                       callbacks: Iterable[Callback] = (), shard: tuple[int, int] | None = None) -> dict[str, Any]:
     """Stage 2: ``fused_embeddings.parquet`` -> ``rqvae.pt``, ``semantic_ids.parquet``, report."""
     from qbert.fusion.train import read_fusion_embeddings
     from qbert.quantize import train_rqvae
@@ -58,7 +58,8 @@ def run_quantize_stage(cfg: PipelineConfig, data: PipelineData, out_dir: str | P
     if len(ids) != data.all_items.num_items:
         raise DataError(f"{out / 'fused_embeddings.parquet'}: {len(ids)} items, data has {data.all_items.num_items}")
     loop = rqvae_loop_config(cfg.quantize).model_copy(update={"progress": cfg.progress})
-    res = train_rqvae(emb, cfg.quantize, loop, callbacks=_cbs(callbacks), checkpoint_dir=out / "checkpoints" / "quantize")
+    res = train_rqvae(emb, cfg.quantize, loop, callbacks=_cbs(callbacks), checkpoint_dir=out / "checkpoints" / "quantize",
+                      shard=shard)
     res.save(out, ids, columns=item_columns(data.all_items))
     return dict(res.report)
 
@@ -200,7 +201,7 @@ REGISTRY: dict[str, Stage] = {s.name: s for s in (
     Stage("fusion", run_fusion_stage, ("data", "pretrain_sources", "fusion", "seed"), (),
           ("fused_embeddings.parquet", "fusion_model.pt", "fusion_report.json"), ("fusion.batch_size",)),
     Stage("quantize", run_quantize_stage, ("quantize",), ("fused_embeddings.parquet",),
-          ("rqvae.pt", "semantic_ids.parquet", "quantize_report.json")),
+          ("rqvae.pt", "semantic_ids.parquet", "quantize_report.json"), ("quantize.batch_size",)),
     Stage("pretrain", run_pretrain_stage, ("model", "pretrain"), ("semantic_ids.parquet",), ("pretrain.pt",),
           ("pretrain.batch_size",)),
     Stage("finetune", run_finetune_stage, ("finetune", "eval"), ("semantic_ids.parquet", "pretrain.pt"),

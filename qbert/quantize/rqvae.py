@@ -67,7 +67,9 @@ class ResidualQuantizer(nn.Module):
     def sizes(self) -> list[int]:
         return [vq.size for vq in self.levels]
 
-    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+    def forward(self, z: torch.Tensor, norm: float | None = None) -> QuantizerOutput:
+        """``norm``: the losses are sums over rows / ``norm`` rows instead of means (a rank's share of
+        a global batch, :mod:`qbert.train.distributed`)."""
         residual = z
         codes, residuals = [], []
         total = torch.zeros_like(z)
@@ -76,8 +78,8 @@ class ResidualQuantizer(nn.Module):
         for vq in self.levels:
             idx = vq.distances(residual.detach()).argmin(1)
             e = vq.codebook[idx]
-            cb_loss = cb_loss + F.mse_loss(e, residual.detach())  # Eq. (8) codebook term
-            commit = commit + F.mse_loss(residual, e.detach())  # Eq. (8) commitment term (x beta)
+            cb_loss = cb_loss + _mse(e, residual.detach(), norm)  # Eq. (8) codebook term
+            commit = commit + _mse(residual, e.detach(), norm)  # Eq. (8) commitment term (x beta)
             if self.training:
                 vq.usage.index_add_(0, idx, torch.ones_like(idx, dtype=vq.usage.dtype))
             residuals.append(residual)
@@ -143,6 +145,13 @@ class RQVAEOutput:
     commit_loss: torch.Tensor
 
 
+def _mse(a: torch.Tensor, b: torch.Tensor, norm: float | None) -> torch.Tensor:
+    """Mean squared error over [B, D]; with ``norm`` the sum over this rank's rows / (norm * D)."""
+    if norm is None:
+        return F.mse_loss(a, b)
+    return F.mse_loss(a, b, reduction="sum") / (norm * a.shape[-1])
+
+
 def _forget_initted(module: RQVAE, keys: Any) -> None:
     """After ``load_state_dict``: read the loaded buffers' flag again."""
     module._initted = False
@@ -168,14 +177,15 @@ class RQVAE(nn.Module):
             self._initted = all(bool(vq.initted) for vq in self.quantizer.levels)
         return self._initted
 
-    def forward(self, x: torch.Tensor) -> RQVAEOutput:
+    def forward(self, x: torch.Tensor, norm: float | None = None) -> RQVAEOutput:
+        """``norm``: losses summed over rows and divided by ``norm`` rows instead of averaged."""
         z = self.encoder(x)
         if self.training and self.cfg.kmeans_init and not self.initted:
             self.quantizer.init_codebooks(z, self.cfg.kmeans_iters, self.cfg.kmeans_seeding)  # first batch
             self._initted = True
-        q = self.quantizer(z)
+        q = self.quantizer(z, norm)
         recon = self.decoder(q.quantized)
-        recon_loss = F.mse_loss(recon, x)  # Eq. (7)
+        recon_loss = _mse(recon, x, norm)  # Eq. (7)
         loss = recon_loss + q.codebook_loss + self.cfg.beta * q.commit_loss
         return RQVAEOutput(recon, q.codes, loss, recon_loss, q.codebook_loss, q.commit_loss)
 

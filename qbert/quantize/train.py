@@ -16,6 +16,8 @@ from qbert.quantize.reallocate import ReallocationInfo, collision_rate, realloca
 from qbert.quantize.rqvae import RQVAE
 from qbert.quantize.semantic_ids import write_semantic_ids
 from qbert.train import Batches, Callback, FitResult, LoopConfig, fit
+from qbert.train.distributed import rank_world, sum_over_ranks
+from qbert.train.loop import unwrap
 from qbert.train.optim import build_optimizer
 from qbert.utils.io import atomic_path, atomic_write_json
 from qbert.utils.runtime import pick_device, seed_everything
@@ -61,17 +63,34 @@ def validate_embeddings(embeddings: Any) -> np.ndarray:
     return x
 
 
+class _UsageOverRanks(Callback):
+    """At each epoch's end, every code's usage count becomes its sum over the ranks (after the
+    gradient callback's end-of-epoch sync, before the checkpoint), so a code is dead only when no
+    rank used it and every rank re-seeds the same codes."""
+
+    def on_train_epoch_end(self, model: RQVAE, state: Any, metrics: dict[str, float]) -> None:
+        for vq in unwrap(model).quantizer.levels:
+            sum_over_ranks(vq.usage)
+
+
 def default_loop_config(cfg: QuantizeConfig) -> LoopConfig:
     return LoopConfig.fixed_epochs(cfg.epochs)
 
 
 def train_rqvae(embeddings: np.ndarray, cfg: QuantizeConfig, loop_cfg: LoopConfig | None = None,
-                callbacks: Iterable[Callback] = (), checkpoint_dir: str | Path | None = None) -> QuantizeResult:
+                callbacks: Iterable[Callback] = (), checkpoint_dir: str | Path | None = None,
+                shard: tuple[int, int] | None = None) -> QuantizeResult:
     """Train stage 2 on fused embeddings [N, D] and return unique codes [N, K].
 
     Fails before training when the codebooks cannot give every item a distinct ID. Codebooks
     are k-means-initialised on the encoder outputs of all items; codes unused during an epoch
     are re-seeded from random residuals at the start of the next one.
+
+    ``shard`` (rank, world): exact data parallelism (:mod:`qbert.train.distributed`).
+    ``cfg.batch_size`` is this rank's part of a global batch of ``batch_size * world`` items drawn
+    identically on every rank; rank r trains on items ``r::world`` with its share of the global
+    mean losses. k-means initialisation, dead-code re-seeding and code assignment run on all items
+    with the same seed on every rank (identical results), the codes' usage counts summed over ranks.
     """
     x_np = validate_embeddings(embeddings)
     n = x_np.shape[0]
@@ -91,27 +110,30 @@ def train_rqvae(embeddings: np.ndarray, cfg: QuantizeConfig, loop_cfg: LoopConfi
     fit_result = None
     if loop_cfg.epochs > 0:
         opt = build_optimizer(model, cfg.lr, cfg.weight_decay)
-        bs = min(cfg.batch_size, n)
+        rank, world = rank_world(shard)
+        bs = min(cfg.batch_size * world, n)  # the global batch
         reseeded: list[list[int]] = []
 
         def epoch_batches(epoch: int):
             if epoch > 0 and cfg.reseed_dead_codes:
                 with torch.no_grad():
                     reseeded.append(model.quantizer.reseed_dead_codes(model.encoder(x), gen))
-            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)  # no rank: the global batch
             perm = torch.randperm(n, generator=g)
             for i in range(0, n, bs):
-                yield perm[i:i + bs].to(device)
+                idx = perm[i:i + bs]  # a rank may get no row of a short last batch: its sums are 0
+                yield idx[rank::world].to(device), (len(idx) / world if world > 1 else None)
 
         def batches(epoch: int) -> Batches:
             return Batches(epoch_batches(epoch), -(-n // bs))
 
-        def step(m: RQVAE, idx: torch.Tensor):
-            out = m(x[idx])
+        def step(m: RQVAE, batch: tuple[torch.Tensor, float | None]):
+            idx, norm = batch
+            out = m(x[idx], norm)
             return out.loss, {"recon": out.recon_loss.detach(), "codebook": out.codebook_loss.detach(),
                               "commit": out.commit_loss.detach()}
 
-        fit_result = fit(model, opt, batches, step, loop_cfg, callbacks=callbacks,
+        fit_result = fit(model, opt, batches, step, loop_cfg, callbacks=[*callbacks, _UsageOverRanks()],
                          checkpoint_dir=checkpoint_dir, desc="rqvae", generators=[gen])
     model.eval()
     raw = assign_codes(model, x, cfg.infer_batch_size)

@@ -53,6 +53,16 @@ def mean_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
     return {**metrics, **dict(zip(keys, t.tolist()))}
 
 
+def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """``t`` replaced in place by its sum over the ranks (one all-reduce); returned."""
+    if active():
+        dev = collective_device()
+        buf = t.to(dev)
+        dist.all_reduce(buf)
+        t.copy_(buf)
+    return t
+
+
 class _GatherRows(torch.autograd.Function):
     """All-gather equal-sized ``[m, ...]`` blocks into ``[world * m, ...]`` (rank-major); the
     backward sums the gradient of the whole gathered tensor over ranks and returns this rank's block."""
