@@ -103,7 +103,13 @@ def row(target: str, pretraining: str, cfg: PipelineConfig, seed_metrics: list[t
             "seeds": [s for s, _, _ in seed_metrics], "runs": [str(r) for _, r, _ in seed_metrics],
             "per_seed": [{"seed": s, "valid": {k: m["valid"][k] for k in VALID_METRICS},
                           "test": {k: m["test"][k] for k in TEST_METRICS},
-                          "seconds": m.get("timings", {})} for s, _, m in seed_metrics]}
+                          "best_epoch": m.get("best_epoch"), "seconds": _timings(r)} for s, r, m in seed_metrics]}
+
+
+def _timings(run: Path) -> dict[str, float]:
+    """Seconds per stage of a finished run (its summary.json)."""
+    summary = run / "summary.json"
+    return json.loads(summary.read_text()).get("timings", {}) if summary.is_file() else {}
 
 
 def render(rows: list[dict[str, Any]]) -> str:
