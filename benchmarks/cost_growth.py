@@ -72,9 +72,13 @@ def epoch_seconds(report: dict[str, Any]) -> float | None:
 
 
 def measure_domain(cfg: PipelineConfig, run_dir: Path) -> dict[str, Any]:
-    """Run the pipeline one stage at a time; each stage's seconds per epoch and peak memory."""
+    """Run the pipeline one stage at a time in an emptied ``run_dir`` (a stage resumed from an
+    earlier checkpoint would train nothing); each stage's seconds per epoch and peak memory."""
+    import shutil
+
     from qbert.pipeline import load_data
 
+    shutil.rmtree(run_dir, ignore_errors=True)
     stats = load_data(cfg).target.stats()
     stages = {}
     for stage in STAGES:
@@ -102,7 +106,8 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines += ["", f"Command: `{meta['command']}`; seed {meta['seed']}; git {meta['git_commit']}; {meta['date']}; "
               f"{m.get('cpu_count')} CPUs ({m.get('processor', '')}); {meta['threads']} torch threads; mean training "
               "seconds per epoch without the first epoch (fusion and quantize epochs pass over items, pretrain "
-              "and finetune over sequences); peak RSS = the process's high-water mark during the stage."]
+              "and finetune over sequences); peak RSS = the process's high-water mark during the stage (reset "
+              "to the resident memory at the stage's start, so what earlier stages left in memory counts)."]
     return "\n".join(lines) + "\n"
 
 

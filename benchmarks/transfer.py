@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     target = args.target_name or (Path(base.data.source).name.removeprefix("amazon-")
                                   if base.data.source != "synthetic" else "synthetic")
     rows = []
-    for pretraining in args.pretraining:
+    for pretraining in [p for p in PRETRAINING if p in args.pretraining]:  # other-domains before both
         per_seed = []
         for seed in args.seeds:
             vocab_run = args.runs_dir / target / "other-domains" / f"seed{seed}"

@@ -38,6 +38,8 @@ def test_four_pretraining_rows_share_a_vocabulary_and_resume(tmp_path, capsys):
     sid_c, sid_d = (pq.read_table(run[p] / "semantic_ids.parquet") for p in ("other-domains", "both"))
     n_target = pq.read_table(run["target"] / "semantic_ids.parquet").num_rows
     assert sid_c.num_rows == n_target + 180 + 160 and sid_c.equals(sid_d)
+    stages_d = json.loads((run["both"] / "metrics.json").read_text())["stages"]
+    assert stages_d["fusion"]["reused_from"] == stages_d["quantize"]["reused_from"] == str(run["other-domains"].resolve())
     pre = {p: json.loads((run[p] / "metrics.json").read_text())["stages"]["pretrain"] for p in by}
     assert pre["other-domains"]["domains"] == ["source0", "source1"]
     assert pre["both"]["domains"] == ["target", "source0", "source1"]

@@ -138,12 +138,12 @@ def train_fusion(features: Mapping[str, Any], cfg: FusionConfig, loop_cfg: LoopC
 
         def epoch_batches(epoch: int):
             g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)  # no rank: the global batch
-            perm = torch.randperm(n, generator=g)
+            perm = torch.randperm(n, generator=g).to(device)  # one copy per epoch, none per step
             for i in range(0, n, bs):
                 idx = perm[i:i + bs]
                 if idx.numel() >= smallest:
                     part = BatchShard(idx.numel() / world, -(-idx.numel() // world)) if world > 1 else None
-                    yield idx[rank::world].to(device), part
+                    yield idx[rank::world], part
 
         per_epoch = sum(1 for i in range(0, n, bs) if min(bs, n - i) >= smallest)
 

@@ -130,8 +130,8 @@ def target_split(cfg: PipelineConfig, data: PipelineData) -> LeaveOneOutSplit:
 
 
 def pretraining_domains(cfg: PipelineConfig, data: PipelineData) -> list[str]:
-    """The domains whose sequences pretraining reads: the target's training part unless
-    ``pretrain.include_target`` is off with sources, then every source in order."""
+    """The domains whose sequences pretraining reads, in order: the target (its training part
+    only) unless ``pretrain.include_target`` is off with sources, then every source."""
     names = list(data.domain_ranges())
     return names if not data.multi_domain or cfg.pretrain.include_target else names[1:]
 

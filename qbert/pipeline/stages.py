@@ -58,8 +58,8 @@ def run_quantize_stage(cfg: PipelineConfig, data: PipelineData, out_dir: str | P
     if len(ids) != data.all_items.num_items:
         raise DataError(f"{out / 'fused_embeddings.parquet'}: {len(ids)} items, data has {data.all_items.num_items}")
     loop = rqvae_loop_config(cfg.quantize).model_copy(update={"progress": cfg.progress})
-    res = train_rqvae(emb, cfg.quantize, loop, callbacks=_cbs(callbacks), checkpoint_dir=out / "checkpoints" / "quantize",
-                      shard=shard)
+    res = train_rqvae(emb, cfg.quantize, loop, callbacks=_cbs(callbacks),
+                      checkpoint_dir=out / "checkpoints" / "quantize", shard=shard)
     res.save(out, ids, columns=item_columns(data.all_items))
     return dict(res.report)
 

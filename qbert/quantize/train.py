@@ -66,7 +66,8 @@ def validate_embeddings(embeddings: Any) -> np.ndarray:
 class _UsageOverRanks(Callback):
     """At each epoch's end, every code's usage count becomes its sum over the ranks (after the
     gradient callback's end-of-epoch sync, before the checkpoint), so a code is dead only when no
-    rank used it and every rank re-seeds the same codes."""
+    rank used it and every rank re-seeds the same codes. Only with re-seeding (which resets the
+    counts each epoch; without it the counts are unused and stay per rank)."""
 
     def on_train_epoch_end(self, model: RQVAE, state: Any, metrics: dict[str, float]) -> None:
         for vq in unwrap(model).quantizer.levels:
@@ -116,13 +117,15 @@ def train_rqvae(embeddings: np.ndarray, cfg: QuantizeConfig, loop_cfg: LoopConfi
 
         def epoch_batches(epoch: int):
             if epoch > 0 and cfg.reseed_dead_codes:
+                model.eval()  # no dropout: the residuals (and so the re-seeded codes) are the same on every rank
                 with torch.no_grad():
                     reseeded.append(model.quantizer.reseed_dead_codes(model.encoder(x), gen))
+                model.train()
             g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)  # no rank: the global batch
-            perm = torch.randperm(n, generator=g)
+            perm = torch.randperm(n, generator=g).to(device)  # one copy per epoch, none per step
             for i in range(0, n, bs):
                 idx = perm[i:i + bs]  # a rank may get no row of a short last batch: its sums are 0
-                yield idx[rank::world].to(device), (len(idx) / world if world > 1 else None)
+                yield idx[rank::world], (len(idx) / world if world > 1 else None)
 
         def batches(epoch: int) -> Batches:
             return Batches(epoch_batches(epoch), -(-n // bs))
@@ -133,7 +136,8 @@ def train_rqvae(embeddings: np.ndarray, cfg: QuantizeConfig, loop_cfg: LoopConfi
             return out.loss, {"recon": out.recon_loss.detach(), "codebook": out.codebook_loss.detach(),
                               "commit": out.commit_loss.detach()}
 
-        fit_result = fit(model, opt, batches, step, loop_cfg, callbacks=[*callbacks, _UsageOverRanks()],
+        usage = [_UsageOverRanks()] if cfg.reseed_dead_codes else []
+        fit_result = fit(model, opt, batches, step, loop_cfg, callbacks=[*callbacks, *usage],
                          checkpoint_dir=checkpoint_dir, desc="rqvae", generators=[gen])
     model.eval()
     raw = assign_codes(model, x, cfg.infer_batch_size)

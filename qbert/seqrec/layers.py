@@ -44,8 +44,8 @@ class MultiHeadSelfAttention(nn.Module):
         self.attn_dropout = attn_dropout
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, L, H] -> [B, L, H]; with ``keep`` [B, L] bool, only the kept positions' outputs [M, H]
-        (the output projection then runs on those rows alone)."""
+        """[B, L, H] -> [B, L, H]; with ``keep`` ([B, L] bool or flat indices, :func:`take_positions`),
+        only the kept positions' outputs [M, H] (the output projection then runs on those rows alone)."""
         B, L, H = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.heads, H // self.heads).permute(2, 0, 3, 1, 4)
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
@@ -68,8 +68,8 @@ class TransformerBlock(nn.Module):
         self.pre_ln = pre_ln
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, L, H] -> [B, L, H], or with ``keep`` [B, L] bool the kept positions' outputs [M, H]:
-        every position is still a key and value, but the output projection, residual and FFN run
+        """[B, L, H] -> [B, L, H], or with ``keep`` (:func:`take_positions`) the kept positions' outputs
+        [M, H]: every position is still a key and value, but the output projection, residual and FFN run
         on the kept rows only (exact: a position's output depends on the others only through attention)."""
         res = x if keep is None else take_positions(x, keep)
         if self.pre_ln:

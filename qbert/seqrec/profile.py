@@ -4,8 +4,8 @@ per user and training throughput, measured on the model itself rather than estim
 FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` (matmuls, attention, linear
 layers; embedding look-ups and element-wise ops count zero, as in the usual FLOP tables).
 Every measurement works on a copy of the model or under ``no_grad``, so profiling a trained
-model leaves its weights untouched. Works with any model exposing ``masked_loss(tokens, mask)``
-and ``score(history)`` (Q-BERT4Rec).
+model leaves its weights untouched. Works with any model exposing ``masked_loss(tokens, mask,
+keep=)`` and ``score(history)`` (Q-BERT4Rec).
 """
 
 from __future__ import annotations

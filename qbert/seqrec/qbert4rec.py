@@ -263,8 +263,8 @@ class QBert4Rec(nn.Module):
         return self.in_drop(self.in_norm(x))
 
     def forward(self, tokens: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens [B, L] -> hidden states [B, L, H]; with ``keep`` [B, L] bool only the kept
-        positions' states [M, H] (= ``forward(tokens)[keep]``, with less work in the last block)."""
+        """tokens [B, L] -> hidden states [B, L, H]; with ``keep`` ([B, L] bool or flat indices) only
+        the kept positions' states [M, H] (= ``forward(tokens)[keep]``, with less work in the last block)."""
         return self.encoder(self.embed(tokens), tokens == PAD, keep)
 
     def last_hidden(self, inp: torch.Tensor) -> torch.Tensor:
