@@ -91,10 +91,11 @@ def render(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         t, s, e, es = r["test"], r["test_std"], r["test_excl_history"], r["test_excl_history_std"]
         table = {True: "yes", False: "no", None: "n/a"}[r["stage3_item_table"]]
-        cells = [f"{t[k]:.4f} ± {s[k]:.4f}" for k in TEST_METRICS]
-        cells += [f"{e[k]:.4f} ± {es[k]:.4f}" for k in ("HR@10", "NDCG@10")]
+        one = len(r["seeds"]) == 1  # no spread to show
+        pm = lambda v, sd: f"{v:.4f}" if one else f"{v:.4f} ± {sd:.4f}"  # noqa: E731
+        cells = [pm(t[k], s[k]) for k in TEST_METRICS] + [pm(e[k], es[k]) for k in ("HR@10", "NDCG@10")]
         lines.append(f"| {r['dataset']} | {r['model']} | {table} | {len(r['seeds'])} | "
-                     f"{r['valid']['NDCG@10']:.4f} ± {r['valid_std']['NDCG@10']:.4f} | " + " | ".join(cells) + " |")
+                     f"{pm(r['valid']['NDCG@10'], r['valid_std']['NDCG@10'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
