@@ -39,21 +39,13 @@ from qbert.baselines import BaselineConfig, run_baseline  # noqa: E402
 from qbert.config import ConfigError, parse_overrides  # noqa: E402
 from qbert.eval.report import PROTOCOL_KEYS  # noqa: E402
 from qbert.pipeline import PipelineConfig, load_data, quickstart_config, run_pipeline  # noqa: E402
-from qbert.pipeline.runs import config_differences  # noqa: E402
+from qbert.pipeline.runs import finished_test_run  # noqa: E402
 from qbert.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
 from qbert.utils.runtime import benchmark_meta  # noqa: E402
 
 log = logging.getLogger("bench.table2")
 DEFAULT_OUT = REPO / "benchmarks" / "results"
 TEST_METRICS = ("HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10")
-
-
-def _finished_pipeline(run: Path, cfg: PipelineConfig) -> dict[str, Any] | None:
-    """metrics.json of a finished pipeline run with these settings, else None."""
-    if not (run / "metrics.json").is_file() or config_differences(run / "config.yaml", cfg) != []:
-        return None
-    metrics = json.loads((run / "metrics.json").read_text())
-    return metrics if metrics.get("test") else None
 
 
 def _finished_baseline(run: Path, bcfg: BaselineConfig) -> dict[str, Any] | None:
@@ -148,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             item_table = True
         else:
             cfg = base.override({"seed": seed})
-            metrics = _finished_pipeline(run, cfg) or run_pipeline(cfg, run, overwrite=True)
+            metrics = finished_test_run(run, cfg) or run_pipeline(cfg, run, overwrite=True)
             item_table = metrics["stage3_item_table"]
         per_seed.append({"seed": seed, "run": str(run), **seed_result(metrics)})
     row = {"dataset": name, "model": model, "stage3_item_table": item_table, "seeds": list(args.seeds),

@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 
 from qbert.config import ConfigError, parse_overrides  # noqa: E402
 from qbert.pipeline import PipelineConfig, quickstart_config, run_pipeline  # noqa: E402
-from qbert.pipeline.runs import config_differences  # noqa: E402
+from qbert.pipeline.runs import finished_test_run  # noqa: E402
 from qbert.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
 from qbert.utils.runtime import benchmark_meta  # noqa: E402
 
@@ -63,14 +63,6 @@ def setup(base: PipelineConfig, pretraining: str, others: list[str], vocab_run: 
     if pretraining == "both" and vocab_run is not None:
         cfg = cfg.override({"reuse.from_run": str(vocab_run), "reuse.stages": ["fusion", "quantize"]})
     return cfg
-
-
-def finished(run: Path, cfg: PipelineConfig) -> dict[str, Any] | None:
-    """metrics.json of a finished run of exactly these settings with test scored, else None."""
-    if not (run / "metrics.json").is_file() or config_differences(run / "config.yaml", cfg) != []:
-        return None
-    metrics = json.loads((run / "metrics.json").read_text())
-    return metrics if metrics.get("test") else None
 
 
 def stages_done(run: Path, stages: tuple[str, ...] = ("fusion", "quantize")) -> bool:
@@ -173,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             run = args.runs_dir / target / pretraining / f"seed{seed}"
             log.info("%s <- %s, seed %d: %s", target, pretraining, seed, run)
             try:
-                metrics = finished(run, cfg) or run_pipeline(cfg, run, overwrite=True)
+                metrics = finished_test_run(run, cfg) or run_pipeline(cfg, run, overwrite=True)
             except ConfigError as e:
                 print(f"error: {e}", file=sys.stderr)
                 return 2

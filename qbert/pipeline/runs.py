@@ -103,6 +103,16 @@ def config_differences(path: Path, cfg: PipelineConfig) -> list[str] | None:
     return sorted(k for k in set(mine) | set(theirs) if not skip(k) and mine.get(k) != theirs.get(k))
 
 
+def finished_test_run(run_dir: str | Path, cfg: PipelineConfig) -> dict[str, Any] | None:
+    """``metrics.json`` of a finished run in ``run_dir`` made with ``cfg``'s settings and with test
+    scored, else None (benchmarks read such a run instead of training it again)."""
+    run = Path(run_dir)
+    if not (run / "metrics.json").is_file() or config_differences(run / "config.yaml", cfg) != []:
+        return None
+    metrics = json.loads((run / "metrics.json").read_text())
+    return metrics if metrics.get("test") else None
+
+
 class LocalExecutor:
     """Runs each stage in this process, with ``callbacks_factory(stage)``'s callbacks (MLflow, Tune)."""
 
