@@ -301,6 +301,11 @@ def test_reuse_takes_earlier_stages_from_a_finished_run_only_when_their_settings
     assert len(ok["stages"]["finetune"]["prefix_weight"]) == model.K - 1
     assert "repeat_weight" not in metrics["stages"]["finetune"]
     check_reuse(tiny(**fast, **reuse, **{"model.code_score_weight": 0.5}))  # ranking-only: no stage depends on it
+    # the cold-start protocol withholds interactions, not content: stages 1-2 are reusable, pretraining is not
+    cold = {"data.cold_start.fraction": 0.2}
+    check_reuse(tiny(**fast, **cold, **{"reuse.from_run": str(src), "reuse.stages": ["fusion", "quantize"]}))
+    with pytest.raises(ConfigError, match="pretrain stage .*data.cold_start.fraction"):
+        check_reuse(tiny(**fast, **reuse, **cold))
     with pytest.raises(ConfigError, match="first stages"):
         tiny(**{"reuse.from_run": str(src), "reuse.stages": ["quantize"]})
     with pytest.raises(ConfigError, match="no finished run"):

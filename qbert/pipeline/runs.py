@@ -30,13 +30,16 @@ _RUNTIME_KEYS = {"device", "progress", "code_score_weight"}
 
 
 def _stage_inputs(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
-    d = cfg.to_dict()
-    deps = [k for s in STAGES[: STAGES.index(stage) + 1] for k in REGISTRY[s].depends_on]
-
-    def clean(v: Any) -> Any:
-        return {k: clean(x) for k, x in v.items() if k not in _RUNTIME_KEYS} if isinstance(v, dict) else v
-
-    return {k: clean(d[k]) for k in deps}
+    """The settings ``stage``'s output depends on (its own and every earlier stage's), by key."""
+    flat = flatten_dict(cfg.to_dict())
+    out: dict[str, Any] = {}
+    for s in STAGES[: STAGES.index(stage) + 1]:
+        ignored = REGISTRY[s].ignores
+        out.update({k: v for k, v in flat.items()
+                    if any(k == dep or k.startswith(dep + ".") for dep in REGISTRY[s].depends_on)
+                    and k.split(".")[-1] not in _RUNTIME_KEYS
+                    and not any(k == i or k.startswith(i + ".") for i in ignored)})
+    return out
 
 
 def _require_same_stage_settings(cfg: PipelineConfig, made_with: PipelineConfig, stage: str, where: str) -> None:

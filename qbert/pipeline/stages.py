@@ -185,7 +185,9 @@ class Stage:
     :func:`qbert.train.fit`; ``depends_on`` are the config sections its output depends on (for
     reuse: with the stages before it); ``reads`` / ``writes`` the run-directory artifacts it needs
     from earlier stages / leaves; ``batch_keys`` the global batch sizes a data-parallel executor
-    divides among its workers; ``model`` marks the stage whose model evaluation loads.
+    divides among its workers; ``model`` marks the stage whose model evaluation loads; ``ignores``
+    dotted keys inside its ``depends_on`` sections that its output does not depend on (a later stage
+    that does names them in its own ``depends_on``).
     """
 
     name: str
@@ -195,14 +197,18 @@ class Stage:
     writes: tuple[str, ...]
     batch_keys: tuple[str, ...] = ()
     model: bool = False
+    ignores: tuple[str, ...] = ()
 
 
 REGISTRY: dict[str, Stage] = {s.name: s for s in (
     Stage("fusion", run_fusion_stage, ("data", "pretrain_sources", "fusion", "seed"), (),
-          ("fused_embeddings.parquet", "fusion_model.pt", "fusion_report.json"), ("fusion.batch_size",)),
+          ("fused_embeddings.parquet", "fusion_model.pt", "fusion_report.json"), ("fusion.batch_size",),
+          # stage 1 reads content only: the cold-start protocol withholds interactions, not content
+          ignores=("data.cold_start",)),
     Stage("quantize", run_quantize_stage, ("quantize",), ("fused_embeddings.parquet",),
           ("rqvae.pt", "semantic_ids.parquet", "quantize_report.json"), ("quantize.batch_size",)),
-    Stage("pretrain", run_pretrain_stage, ("model", "pretrain"), ("semantic_ids.parquet",), ("pretrain.pt",),
+    Stage("pretrain", run_pretrain_stage, ("model", "pretrain", "data.cold_start"), ("semantic_ids.parquet",),
+          ("pretrain.pt",),
           ("pretrain.batch_size",)),
     Stage("finetune", run_finetune_stage, ("finetune", "eval"), ("semantic_ids.parquet", "pretrain.pt"),
           ("model.pt", "test_ranks.parquet"), ("finetune.batch_size",), model=True),
