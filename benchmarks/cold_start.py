@@ -11,14 +11,18 @@ the new items' content; valid and test histories and targets are the real ones. 
 trained once under the protocol, its test set is evaluated once, and the users are split by
 whether their test target is new. Rows, each under both ranking protocols:
 
-- ``qbert4rec``: the paper's model (``--config``: semantic IDs only, no item-ID table);
+- ``qbert4rec``: the paper's model (``--config``: semantic IDs only, no item-ID table), new items
+  ranked by ``model.new_items`` (default: back off to the trained items sharing their first code);
+- ``qbert4rec-transfer`` (only when listed in ``--models``): the same, pretrained on
+  ``--pretrain-sources`` too (one vocabulary over every catalogue);
 - ``hybrid``: ``--hybrid-config`` (item-ID embedding and softmax next to semantic IDs);
 - ``sasrec``, ``bert4rec``: our ID-only baselines at their RecBole settings;
 - ``popularity``: training-view item counts (a new item has none);
 - ``content_knn``: cosine similarity of each item's content features (the modality inputs stage 1
   reads, each view L2-normalised and concatenated) to the mean of the history's.
 
-Runs live in ``RUNS_DIR/<model>/``; a finished run of the same config is read, not re-run.
+Runs live in ``RUNS_DIR/<model>/``; a finished run of the same config is read, not re-run (a
+Q-BERT4Rec run is re-scored from its ``model.pt``: ranking settings need no training).
 Writes ``benchmarks/results/cold_start.{json,md}`` (``--quick``: under ``RUNS_DIR``).
 """
 
@@ -45,7 +49,9 @@ from qbert.baselines import BaselineConfig, run_baseline  # noqa: E402
 from qbert.config import parse_overrides  # noqa: E402
 from qbert.eval.evaluator import rank_targets  # noqa: E402
 from qbert.eval.report import cold_start_report  # noqa: E402
-from qbert.pipeline import PipelineConfig, load_data, quickstart_config, run_pipeline, stage_features  # noqa: E402
+from qbert.pipeline import (PipelineConfig, config_differences, load_data, load_run_model,  # noqa: E402
+                            quickstart_config, run_pipeline, stage_features)
+from qbert.seqrec.stage import split_ranks  # noqa: E402
 from qbert.pipeline.data import target_split  # noqa: E402
 from qbert.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
 from qbert.utils.runtime import benchmark_meta  # noqa: E402
@@ -71,9 +77,24 @@ def _finished(run: Path, cfg_dict: dict[str, Any]) -> dict[str, Any] | None:
     return json.loads((run / "metrics.json").read_text())
 
 
-def pipeline_row(cfg: PipelineConfig, run: Path) -> dict[str, Any]:
-    metrics = _finished(run, cfg.to_dict()) or run_pipeline(cfg, run, overwrite=True)
-    return {"stage3_item_table": metrics["stage3_item_table"], "slices": metrics["cold_start"]["slices"]}
+def pipeline_row(cfg: PipelineConfig, data, run: Path) -> dict[str, Any]:
+    """Train the run unless ``run`` holds one of these settings (whether it scored test or not), then
+    score valid and test from its ``model.pt`` with ``cfg``'s ranking settings (``model.new_items``...)."""
+    diffs = config_differences(run / "config.yaml", cfg) if (run / "model.pt").is_file() else None
+    if diffs is None or [k for k in diffs if k != "eval.test"]:
+        run_pipeline(cfg, run, overwrite=True)
+    model, _ = load_run_model(run)
+    for key in ("new_items", "new_item_weight", "new_item_offset"):
+        setattr(model, key, getattr(cfg.model, key))
+    split = target_split(cfg, data)
+    rows = split.train_sequences(pad=0, shift=1)
+    model.set_trained_items(np.unique(rows[rows > 0]) - 1)  # what fine-tuning recorded (older runs did not)
+    with torch.no_grad():
+        ranks = {w: split_ranks(model, split, w, protocols=("kept", "excluded")) for w in ("valid", "test")}
+    return {"stage3_item_table": bool(model.item_indexed_parameters()),
+            "slices": cold_start_report(split, ranks, cfg.data.cold_start)["slices"],
+            "new_items": {"rule": model.new_items, "weight": model.new_item_weight, "offset": model.new_item_offset,
+                          "untrained": int((~model.trained_items).sum())} if model.item_id == "none" else None}
 
 
 def baseline_row(model: str, cfg: PipelineConfig, data, run: Path, quick: bool) -> dict[str, Any]:
@@ -138,7 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dataset-name", default=None)
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="override for both Q-BERT4Rec runs")
-    ap.add_argument("--models", default="qbert4rec,hybrid,sasrec,bert4rec,popularity,content_knn")
+    ap.add_argument("--models", default="qbert4rec,hybrid,sasrec,bert4rec,popularity,content_knn",
+                    help="comma-separated; also qbert4rec-transfer (needs --pretrain-sources)")
+    ap.add_argument("--pretrain-sources", nargs="*", default=[], help="other domains for qbert4rec-transfer")
+    ap.add_argument("--reuse-from", type=Path, default=None,
+                    help="a run over the same union of catalogues whose stages 1-2 qbert4rec-transfer reuses")
     ap.add_argument("--quick", action="store_true", help="synthetic data, few epochs")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
@@ -151,18 +176,30 @@ def main(argv: list[str] | None = None) -> int:
     cfg = _cold(base, args.fraction, args.seed, args.overrides)
     hybrid = _cold(PipelineConfig.from_yaml(args.hybrid_config), args.fraction, args.seed, args.overrides) \
         if args.hybrid_config else cfg.override({"model.item_id": "input_and_head", "model.head": "levels"})
+    # the paper's model pretrained on other domains too (one vocabulary; docs/method.md), stages 1-2
+    # optionally taken from a run over the same union of catalogues
+    transfer = cfg.override({"pretrain_sources": args.pretrain_sources,
+                             **({"reuse.from_run": str(args.reuse_from), "reuse.stages": ["fusion", "quantize"]}
+                                if args.reuse_from else {})})
     data = load_data(cfg)
     name = args.dataset_name or (Path(cfg.data.source).name if cfg.data.source != "synthetic" else "synthetic")
     makers = {
-        "qbert4rec": lambda: pipeline_row(cfg, args.runs_dir / "qbert4rec"),
-        "hybrid": lambda: pipeline_row(hybrid, args.runs_dir / "hybrid"),
+        "qbert4rec": lambda: pipeline_row(cfg, data, args.runs_dir / "qbert4rec"),
+        "qbert4rec-transfer": lambda: pipeline_row(transfer, data, args.runs_dir / "qbert4rec-transfer"),
+        "hybrid": lambda: pipeline_row(hybrid, data, args.runs_dir / "hybrid"),
         "sasrec": lambda: baseline_row("sasrec", cfg, data, args.runs_dir / "sasrec", args.quick),
         "bert4rec": lambda: baseline_row("bert4rec", cfg, data, args.runs_dir / "bert4rec", args.quick),
         "popularity": lambda: heuristic_row(cfg, data, popularity_fn(cfg, data)),
         "content_knn": lambda: heuristic_row(cfg, data, content_knn_fn(cfg, data)),
     }
     rows = []
-    for model in args.models.split(","):
+    models = args.models.split(",")
+    unknown = [m for m in models if m not in makers]
+    if unknown or ("qbert4rec-transfer" in models and not args.pretrain_sources):
+        print(f"error: --models {args.models}: " + (f"unknown {', '.join(unknown)} (known: {', '.join(makers)})"
+              if unknown else "qbert4rec-transfer needs --pretrain-sources"), file=sys.stderr)
+        return 2
+    for model in models:
         log.info("cold-start row: %s", model)
         res = makers[model]()
         for slice_name in ("new", "known"):
@@ -170,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
                          "slice": slice_name, "fraction": args.fraction, "seed": args.seed,
                          "test": res["slices"]["test"]["history_kept"][slice_name],
                          "test_excl_history": res["slices"]["test"]["history_excluded"][slice_name],
-                         "valid": res["slices"]["valid"]["history_kept"][slice_name]})
+                         "valid": res["slices"]["valid"]["history_kept"][slice_name],
+                         **({"new_items": res["new_items"]} if res.get("new_items") else {})})
     out = args.runs_dir if args.quick else DEFAULT_OUT
     result = {"rows": rows, **benchmark_meta("benchmarks/cold_start.py", argv, REPO, fraction=args.fraction,
                                              seed=args.seed)}

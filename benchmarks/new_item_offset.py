@@ -1,13 +1,16 @@
-"""Probe, on VALID only: why the semantic-ID model ranks no never-trained item in a top 10, and
-what a constant logit offset for those items would trade.
+"""Probe, on VALID only: why the semantic-ID model ranks no never-trained item in a top 10, what a
+constant logit offset for those items would trade, and the choice of ``model.new_items: backoff``.
 
-    python benchmarks/new_item_offset.py --run runs/bench-cold/qbert4rec --deltas 0 1 1.5 2 4
+    python benchmarks/new_item_offset.py --run runs/bench-cold/qbert4rec --deltas 0 1 1.5 2 4 \
+        --backoff-weights 0.2 0.25 0.3 0.4 --backoff-offsets 1.25 1.5 1.75
 
 ``--run`` is a finished pipeline run under the cold-start protocol (``data.cold_start``, e.g. the
-``qbert4rec`` run of ``benchmarks/cold_start.py``). For each offset delta the valid targets are
-ranked with ``score + delta`` on the items withheld from training, and the new / known slices are
-reported, with the median rank of the new targets (content signal: random would be N / 2). Test is
-never scored. Writes ``benchmarks/results/new_item_offset.{json,md}``.
+``qbert4rec`` run of ``benchmarks/cold_start.py``). Rows ``rule: own``: for each offset delta the
+valid targets are ranked with ``score + delta`` on the items withheld from training (the paper's
+rule at delta 0). Rows ``rule: backoff``: every pair of ``--backoff-weights`` x ``--backoff-offsets``
+(``QBert4Rec.new_item_scores``). Each row reports the new / known slices, with the median rank of
+the new targets (content signal: random would be N / 2). Test is never scored. Writes
+``benchmarks/results/new_item_offset.{json,md}``.
 """
 
 from __future__ import annotations
@@ -38,7 +41,9 @@ def _metrics(ranks: np.ndarray) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", type=Path, required=True)
-    ap.add_argument("--deltas", type=float, nargs="+", default=[0, 1, 1.5, 2, 4])
+    ap.add_argument("--deltas", type=float, nargs="*", default=[0, 1, 1.5, 2, 4])
+    ap.add_argument("--backoff-weights", type=float, nargs="*", default=[])
+    ap.add_argument("--backoff-offsets", type=float, nargs="*", default=[])
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results")
     args = ap.parse_args(argv)
@@ -53,18 +58,26 @@ def main(argv: list[str] | None = None) -> int:
     new_item[torch.as_tensor(split.withheld)] = 1.0
     targets = split.targets("valid")
     new = np.isin(targets, split.withheld)
+    model.set_trained_items(np.setdiff1d(np.arange(split.num_items), split.withheld))
     rows = []
-    for delta in args.deltas:
+    settings = [("own", None, delta) for delta in args.deltas]
+    settings += [("backoff", w, off) for w in args.backoff_weights for off in args.backoff_offsets]
+    for rule, weight, offset in settings:
+        model.new_items = rule
+        if rule == "backoff":
+            model.new_item_weight, model.new_item_offset = weight, offset
+        shift = offset if rule == "own" else 0.0
         with torch.no_grad():
-            ranks = rank_targets(lambda h, d=delta: model.score(h) + d * new_item, split.history("valid", pad=0, shift=1),
+            ranks = rank_targets(lambda h, d=shift: model.score(h) + d * new_item, split.history("valid", pad=0, shift=1),
                                  targets, split.num_items, protocols=("kept",), history_pad=0,
                                  history_shift=1)["kept"].numpy()
-        rows.append({"delta": delta, "new": _metrics(ranks[new]), "known": _metrics(ranks[~new]),
-                     "all": _metrics(ranks)})
+        rows.append({"rule": rule, "weight": weight, "delta": offset, "new": _metrics(ranks[new]),
+                     "known": _metrics(ranks[~new]), "all": _metrics(ranks)})
         print(rows[-1])
-    md = ["| offset | new HR@10 | new NDCG@10 | new median rank | known HR@10 | known NDCG@10 | all NDCG@10 |",
-          "|---|---|---|---|---|---|---|"]
-    md += [f"| {r['delta']:g} | {r['new']['HR@10']:.4f} | {r['new']['NDCG@10']:.4f} | {r['new']['median_rank']:.0f} | "
+    md = ["| rule | weight of own score | offset | new HR@10 | new NDCG@10 | new median rank | known HR@10 | "
+          "known NDCG@10 | all NDCG@10 |", "|---|---|---|---|---|---|---|---|---|"]
+    md += [f"| {r['rule']} | {'' if r['weight'] is None else format(r['weight'], 'g')} | {r['delta']:g} | "
+           f"{r['new']['HR@10']:.4f} | {r['new']['NDCG@10']:.4f} | {r['new']['median_rank']:.0f} | "
            f"{r['known']['HR@10']:.4f} | {r['known']['NDCG@10']:.4f} | {r['all']['NDCG@10']:.4f} |" for r in rows]
     md.append(f"\nValid only; {split.num_items} items, {int(new.sum())} users whose valid target is new. "
               "Run: " + str(args.run))

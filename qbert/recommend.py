@@ -75,7 +75,9 @@ class Recommender:
         added_ids: list[str] = []
         if added is not None:
             new = np.stack([added.column(f"code_{j}").to_numpy() for j in range(model.K)], 1)
+            trained = model.trained_items.nonzero()[:, 0].cpu()
             model.set_catalogue(torch.cat([model.codes.cpu(), torch.as_tensor(new, dtype=torch.long)]))
+            model.set_trained_items(trained)  # the added items are new: ranked by model.new_item_scores
             added_ids = [str(x) for x in added.column("orig_id").to_pylist()]
         sids = sid_strings(model.codes.cpu().numpy())
         if with_dataset:

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from qbert.baselines import BaselineConfig, run_baseline
 from qbert.data.split import ColdStartConfig, LeaveOneOutSplit, cold_start_items
 from qbert.data.synthetic import make_synthetic
-from qbert.pipeline import load_data, pretraining_rows, run_pipeline
+from qbert.pipeline import load_data, load_run_model, pretraining_rows, run_pipeline
 from qbert.seqrec.batching import masked_item_rows, next_item_rows
 from qbert.seqrec.stage import training_rows
 from test_pipeline import tiny
@@ -55,6 +56,11 @@ def test_pipeline_and_baseline_report_new_and_known_slices(tmp_path):
     n_new = int(np.isin(LeaveOneOutSplit(data.target, 15).targets("test"), new).sum())
     assert test["new"]["users"] == n_new > 0 and test["new"]["users"] + test["known"]["users"] == data.target.num_users
     assert 0.0 <= test["new"]["HR@10"] <= 1.0
+    # fine-tuning records which items it trained; the model ranks the others by backing off (model.new_items)
+    assert metrics["stages"]["finetune"]["untrained_items"] >= len(new)
+    model, _ = load_run_model(tmp_path / "qb")
+    assert not model.trained_items[torch.as_tensor(new)].any()
+    assert int((~model.trained_items).sum()) == metrics["stages"]["finetune"]["untrained_items"]
     base = run_baseline(BaselineConfig(model="sasrec", epochs=2, patience=0, progress=False,
                                        cold_start=ColdStartConfig(fraction=0.15, seed=1)),
                         data.target, tmp_path / "sas")

@@ -219,7 +219,7 @@ def test_set_catalogue_and_encoder_transfer():
     tgt = QBert4Rec(_codes(n=12, seed=3), num_codes=8, hidden=16, layers=2, heads=2, dropout=0.0, max_len=10,
                     **_mode(True))
     fresh = tgt.load_encoder(src.state_dict())
-    assert set(fresh) == {"codes", "item_emb.weight", "item_bias"}
+    assert set(fresh) == {"codes", "trained_items", "item_emb.weight", "item_bias"}
     assert torch.equal(tgt.code_emb.weight, src.code_emb.weight)
     assert tgt.num_items == 12 and tgt.item_emb.num_embeddings == 14
     tgt.eval()
@@ -441,3 +441,37 @@ def test_new_items_are_ranked_well_by_the_semantic_id_model_and_not_by_the_item_
     # 80 items, 2 new per cluster: the right cluster's new items are reachable only through their codes
     assert hr["semantic_ids"] >= 0.8, hr
     assert hr["item_ids"] <= 0.3, hr
+
+
+def test_untrained_items_back_off_to_the_trained_items_sharing_their_first_code():
+    torch.manual_seed(0)
+    codes = _codes(n=30)
+    codes[25:, 0] = 7
+    codes[:25, 0] = codes[:25, 0] % 7  # first code 7: items 25..29 only, none of them trained
+    m = QBert4Rec(codes, num_codes=8, hidden=16, layers=1, heads=2, dropout=0.0, max_len=10,
+                  new_item_weight=0.3, new_item_offset=1.2).eval()
+    hist = torch.randint(1, 31, (4, 6), generator=torch.Generator().manual_seed(1))
+    own = m.score(hist)  # every item trained until told otherwise: the paper's rule
+    trained = torch.ones(30, dtype=torch.bool)
+    trained[[3, 11, 25, 26, 27, 28, 29]] = False
+    m.set_trained_items(trained.nonzero()[:, 0])
+    got = m.score(hist)
+    torch.testing.assert_close(got[:, trained], own[:, trained])  # trained items: unchanged
+    torch.testing.assert_close(got[:, 25:], own[:, 25:])  # no trained item shares their first code
+    p = own.exp()
+    for i in (3, 11):  # brute force: the mean probability of the trained items of its first code
+        peers = [j for j in range(30) if trained[j] and codes[j, 0] == codes[i, 0]]
+        want = 0.7 * torch.log(p[:, peers].mean(1)) + 0.3 * own[:, i] + 1.2
+        torch.testing.assert_close(got[:, i], want)
+    # the record travels with the weights; a state saved before it existed keeps the model's own
+    fresh = QBert4Rec(codes, num_codes=8, hidden=16, layers=1, heads=2, dropout=0.0, max_len=10,
+                      new_item_weight=0.3, new_item_offset=1.2).eval()
+    fresh.load_state_dict(m.state_dict())
+    torch.testing.assert_close(fresh.score(hist), got)
+    old = {k: v for k, v in m.state_dict().items() if k != "trained_items"}
+    fresh.load_state_dict(old)
+    assert bool(fresh.trained_items.equal(trained))
+    m.new_items = "own"  # the paper's rule: every item by its own composed score
+    torch.testing.assert_close(m.score(hist), own)
+    with pytest.raises(ValueError, match="new_items"):
+        QBert4Rec(codes, num_codes=8, hidden=16, layers=1, heads=2, max_len=10, new_items="mean")

@@ -26,7 +26,7 @@ from qbert.utils.runtime import git_commit, seed_everything
 log = logging.getLogger(__name__)
 
 # where a stage ran, not what it computed; and settings only ranking reads (no stage output depends on them)
-_RUNTIME_KEYS = {"device", "progress", "code_score_weight"}
+_RUNTIME_KEYS = {"device", "progress", "code_score_weight", "new_items", "new_item_weight", "new_item_offset"}
 
 
 def _stage_inputs(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
@@ -93,8 +93,8 @@ def reuse_stage(cfg: PipelineConfig, stage: str, out_dir: str | Path) -> dict[st
 
 def config_differences(path: Path, cfg: PipelineConfig) -> list[str] | None:
     """Dotted keys where the run config at ``path`` differs from ``cfg`` (settings of where a run
-    executes, such as device, progress bars and Ray resources, aside); None when there is no
-    config there."""
+    executes, such as device, progress bars and Ray resources, the run that reused stages came
+    from, and ranking-only settings, aside); None when there is no config there."""
     if not path.is_file():
         return None
     try:
@@ -102,7 +102,8 @@ def config_differences(path: Path, cfg: PipelineConfig) -> list[str] | None:
     except ConfigError:
         return [f"{path.name} (unreadable with this version)"]
     mine = flatten_dict(cfg.to_dict())
-    skip = lambda k: k.split(".")[-1] in _RUNTIME_KEYS or k.startswith("resources.")  # noqa: E731
+    # reuse.* names where stages came from, made with the same settings (check_reuse): not what they computed
+    skip = lambda k: k.split(".")[-1] in _RUNTIME_KEYS or k.startswith(("resources.", "reuse."))  # noqa: E731
     return sorted(k for k in set(mine) | set(theirs) if not skip(k) and mine.get(k) != theirs.get(k))
 
 

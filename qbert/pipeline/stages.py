@@ -170,6 +170,7 @@ def run_finetune_stage(cfg: PipelineConfig, data: PipelineData, out_dir: str | P
     return {"init": init, "valid": valid, "test": {k: test[k] for k in METRIC_KEYS if k in test},
             "by_protocol": by_split, **weights, "best_epoch": res.best_epoch,
             "epochs_run": len(res.history), "stopped_early": res.stopped_early, "train_seconds": res.train_seconds,
+            "untrained_items": int((~model.trained_items).sum()),
             "samples_per_second": res.samples_per_second,
             "eval_seconds_per_user": eval_seconds / (split.num_users * (2 if cfg.eval.test else 1)),
             "params": sum(p.numel() for p in model.parameters()),

@@ -54,6 +54,7 @@ touched: that is why the full-length prefix is off by default).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -68,6 +69,7 @@ IGNORE = -100  # cross-entropy target of a row that is not a masked position
 REPEAT_SCALE = 10.0  # repeat_weight = REPEAT_SCALE * repeat_raw, so Adam moves it ~10 x lr per step
 ITEM_ID_MODES = ("none", "input", "input_and_head")
 HEADS = ("catalogue", "levels")
+NEW_ITEM_RULES = ("backoff", "own")
 class QBert4Rec(nn.Module):
     """Bidirectional encoder over semantic-ID item sequences."""
 
@@ -81,7 +83,8 @@ class QBert4Rec(nn.Module):
                  head: str = "catalogue", prefix_lengths: list[int] | None = None, prefix_buckets: int = 32768,
                  code_loss_weight: float = 1.0, combine: str = "sum", ffn_mult: int = 4, pre_ln: bool = False,
                  level_sizes: list[int] | None = None, tie_codes: bool = False,
-                 code_score_weight: float = 1.0, repeat_bias: bool = False, prefix_bias: bool = False) -> None:
+                 code_score_weight: float = 1.0, repeat_bias: bool = False, prefix_bias: bool = False,
+                 new_items: str = "backoff", new_item_weight: float = 0.25, new_item_offset: float = 1.5) -> None:
         super().__init__()
         codes = torch.as_tensor(codes, dtype=torch.long)
         if codes.ndim != 2 or codes.shape[0] < 1 or codes.shape[1] < 1:
@@ -92,6 +95,9 @@ class QBert4Rec(nn.Module):
             raise ValueError(f"item_id must be one of {ITEM_ID_MODES}, got {item_id!r}")
         if head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+        if new_items not in NEW_ITEM_RULES or not 0.0 <= new_item_weight <= 1.0:
+            raise ValueError(f"new_items must be one of {NEW_ITEM_RULES} and new_item_weight in [0, 1], got "
+                             f"{new_items!r}, {new_item_weight}")
         self.K = int(codes.shape[1])
         lengths = list(range(2, self.K)) if prefix_lengths is None else sorted(set(prefix_lengths))
         if any(not 2 <= n <= self.K for n in lengths):
@@ -114,6 +120,9 @@ class QBert4Rec(nn.Module):
         self.item_id = item_id
         self.combine = combine
         self.code_score_weight = float(code_score_weight)  # ranking only; not a parameter
+        self.new_items = new_items  # ranking only, like the two below (see new_item_scores)
+        self.new_item_weight = float(new_item_weight)
+        self.new_item_offset = float(new_item_offset)
         self.code_loss_weight = float(code_loss_weight)
         self.prefix_lengths = lengths
         self.prefix_buckets = int(prefix_buckets)
@@ -155,6 +164,7 @@ class QBert4Rec(nn.Module):
         self.set_catalogue(codes)
         # model.pt / last.pt / pretrain.pt written before the prefix tables had a module of their own
         self._register_load_state_dict_pre_hook(_upgrade_in_place)
+        self._register_load_state_dict_pre_hook(self._all_trained_if_unrecorded)
 
     # ------------------------------------------------------------------ catalogue
     @property
@@ -197,6 +207,8 @@ class QBert4Rec(nn.Module):
         self.register_buffer("item_prefix_rows", rows.to(device), persistent=False)
         self.register_buffer("token_prefix_rows", torch.cat([blank, rows.cpu(), blank]).to(device), persistent=False)
         self.register_buffer("item_code_rows", (codes + torch.arange(self.K) * self.C).to(device), persistent=False)
+        # which items training rows held (set by fine-tuning; saved with the model): all until told
+        self.register_buffer("trained_items", torch.ones(n, dtype=torch.bool, device=device))
         if self.item_id != "none" and (self.item_emb is None or self.item_emb.num_embeddings != n + 2):
             self.item_emb = nn.Embedding(n + 2, self.hidden, padding_idx=PAD).to(device)
             nn.init.normal_(self.item_emb.weight, std=0.02)
@@ -221,9 +233,24 @@ class QBert4Rec(nn.Module):
             index[items] = torch.arange(items.numel(), device=items.device)
         self.candidate_index = index
 
+    def set_trained_items(self, items: torch.Tensor | np.ndarray) -> None:
+        """Record which catalogue items (0-based) the training rows held; ranking scores the others,
+        items with no training signal of their own, by :meth:`new_item_scores`."""
+        flags = torch.zeros(self.num_items, dtype=torch.bool, device=self.codes.device)
+        flags[torch.as_tensor(np.asarray(items), dtype=torch.long, device=flags.device)] = True
+        self.trained_items = flags
+
+    def _all_trained_if_unrecorded(self, state: dict[str, torch.Tensor], prefix: str, *args) -> None:  # noqa: ANN002
+        """``load_state_dict`` pre-hook: a state saved before the trained items were recorded keeps
+        the model's own record (every item, unless :meth:`set_trained_items` said otherwise)."""
+        if prefix + "codes" in state and prefix + "trained_items" not in state:
+            n = len(state[prefix + "codes"])
+            own = self.trained_items.cpu()
+            state[prefix + "trained_items"] = own if len(own) == n else torch.ones(n, dtype=torch.bool)
+
     def catalogue_keys(self) -> set[str]:
         """State-dict keys that belong to a catalogue (not transferred across domains)."""
-        keys = {"codes"}
+        keys = {"codes", "trained_items"}
         if self.item_id != "none":
             keys |= {"item_emb.weight", "item_bias"}
         return keys
@@ -443,12 +470,35 @@ class QBert4Rec(nn.Module):
             h = h.float()
             if self.head == "catalogue":
                 codes = F.log_softmax(self.catalogue_logits(h, None if self.id_head else inp), dim=-1)
+                if self.item_id == "none" and self.new_items == "backoff":
+                    codes = self.new_item_scores(codes)
             else:
                 lp = F.log_softmax(self.code_logits(h), dim=-1)
                 level = torch.arange(self.K, device=lp.device)
                 codes = lp[:, level, self.codes].sum(-1)  # [B, N]
             ids = F.log_softmax(self.id_logits(h, inp), dim=-1) if self.id_head else None
         return codes, ids
+
+    def new_item_scores(self, log_p: torch.Tensor) -> torch.Tensor:
+        """Scores [B, N] with every untrained item's log P(semantic ID | history) (``log_p``) replaced.
+
+        An item no training row held never had its own semantic ID trained as a target, and the
+        composed score ranks it below every trained item (docs/results.md, "Cold-start items").
+        Its score backs off to the items that share its first code, the coarsest level of the
+        semantic ID (items of similar content): ``(1 - w) * log(mean P of the trained items with
+        its first code) + w * log_p + offset``, with ``w = new_item_weight`` and ``offset =
+        new_item_offset`` (chosen on valid; docs/method.md). An item whose first code no trained
+        item has keeps ``log_p``; trained items are unchanged.
+        """
+        if bool(self.trained_items.all()):
+            return log_p
+        trained = self.trained_items.to(log_p.dtype)
+        group = self.codes[:, 0]
+        mass = log_p.new_zeros(len(log_p), self.C).index_add_(1, group, log_p.exp() * trained)
+        count = log_p.new_zeros(self.C).index_add_(0, group, trained)[group]  # [N] trained items per group
+        share = torch.log((mass[:, group] / count.clamp(min=1)).clamp(min=1e-30))
+        backoff = (1.0 - self.new_item_weight) * share + self.new_item_weight * log_p + self.new_item_offset
+        return torch.where(~self.trained_items & (count > 0), backoff, log_p)
 
     def score(self, history: torch.Tensor) -> torch.Tensor:
         """Full-ranking scores [B, N]: log P(semantic ID | history); the hybrid adds log p(item) with

@@ -60,6 +60,12 @@ class SeqRecConfig(Config):
     # the semantic-ID term next to the item-ID term
     repeat_bias: bool = False  # learn one logit shift for items already in the sequence
     prefix_bias: bool = False  # and one per code-prefix length for items sharing a prefix with them
+    # ranking of items no training row held (cold-start items; paper's model only): "backoff" to
+    # the trained items sharing their first code (QBert4Rec.new_item_scores; weight and offset
+    # chosen on Instruments valid, docs/results.md), "own" = their composed score (the paper's rule)
+    new_items: Literal["backoff", "own"] = "backoff"
+    new_item_weight: float = Field(0.25, ge=0.0, le=1.0)
+    new_item_offset: float = 1.5
 
 
 class ScheduleConfig(Config):
@@ -145,7 +151,8 @@ def build_model(cfg: SeqRecConfig, codes: np.ndarray | torch.Tensor, num_codes: 
                      prefix_buckets=cfg.prefix_buckets, code_loss_weight=cfg.code_loss_weight, combine=cfg.combine,
                      ffn_mult=cfg.ffn_mult, pre_ln=cfg.pre_ln, level_sizes=sizes, tie_codes=cfg.tie_codes,
                      code_score_weight=cfg.code_score_weight, repeat_bias=cfg.repeat_bias,
-                     prefix_bias=cfg.prefix_bias)
+                     prefix_bias=cfg.prefix_bias, new_items=cfg.new_items, new_item_weight=cfg.new_item_weight,
+                     new_item_offset=cfg.new_item_offset)
 
 
 def full_sequences(ds, max_len: int) -> np.ndarray:
@@ -391,6 +398,7 @@ def finetune(model: QBert4Rec, split: LeaveOneOutSplit, cfg: FinetuneConfig, dev
     opt = build_optimizer(model, cfg.lr, cfg.weight_decay)
     batches = masked_batches(seqs, cfg.batch_size, mask_fn, seed, device, shard)
     step = partial(masked_step, label_smoothing=cfg.label_smoothing)
+    model.set_trained_items(np.unique(seqs[seqs > 0]) - 1)  # the rest are ranked as new (new_item_scores)
     with _candidates(model, seqs, cfg.negatives):
         return fit(model, opt, batches, step, loop, evaluate=evaluate, scheduler=_scheduler(opt, cfg, seqs, shard),
                    callbacks=callbacks, checkpoint_dir=checkpoint_dir, desc="finetune")
