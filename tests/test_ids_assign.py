@@ -78,6 +78,9 @@ def test_new_items_get_content_ids_and_are_recommended(setup, capsys):
     rec = Recommender.from_run(run)
     assert rec.model.num_items == old + NEW and list(rec.item_ids[old:]) == added.column("orig_id").to_pylist()
     assert torch.equal(rec.model.codes[:old], before.model.codes)  # existing IDs never move
+    # items added after training had no training rows: ranked by model.new_items, the others as before
+    assert torch.equal(rec.model.trained_items[:old], before.model.trained_items)
+    assert not rec.model.trained_items[old:].any()
     ids = full.items.column("orig_id").to_pylist()
     histories, targets = {}, []
     for u, s in enumerate(seqs):
