@@ -49,8 +49,10 @@ from qbert.baselines import BaselineConfig, run_baseline  # noqa: E402
 from qbert.config import parse_overrides  # noqa: E402
 from qbert.eval.evaluator import rank_targets  # noqa: E402
 from qbert.eval.report import cold_start_report  # noqa: E402
-from qbert.pipeline import (PipelineConfig, config_differences, load_data, load_run_model,  # noqa: E402
-                            quickstart_config, run_pipeline, stage_features)
+from qbert.pipeline import (PipelineConfig, config_differences, load_data, quickstart_config,  # noqa: E402
+                            run_pipeline, stage_features)
+from qbert.pipeline.runs import rescoring_model  # noqa: E402
+from qbert.utils.runtime import pick_device  # noqa: E402
 from qbert.seqrec.stage import split_ranks  # noqa: E402
 from qbert.pipeline.data import target_split  # noqa: E402
 from qbert.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
@@ -79,18 +81,17 @@ def _finished(run: Path, cfg_dict: dict[str, Any]) -> dict[str, Any] | None:
 
 def pipeline_row(cfg: PipelineConfig, data, run: Path) -> dict[str, Any]:
     """Train the run unless ``run`` holds one of these settings (whether it scored test or not), then
-    score valid and test from its ``model.pt`` with ``cfg``'s ranking settings (``model.new_items``...)."""
-    diffs = config_differences(run / "config.yaml", cfg) if (run / "model.pt").is_file() else None
+    score valid and test from its ``model.pt`` with ``cfg``'s ranking settings (``model.new_items``...),
+    on the run's device and at its fine-tuning precision (as the run scored itself)."""
+    diffs = config_differences(run / "config.yaml", cfg, ignore_reuse=True) if (run / "model.pt").is_file() else None
     if diffs is None or [k for k in diffs if k != "eval.test"]:
         run_pipeline(cfg, run, overwrite=True)
-    model, _ = load_run_model(run)
-    for key in ("new_items", "new_item_weight", "new_item_offset"):
-        setattr(model, key, getattr(cfg.model, key))
+    device = pick_device(cfg.device)
     split = target_split(cfg, data)
-    rows = split.train_sequences(pad=0, shift=1)
-    model.set_trained_items(np.unique(rows[rows > 0]) - 1)  # what fine-tuning recorded (older runs did not)
+    model = rescoring_model(run, cfg, split, device)
     with torch.no_grad():
-        ranks = {w: split_ranks(model, split, w, protocols=("kept", "excluded")) for w in ("valid", "test")}
+        ranks = {w: split_ranks(model, split, w, cfg.eval.batch_size, device, ("kept", "excluded"),
+                                cfg.finetune.precision) for w in ("valid", "test")}
     return {"stage3_item_table": bool(model.item_indexed_parameters()),
             "slices": cold_start_report(split, ranks, cfg.data.cold_start)["slices"],
             "new_items": {"rule": model.new_items, "weight": model.new_item_weight, "offset": model.new_item_offset,

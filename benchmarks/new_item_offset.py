@@ -6,10 +6,11 @@ constant logit offset for those items would trade, and the choice of ``model.new
 
 ``--run`` is a finished pipeline run under the cold-start protocol (``data.cold_start``, e.g. the
 ``qbert4rec`` run of ``benchmarks/cold_start.py``). Rows ``rule: own``: for each offset delta the
-valid targets are ranked with ``score + delta`` on the items withheld from training (the paper's
+valid targets are ranked with ``score + delta`` on the items fine-tuning did not train (the paper's
 rule at delta 0). Rows ``rule: backoff``: every pair of ``--backoff-weights`` x ``--backoff-offsets``
 (``QBert4Rec.new_item_scores``). Each row reports the new / known slices, with the median rank of
-the new targets (content signal: random would be N / 2). Test is never scored. Writes
+the new targets (content signal: random would be N / 2). Valid is scored as the run scores it (its
+device, batch size, fine-tuning precision and record of trained items). Test is never scored. Writes
 ``benchmarks/results/new_item_offset.{json,md}``.
 """
 
@@ -25,9 +26,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from qbert.eval.evaluator import rank_targets  # noqa: E402
-from qbert.pipeline import load_data, load_run_model  # noqa: E402
+from qbert.pipeline import PipelineConfig, load_data  # noqa: E402
 from qbert.pipeline.data import target_split  # noqa: E402
+from qbert.pipeline.runs import rescoring_model  # noqa: E402
+from qbert.seqrec.stage import split_ranks  # noqa: E402
+from qbert.utils.runtime import pick_device  # noqa: E402
 from qbert.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
 from qbert.utils.runtime import benchmark_meta  # noqa: E402
 
@@ -49,30 +52,25 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, cfg = load_run_model(args.run)
+    cfg = PipelineConfig.from_yaml(args.run / "config.yaml")
     split = target_split(cfg, load_data(cfg))
     if not split.withheld.size:
         print(f"error: {args.run} was not trained under the cold-start protocol (data.cold_start)", file=sys.stderr)
         return 2
-    new_item = torch.zeros(split.num_items)
-    new_item[torch.as_tensor(split.withheld)] = 1.0
-    targets = split.targets("valid")
-    new = np.isin(targets, split.withheld)
-    model.set_trained_items(np.setdiff1d(np.arange(split.num_items), split.withheld))
+    device = pick_device(cfg.device)
+    model = rescoring_model(args.run, cfg, split, device)  # the items fine-tuning trained, as it recorded them
+    new = np.isin(split.targets("valid"), split.withheld)
     rows = []
-    settings = [("own", None, delta) for delta in args.deltas]
+    # own + delta: the item's own score shifted by delta = the backoff rule with all weight on the own score
+    settings = [("own", 1.0, delta) for delta in args.deltas]
     settings += [("backoff", w, off) for w in args.backoff_weights for off in args.backoff_offsets]
     for rule, weight, offset in settings:
-        model.new_items = rule
-        if rule == "backoff":
-            model.new_item_weight, model.new_item_offset = weight, offset
-        shift = offset if rule == "own" else 0.0
-        with torch.no_grad():
-            ranks = rank_targets(lambda h, d=shift: model.score(h) + d * new_item, split.history("valid", pad=0, shift=1),
-                                 targets, split.num_items, protocols=("kept",), history_pad=0,
-                                 history_shift=1)["kept"].numpy()
-        rows.append({"rule": rule, "weight": weight, "delta": offset, "new": _metrics(ranks[new]),
-                     "known": _metrics(ranks[~new]), "all": _metrics(ranks)})
+        model.new_items, model.new_item_weight, model.new_item_offset = "backoff", weight, offset
+        with torch.no_grad():  # as the run scores valid: its device, batch size and fine-tuning precision
+            ranks = split_ranks(model, split, "valid", cfg.eval.batch_size, device, ("kept",),
+                                cfg.finetune.precision)["kept"].numpy()
+        rows.append({"rule": rule, "weight": None if rule == "own" else weight, "delta": offset,
+                     "new": _metrics(ranks[new]), "known": _metrics(ranks[~new]), "all": _metrics(ranks)})
         print(rows[-1])
     md = ["| rule | weight of own score | offset | new HR@10 | new NDCG@10 | new median rank | known HR@10 | "
           "known NDCG@10 | all NDCG@10 |", "|---|---|---|---|---|---|---|---|---|"]

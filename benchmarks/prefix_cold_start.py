@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out-md", default=str(REPO / "benchmarks" / "results" / "prefix_cold_start.md"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    base = {"hidden": 32, "layers": 1, "heads": 2, "dropout": 0.0}
+    # new items ranked by their own composed scores (the paper's rule): what the prefixes compose
+    base = {"hidden": 32, "layers": 1, "heads": 2, "dropout": 0.0, "new_items": "own"}
     settings = [("[2, 3] (full tuple)", [2, 3], False, "all"), ("[2] (default)", None, False, "all"),
                 ("[] (none)", [], False, "all"), ("[2, 3] (full tuple)", [2, 3], False, "seen"),
                 ("[2] (default)", None, False, "seen"), ("[] (none)", [], False, "seen"),

@@ -15,7 +15,7 @@ from qbert.data.errors import DataError
 from qbert.data.split import LeaveOneOutSplit
 from qbert.data.synthetic import SyntheticConfig, make_synthetic
 from qbert.eval.evaluator import evaluate_ranking
-from qbert.pipeline import (PipelineConfig, check_reuse, load_data, load_run_model, pretraining_rows, quickstart_config, run_pipeline,
+from qbert.pipeline import (PipelineConfig, check_reuse, config_differences, load_data, load_run_model, pretraining_rows, quickstart_config, run_pipeline,
                             stage_features)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -311,3 +311,18 @@ def test_reuse_takes_earlier_stages_from_a_finished_run_only_when_their_settings
     with pytest.raises(ConfigError, match="no finished run"):
         run_pipeline(tiny(**fast, **{"reuse.from_run": str(tmp_path / "nowhere"), "reuse.stages": ["fusion"]}),
                      tmp_path / "none")
+
+
+def test_stage_1_settings_leave_out_the_cold_start_protocol_and_reuse_counts_only_for_finished_runs(tmp_path):
+    from qbert.pipeline.runs import _stage_inputs
+
+    plain, cold = tiny(), tiny(**{"data.cold_start.fraction": 0.2})
+    for stage in ("fusion", "quantize"):  # content only: the same settings, the same as before `ignores`
+        assert _stage_inputs(cold, stage) == _stage_inputs(plain, stage)
+        assert _stage_inputs(plain, stage)["data"] == plain.to_dict()["data"]
+    for stage in ("pretrain", "finetune"):  # they read the interactions the protocol withholds
+        assert _stage_inputs(cold, stage)["data"] == cold.to_dict()["data"] != plain.to_dict()["data"]
+    plain.to_yaml(tmp_path / "config.yaml")
+    reused = plain.override({"reuse.from_run": str(tmp_path), "reuse.stages": ["fusion"]})
+    assert config_differences(tmp_path / "config.yaml", reused) == ["reuse.from_run", "reuse.stages"]  # resume: not the same
+    assert config_differences(tmp_path / "config.yaml", reused, ignore_reuse=True) == []  # a finished run: the same

@@ -434,7 +434,7 @@ def _cold_start_bench():
 
 def test_new_items_are_ranked_well_by_the_semantic_id_model_and_not_by_the_item_id_model():
     bench = _cold_start_bench()
-    base = {"hidden": 32, "layers": 1, "heads": 2, "dropout": 0.0}
+    base = {"hidden": 32, "layers": 1, "heads": 2, "dropout": 0.0, "new_items": "own"}  # composed scores alone
     hr = {name: float((bench.new_item_ranks(SeqRecConfig(**base, **extra), seed=0) < 10).float().mean())
           for name, extra in {"semantic_ids": {}, "item_ids": {"item_id": "input_and_head", "head": "levels",
                                                                 "code_score_weight": 0.0}}.items()}

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from qbert.config import ConfigError, flatten_dict
@@ -30,15 +31,36 @@ _RUNTIME_KEYS = {"device", "progress", "code_score_weight", "new_items", "new_it
 
 
 def _stage_inputs(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
-    """The settings ``stage``'s output depends on (its own and every earlier stage's), by key."""
-    flat = flatten_dict(cfg.to_dict())
+    """The settings ``stage``'s output depends on (its own and every earlier stage's), by section.
+
+    A key a stage ``ignores`` enters at its default value (so its hash is the one of a config
+    that leaves it unset) until a later stage names it in ``depends_on`` (then its real value)."""
+    d = cfg.to_dict()
+    defaults = type(cfg)().to_dict()
+
+    def clean(v: Any) -> Any:
+        return {k: clean(x) for k, x in v.items() if k not in _RUNTIME_KEYS} if isinstance(v, dict) else v
+
+    def at(tree: dict[str, Any], key: str) -> tuple[dict[str, Any], str]:
+        *parents, leaf = key.split(".")
+        for p in parents:
+            tree = tree[p]
+        return tree, leaf
+
     out: dict[str, Any] = {}
     for s in STAGES[: STAGES.index(stage) + 1]:
-        ignored = REGISTRY[s].ignores
-        out.update({k: v for k, v in flat.items()
-                    if any(k == dep or k.startswith(dep + ".") for dep in REGISTRY[s].depends_on)
-                    and k.split(".")[-1] not in _RUNTIME_KEYS
-                    and not any(k == i or k.startswith(i + ".") for i in ignored)})
+        for dep in REGISTRY[s].depends_on:
+            if "." in dep:  # one key of a section an earlier stage read: its real value
+                tree, leaf = at(out, dep)
+                src, _ = at(d, dep)
+                tree[leaf] = clean(src[leaf])
+                continue
+            out[dep] = clean(d[dep])
+            for key in REGISTRY[s].ignores:
+                if key.split(".")[0] == dep:
+                    tree, leaf = at(out, key)
+                    src, _ = at(defaults, key)
+                    tree[leaf] = clean(src[leaf])
     return out
 
 
@@ -91,10 +113,12 @@ def reuse_stage(cfg: PipelineConfig, stage: str, out_dir: str | Path) -> dict[st
     return {**report, "reused_from": str(src.resolve())}
 
 
-def config_differences(path: Path, cfg: PipelineConfig) -> list[str] | None:
+def config_differences(path: Path, cfg: PipelineConfig, ignore_reuse: bool = False) -> list[str] | None:
     """Dotted keys where the run config at ``path`` differs from ``cfg`` (settings of where a run
-    executes, such as device, progress bars and Ray resources, the run that reused stages came
-    from, and ranking-only settings, aside); None when there is no config there."""
+    executes, such as device, progress bars and Ray resources, and ranking-only settings, aside);
+    None when there is no config there. ``ignore_reuse``: also the run that reused stages came
+    from (they were made with the same settings, so a *finished* run computed the same; a run to
+    resume is not the same, its later checkpoints were trained on the other stages' outputs)."""
     if not path.is_file():
         return None
     try:
@@ -102,8 +126,8 @@ def config_differences(path: Path, cfg: PipelineConfig) -> list[str] | None:
     except ConfigError:
         return [f"{path.name} (unreadable with this version)"]
     mine = flatten_dict(cfg.to_dict())
-    # reuse.* names where stages came from, made with the same settings (check_reuse): not what they computed
-    skip = lambda k: k.split(".")[-1] in _RUNTIME_KEYS or k.startswith(("resources.", "reuse."))  # noqa: E731
+    skipped = ("resources.", "reuse.") if ignore_reuse else ("resources.",)
+    skip = lambda k: k.split(".")[-1] in _RUNTIME_KEYS or k.startswith(skipped)  # noqa: E731
     return sorted(k for k in set(mine) | set(theirs) if not skip(k) and mine.get(k) != theirs.get(k))
 
 
@@ -111,7 +135,7 @@ def finished_test_run(run_dir: str | Path, cfg: PipelineConfig) -> dict[str, Any
     """``metrics.json`` of a finished run in ``run_dir`` made with ``cfg``'s settings and with test
     scored, else None (benchmarks read such a run instead of training it again)."""
     run = Path(run_dir)
-    if not (run / "metrics.json").is_file() or config_differences(run / "config.yaml", cfg) != []:
+    if not (run / "metrics.json").is_file() or config_differences(run / "config.yaml", cfg, ignore_reuse=True) != []:
         return None
     metrics = json.loads((run / "metrics.json").read_text())
     return metrics if metrics.get("test") else None
@@ -255,7 +279,30 @@ def _load_run(run_dir: str | Path, device: str | torch.device = "cpu"):
     model = build_model(cfg.model, codes, cfg.quantize.sizes, cfg.data.max_len)
     model.load_state_dict(payload["model"])
     model.code_score_weight = float(payload.get("code_score_weight", cfg.model.code_score_weight))  # chosen on valid
-    return model.to(device).eval(), cfg, {k: v for k, v in payload.items() if k != "model"}
+    rest = {k: v for k, v in payload.items() if k != "model"}
+    rest["records_trained_items"] = "trained_items" in payload["model"]
+    return model.to(device).eval(), cfg, rest
+
+
+def trained_items_of(cfg: PipelineConfig, split) -> np.ndarray:
+    """0-based items fine-tuning trains on (its rows: every training-part prefix), as it records
+    them in ``model.pt`` (``trained_items``); for runs saved before that record existed."""
+    from qbert.seqrec.stage import training_rows
+
+    rows = training_rows(split, cfg.data.max_len, cfg.finetune.prefixes)
+    return np.unique(rows[rows > 0]) - 1
+
+
+def rescoring_model(run_dir: str | Path, cfg: PipelineConfig, split, device: str | torch.device = "cpu"):
+    """A finished run's model, ready to re-score ``split`` under ``cfg``'s ranking-only settings
+    (``model.new_items...``): its own record of the trained items, or for runs saved before the
+    record, :func:`trained_items_of`."""
+    model, _, payload = _load_run(run_dir, device)
+    if not payload["records_trained_items"]:
+        model.set_trained_items(trained_items_of(cfg, split))
+    for key in ("new_items", "new_item_weight", "new_item_offset"):
+        setattr(model, key, getattr(cfg.model, key))
+    return model
 
 
 def evaluate_run(run_dir: str | Path, which: str = "test", exclude_history: bool | None = None,

@@ -165,6 +165,7 @@ class QBert4Rec(nn.Module):
         # model.pt / last.pt / pretrain.pt written before the prefix tables had a module of their own
         self._register_load_state_dict_pre_hook(_upgrade_in_place)
         self._register_load_state_dict_pre_hook(self._all_trained_if_unrecorded)
+        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_untrained_key", None))
 
     # ------------------------------------------------------------------ catalogue
     @property
@@ -209,6 +210,7 @@ class QBert4Rec(nn.Module):
         self.register_buffer("item_code_rows", (codes + torch.arange(self.K) * self.C).to(device), persistent=False)
         # which items training rows held (set by fine-tuning; saved with the model): all until told
         self.register_buffer("trained_items", torch.ones(n, dtype=torch.bool, device=device))
+        self._untrained_key = None
         if self.item_id != "none" and (self.item_emb is None or self.item_emb.num_embeddings != n + 2):
             self.item_emb = nn.Embedding(n + 2, self.hidden, padding_idx=PAD).to(device)
             nn.init.normal_(self.item_emb.weight, std=0.02)
@@ -236,9 +238,13 @@ class QBert4Rec(nn.Module):
     def set_trained_items(self, items: torch.Tensor | np.ndarray) -> None:
         """Record which catalogue items (0-based) the training rows held; ranking scores the others,
         items with no training signal of their own, by :meth:`new_item_scores`."""
+        items = torch.as_tensor(np.asarray(items))
+        if items.dtype == torch.bool or items.is_floating_point():
+            raise ValueError(f"set_trained_items takes 0-based item indices, got a {items.dtype} tensor")
         flags = torch.zeros(self.num_items, dtype=torch.bool, device=self.codes.device)
-        flags[torch.as_tensor(np.asarray(items), dtype=torch.long, device=flags.device)] = True
+        flags[items.to(device=flags.device, dtype=torch.long)] = True
         self.trained_items = flags
+        self._untrained_key = None
 
     def _all_trained_if_unrecorded(self, state: dict[str, torch.Tensor], prefix: str, *args) -> None:  # noqa: ANN002
         """``load_state_dict`` pre-hook: a state saved before the trained items were recorded keeps
@@ -490,15 +496,28 @@ class QBert4Rec(nn.Module):
         new_item_offset`` (chosen on valid; docs/method.md). An item whose first code no trained
         item has keeps ``log_p``; trained items are unchanged.
         """
-        if bool(self.trained_items.all()):
+        new = self._untrained()  # [U] untrained items whose first code a trained item has
+        if not new.numel():
             return log_p
         trained = self.trained_items.to(log_p.dtype)
         group = self.codes[:, 0]
         mass = log_p.new_zeros(len(log_p), self.C).index_add_(1, group, log_p.exp() * trained)
-        count = log_p.new_zeros(self.C).index_add_(0, group, trained)[group]  # [N] trained items per group
-        share = torch.log((mass[:, group] / count.clamp(min=1)).clamp(min=1e-30))
-        backoff = (1.0 - self.new_item_weight) * share + self.new_item_weight * log_p + self.new_item_offset
-        return torch.where(~self.trained_items & (count > 0), backoff, log_p)
+        count = log_p.new_zeros(self.C).index_add_(0, group, trained)
+        share = torch.log((mass[:, group[new]] / count[group[new]]).clamp(min=1e-30))  # [B, U]
+        out = log_p.clone()
+        out[:, new] = (1.0 - self.new_item_weight) * share + self.new_item_weight * log_p[:, new] + self.new_item_offset
+        return out
+
+    def _untrained(self) -> torch.Tensor:
+        """Indices of the untrained items whose first code some trained item has (cached per
+        ``trained_items`` record, so ranking reads it from the device once, not per batch)."""
+        key = (self.trained_items.data_ptr(), self.trained_items._version, self.codes.data_ptr())
+        if getattr(self, "_untrained_key", None) != key:
+            peers = torch.zeros(self.C, dtype=torch.bool, device=self.codes.device)
+            peers[self.codes[:, 0][self.trained_items]] = True
+            self._untrained_cache = torch.nonzero(~self.trained_items & peers[self.codes[:, 0]])[:, 0]
+            self._untrained_key = key
+        return self._untrained_cache
 
     def score(self, history: torch.Tensor) -> torch.Tensor:
         """Full-ranking scores [B, N]: log P(semantic ID | history); the hybrid adds log p(item) with
