@@ -12,7 +12,8 @@ trained once under the protocol, its test set is evaluated once, and the users a
 whether their test target is new. Rows, each under both ranking protocols:
 
 - ``qbert4rec``: the paper's model (``--config``: semantic IDs only, no item-ID table), new items
-  ranked by ``model.new_items`` (default: back off to the trained items sharing their first code);
+  ranked by ``model.new_items`` (``--set model.new_items=backoff``: from the trained items sharing
+  their first code; default ``own``, the paper's rule);
 - ``qbert4rec-transfer`` (only when listed in ``--models``): the same, pretrained on
   ``--pretrain-sources`` too (one vocabulary over every catalogue);
 - ``hybrid``: ``--hybrid-config`` (item-ID embedding and softmax next to semantic IDs);

@@ -1,6 +1,6 @@
 """benchmarks/cold_start.py in quick mode: the issue's row shape, the paper's model ranks new items
-(backing off to their first code) where the item-ID hybrid and popularity cannot, a finished run is
-re-scored rather than re-trained, bad input named."""
+(``model.new_items: backoff``: backing off to their first code) where the item-ID hybrid and
+popularity cannot, a finished run is re-scored rather than re-trained, bad input named."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def test_rows_new_items_ranked_by_the_semantic_id_model_and_rescored_without_tra
     bench = _bench("cold_start")
     runs = tmp_path / "runs"
     models = "qbert4rec,hybrid,popularity,content_knn"
-    assert bench.main(["--quick", "--runs-dir", str(runs), "--models", models]) == 0
+    assert bench.main(["--quick", "--runs-dir", str(runs), "--models", models, "--set", "model.new_items=backoff"]) == 0
     rows = json.loads((runs / "cold_start.json").read_text())["rows"]
     assert [(r["model"], r["slice"]) for r in rows] == [(m, s) for m in models.split(",") for s in ("new", "known")]
     by = {(r["model"], r["slice"]): r for r in rows}

@@ -449,7 +449,7 @@ def test_untrained_items_back_off_to_the_trained_items_sharing_their_first_code(
     codes[25:, 0] = 7
     codes[:25, 0] = codes[:25, 0] % 7  # first code 7: items 25..29 only, none of them trained
     m = QBert4Rec(codes, num_codes=8, hidden=16, layers=1, heads=2, dropout=0.0, max_len=10,
-                  new_item_weight=0.3, new_item_offset=1.2).eval()
+                  new_items="backoff", new_item_weight=0.3, new_item_offset=1.2).eval()
     hist = torch.randint(1, 31, (4, 6), generator=torch.Generator().manual_seed(1))
     own = m.score(hist)  # every item trained until told otherwise: the paper's rule
     trained = torch.ones(30, dtype=torch.bool)
@@ -465,7 +465,7 @@ def test_untrained_items_back_off_to_the_trained_items_sharing_their_first_code(
         torch.testing.assert_close(got[:, i], want)
     # the record travels with the weights; a state saved before it existed keeps the model's own
     fresh = QBert4Rec(codes, num_codes=8, hidden=16, layers=1, heads=2, dropout=0.0, max_len=10,
-                      new_item_weight=0.3, new_item_offset=1.2).eval()
+                      new_items="backoff", new_item_weight=0.3, new_item_offset=1.2).eval()
     fresh.load_state_dict(m.state_dict())
     torch.testing.assert_close(fresh.score(hist), got)
     old = {k: v for k, v in m.state_dict().items() if k != "trained_items"}

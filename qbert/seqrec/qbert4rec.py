@@ -84,7 +84,7 @@ class QBert4Rec(nn.Module):
                  code_loss_weight: float = 1.0, combine: str = "sum", ffn_mult: int = 4, pre_ln: bool = False,
                  level_sizes: list[int] | None = None, tie_codes: bool = False,
                  code_score_weight: float = 1.0, repeat_bias: bool = False, prefix_bias: bool = False,
-                 new_items: str = "backoff", new_item_weight: float = 0.25, new_item_offset: float = 1.5) -> None:
+                 new_items: str = "own", new_item_weight: float = 0.25, new_item_offset: float = 1.5) -> None:
         super().__init__()
         codes = torch.as_tensor(codes, dtype=torch.long)
         if codes.ndim != 2 or codes.shape[0] < 1 or codes.shape[1] < 1:

@@ -60,10 +60,10 @@ class SeqRecConfig(Config):
     # the semantic-ID term next to the item-ID term
     repeat_bias: bool = False  # learn one logit shift for items already in the sequence
     prefix_bias: bool = False  # and one per code-prefix length for items sharing a prefix with them
-    # ranking of items no training row held (cold-start items; paper's model only): "backoff" to
-    # the trained items sharing their first code (QBert4Rec.new_item_scores; weight and offset
-    # chosen on Instruments valid, docs/results.md), "own" = their composed score (the paper's rule)
-    new_items: Literal["backoff", "own"] = "backoff"
+    # ranking of items no training row held (cold-start items; paper's model only): "own" = their
+    # composed score (the paper's rule); "backoff" to the trained items sharing their first code
+    # (QBert4Rec.new_item_scores; weight and offset chosen on Instruments valid, docs/results.md)
+    new_items: Literal["own", "backoff"] = "own"
     new_item_weight: float = Field(0.25, ge=0.0, le=1.0)
     new_item_offset: float = 1.5
 
