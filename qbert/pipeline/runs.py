@@ -41,26 +41,21 @@ def _stage_inputs(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
     def clean(v: Any) -> Any:
         return {k: clean(x) for k, x in v.items() if k not in _RUNTIME_KEYS} if isinstance(v, dict) else v
 
-    def at(tree: dict[str, Any], key: str) -> tuple[dict[str, Any], str]:
-        *parents, leaf = key.split(".")
-        for p in parents:
-            tree = tree[p]
-        return tree, leaf
-
     out: dict[str, Any] = {}
+
+    def put(key: str, source: dict[str, Any]) -> None:  # out's value at a dotted key := source's
+        *parents, leaf = key.split(".")
+        dst = out
+        for p in parents:
+            dst, source = dst[p], source[p]
+        dst[leaf] = clean(source[leaf])
+
     for s in STAGES[: STAGES.index(stage) + 1]:
         for dep in REGISTRY[s].depends_on:
-            if "." in dep:  # one key of a section an earlier stage read: its real value
-                tree, leaf = at(out, dep)
-                src, _ = at(d, dep)
-                tree[leaf] = clean(src[leaf])
-                continue
-            out[dep] = clean(d[dep])
+            put(dep, d)  # a dotted key: one key of a section an earlier stage read, its real value
             for key in REGISTRY[s].ignores:
                 if key.split(".")[0] == dep:
-                    tree, leaf = at(out, key)
-                    src, _ = at(defaults, key)
-                    tree[leaf] = clean(src[leaf])
+                    put(key, defaults)
     return out
 
 
