@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 
 # where a stage ran, not what it computed; and settings only ranking reads (no stage output depends on them)
 _RUNTIME_KEYS = {"device", "progress", "code_score_weight", "new_items", "new_item_weight", "new_item_offset"}
+# settings added after run directories existed: they enter a stage's hash only when set to another
+# value than their default, so those directories keep their hashes (stay resumable and reusable)
+_HASHED_WHEN_SET = {"finetune.pseudo_new"}
 
 
 def _stage_inputs(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
@@ -56,6 +59,10 @@ def _stage_inputs(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
             for key in REGISTRY[s].ignores:
                 if key.split(".")[0] == dep:
                     put(key, defaults)
+    for key in _HASHED_WHEN_SET:
+        section, leaf = key.split(".")
+        if section in out and out[section].get(leaf) == defaults[section][leaf]:
+            del out[section][leaf]
     return out
 
 

@@ -161,6 +161,8 @@ class QBert4Rec(nn.Module):
         self.register_buffer("codes", torch.zeros(0, self.K, dtype=torch.long))
         self.train_candidates: torch.Tensor | None = None
         self.candidate_index: torch.Tensor | None = None
+        self.pseudo_new = 0.0  # training only: share of items scored as new in each step (see item_vectors)
+        self._specific: torch.Tensor | None = None
         self.set_catalogue(codes)
         # model.pt / last.pt / pretrain.pt written before the prefix tables had a module of their own
         self._register_load_state_dict_pre_hook(_upgrade_in_place)
@@ -193,6 +195,7 @@ class QBert4Rec(nn.Module):
         device = self.code_emb.weight.device
         n = codes.shape[0]
         self.train_candidates = self.candidate_index = None  # they index the previous catalogue
+        self._specific = None
         special = torch.tensor([[self.C] * self.K, [self.C + 1] * self.K], dtype=torch.long)
         # row 0 = padding codes, rows 1..N = items, row N+1 = [MASK] codes
         self.codes = codes.to(device)
@@ -229,6 +232,7 @@ class QBert4Rec(nn.Module):
             if items.numel() == self.num_items:
                 items = None
         self.train_candidates = items
+        self._specific = None
         index = None
         if items is not None:
             index = torch.full((self.num_items,), -1, dtype=torch.long, device=items.device)
@@ -318,24 +322,50 @@ class QBert4Rec(nn.Module):
         logits = torch.einsum("mkh,kch->mkc", q, self._code_table()) + self.code_bias
         return logits.masked_fill(~self.code_valid, -1e4)
 
-    def item_vectors(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def item_vectors(self, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Output embedding [N, H] and bias [N] of every catalogue item, composed from its codes
-        and hashed prefixes (no item-indexed parameter)."""
+        and hashed prefixes (no item-indexed parameter). ``keep`` [N, P] float: weight of each
+        item's prefix rows (0 drops a row; :meth:`pseudo_new_keep`)."""
         # embedding look-ups rather than advanced indexing: their backward is an index_add into the
         # table, several times faster on CPU than index_put's accumulate (measured, #21)
         flat = self.item_code_rows  # [N, K] rows of the flattened [K * C] code tables
         vec = _bag(flat, self._code_table().reshape(self.K * self.C, self.hidden))  # [N, H]
         bias = _bag(flat, self.code_bias.view(-1, 1))[:, 0]  # [N]
         if self.prefix is not None and self.prefix.with_out:
-            vec = vec + _bag(self.item_prefix_rows, self.prefix.out)
-            bias = bias + _bag(self.item_prefix_rows, self.prefix.out_bias.view(-1, 1))[:, 0]
+            vec = vec + _bag(self.item_prefix_rows, self.prefix.out, weights=keep)
+            bias = bias + _bag(self.item_prefix_rows, self.prefix.out_bias.view(-1, 1), weights=keep)[:, 0]
         return vec, bias
+
+    def item_specific_rows(self) -> torch.Tensor:
+        """[N, P] bool: which of each item's prefix rows no other training candidate uses, the rows
+        only that item's own targets train (an item without training rows has them untrained, at 0)."""
+        if self._specific is None:
+            rows = self.item_prefix_rows
+            cand = torch.zeros(self.num_items, dtype=torch.long, device=rows.device)
+            cand[self.train_candidates if self.train_candidates is not None else slice(None)] = 1
+            users = torch.zeros(int(rows.max()) + 1 if rows.numel() else 1, dtype=torch.long, device=rows.device)
+            users.index_add_(0, rows.reshape(-1), cand.repeat_interleave(rows.shape[1]))  # candidates per row
+            self._specific = users[rows] <= cand[:, None]  # used by this item alone (or by no candidate)
+        return self._specific
+
+    def pseudo_new_keep(self) -> torch.Tensor | None:
+        """Training only (``pseudo_new`` > 0): [N, P] weights of the prefix rows that drop the
+        item-specific rows (:meth:`item_specific_rows`) of a random ``pseudo_new`` share of the
+        items, so that in this step they are scored as an item with no training row of its own is
+        ranked. Item dropout in the spirit of DropoutNet (Volkovs et al. 2017): the shared codes and
+        prefixes learn to score items without their own rows, which calibrates the score of new
+        items (docs/method.md, "Cold-start items"). None when off."""
+        if not (self.training and self.pseudo_new > 0 and self.prefix is not None and self.prefix.with_out):
+            return None
+        specific = self.item_specific_rows()
+        drop = torch.rand(self.num_items, device=specific.device) < self.pseudo_new
+        return (~(specific & drop[:, None])).to(self.prefix.out.dtype)
 
     def catalogue_logits(self, h: torch.Tensor, visible: torch.Tensor | None = None,
                          items: torch.Tensor | None = None) -> torch.Tensor:
         """hidden [M, H] -> logits [M, N] of every catalogue semantic ID (the catalogue head); of
         ``items`` only when given."""
-        vec, bias = self.item_vectors()
+        vec, bias = self.item_vectors(self.pseudo_new_keep())
         if items is not None:
             vec, bias = vec[items], bias[items]
         return self._shift(F.linear(self.out_transform(h), vec, bias), visible, items)  # one fused addmm
@@ -584,10 +614,14 @@ def _pad_rows(mask: torch.Tensor, multiple: int) -> torch.Tensor:
     return mask | (~mask & (rank <= extra))
 
 
-def _bag(rows: torch.Tensor, table: torch.Tensor, padding_idx: int | None = None) -> torch.Tensor:
+def _bag(rows: torch.Tensor, table: torch.Tensor, padding_idx: int | None = None,
+         weights: torch.Tensor | None = None) -> torch.Tensor:
     """[..., n] row indices -> [..., H]: the sum of those rows of ``table`` [R, H] (an embedding bag;
-    ``padding_idx`` rows count as zero)."""
-    out = F.embedding_bag(rows.reshape(-1, rows.shape[-1]), table, mode="sum", padding_idx=padding_idx)
+    ``padding_idx`` rows count as zero; ``weights`` [..., n]: a weighted sum)."""
+    if weights is not None:
+        weights = weights.reshape(-1, rows.shape[-1])
+    out = F.embedding_bag(rows.reshape(-1, rows.shape[-1]), table, mode="sum", padding_idx=padding_idx,
+                          per_sample_weights=weights)
     return out.view(*rows.shape[:-1], table.shape[1])
 
 

@@ -128,6 +128,9 @@ class FinetuneConfig(TrainStageConfig):
     ema_decay: float = Field(0.0, ge=0.0, lt=1.0)  # > 0: validate, select and keep an EMA of the weights
     ema_ramp: float = Field(10.0, ge=1.0)  # decay at step t: min(ema_decay, (1 + t) / (ema_ramp + t)); see LoopConfig
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)  # of the item softmax (catalogue or item-ID head)
+    # > 0: in each step this share of the softmax's items is scored as if it were new, without the
+    # prefix rows no other trained item shares (QBert4Rec.pseudo_new; the paper has none: 0)
+    pseudo_new: float = Field(0.0, ge=0.0, lt=1.0)
     select_code_weight: list[float] = Field(default_factory=list)  # after training, re-rank valid
     # with each ranking weight of the semantic-ID term and keep the best (hybrid only; cheap:
     # the model runs once per user). Empty: keep model.code_score_weight
@@ -399,6 +402,10 @@ def finetune(model: QBert4Rec, split: LeaveOneOutSplit, cfg: FinetuneConfig, dev
     batches = masked_batches(seqs, cfg.batch_size, mask_fn, seed, device, shard)
     step = partial(masked_step, label_smoothing=cfg.label_smoothing)
     model.set_trained_items(np.unique(seqs[seqs > 0]) - 1)  # the rest are ranked as new (new_item_scores)
-    with _candidates(model, seqs, cfg.negatives):
-        return fit(model, opt, batches, step, loop, evaluate=evaluate, scheduler=_scheduler(opt, cfg, seqs, shard),
-                   callbacks=callbacks, checkpoint_dir=checkpoint_dir, desc="finetune")
+    model.pseudo_new = cfg.pseudo_new
+    try:
+        with _candidates(model, seqs, cfg.negatives):
+            return fit(model, opt, batches, step, loop, evaluate=evaluate, scheduler=_scheduler(opt, cfg, seqs, shard),
+                       callbacks=callbacks, checkpoint_dir=checkpoint_dir, desc="finetune")
+    finally:
+        model.pseudo_new = 0.0
