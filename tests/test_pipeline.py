@@ -200,6 +200,10 @@ def test_config_modalities_and_errors():
         tiny(**{"model.head": "levels", "finetune.label_smoothing": 0.1})
     with pytest.raises(ConfigError, match="select_code_weight.*input_and_head"):
         tiny(**{"finetune.select_code_weight": [0, 1]})
+    assert tiny(**{"finetune.pseudo_new": 0.2}).finetune.pseudo_new == 0.2
+    for bad in ({"model.head": "levels"}, {"model.prefix_lengths": []}):
+        with pytest.raises(ConfigError, match="pseudo_new.*prefix rows"):
+            tiny(**{"finetune.pseudo_new": 0.2, **bad})
     for name in ("synthetic.yaml", "instruments.yaml", "instruments-hybrid.yaml"):
         PipelineConfig.from_yaml(REPO / "configs" / name)
     for name in ("synthetic.yaml", "instruments.yaml"):  # the paper's model: no item-ID table in stage 3

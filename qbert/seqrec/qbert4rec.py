@@ -167,7 +167,7 @@ class QBert4Rec(nn.Module):
         # model.pt / last.pt / pretrain.pt written before the prefix tables had a module of their own
         self._register_load_state_dict_pre_hook(_upgrade_in_place)
         self._register_load_state_dict_pre_hook(self._all_trained_if_unrecorded)
-        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_untrained_key", None))
+        self.register_load_state_dict_post_hook(lambda module, keys: module._forget_trained_caches())
 
     # ------------------------------------------------------------------ catalogue
     @property
@@ -232,7 +232,6 @@ class QBert4Rec(nn.Module):
             if items.numel() == self.num_items:
                 items = None
         self.train_candidates = items
-        self._specific = None
         index = None
         if items is not None:
             index = torch.full((self.num_items,), -1, dtype=torch.long, device=items.device)
@@ -248,7 +247,10 @@ class QBert4Rec(nn.Module):
         flags = torch.zeros(self.num_items, dtype=torch.bool, device=self.codes.device)
         flags[items.to(device=flags.device, dtype=torch.long)] = True
         self.trained_items = flags
-        self._untrained_key = None
+        self._untrained_key = self._specific = None
+
+    def _forget_trained_caches(self) -> None:
+        self._untrained_key = self._specific = None
 
     def _all_trained_if_unrecorded(self, state: dict[str, torch.Tensor], prefix: str, *args) -> None:  # noqa: ANN002
         """``load_state_dict`` pre-hook: a state saved before the trained items were recorded keeps
@@ -337,12 +339,11 @@ class QBert4Rec(nn.Module):
         return vec, bias
 
     def item_specific_rows(self) -> torch.Tensor:
-        """[N, P] bool: which of each item's prefix rows no other training candidate uses, the rows
-        only that item's own targets train (an item without training rows has them untrained, at 0)."""
+        """[N, P] bool: which of each item's prefix rows no other trained item (``trained_items``)
+        uses, the rows only that item's own targets train (an untrained item has them at 0)."""
         if self._specific is None:
             rows = self.item_prefix_rows
-            cand = torch.zeros(self.num_items, dtype=torch.long, device=rows.device)
-            cand[self.train_candidates if self.train_candidates is not None else slice(None)] = 1
+            cand = self.trained_items.long()
             users = torch.zeros(int(rows.max()) + 1 if rows.numel() else 1, dtype=torch.long, device=rows.device)
             users.index_add_(0, rows.reshape(-1), cand.repeat_interleave(rows.shape[1]))  # candidates per row
             self._specific = users[rows] <= cand[:, None]  # used by this item alone (or by no candidate)
