@@ -16,6 +16,10 @@ whether their test target is new. Rows, each under both ranking protocols:
   their first code; default ``own``, the paper's rule);
 - ``qbert4rec-transfer`` (only when listed in ``--models``): the same, pretrained on
   ``--pretrain-sources`` too (one vocabulary over every catalogue);
+- ``qbert4rec-pseudo-new`` (only when listed in ``--models``): the paper's model fine-tuned with
+  ``finetune.pseudo_new`` = ``--pseudo-new`` (each step scores that share of the items without
+  their own prefix rows, as new items are scored), stages 1-3 reused from the ``qbert4rec`` run;
+  ``--pseudo-new-set`` overrides apply to this row only, after ``--set``;
 - ``hybrid``: ``--hybrid-config`` (item-ID embedding and softmax next to semantic IDs);
 - ``sasrec``, ``bert4rec``: our ID-only baselines at their RecBole settings;
 - ``popularity``: training-view item counts (a new item has none);
@@ -162,10 +166,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dataset-name", default=None)
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="override for both Q-BERT4Rec runs")
     ap.add_argument("--models", default="qbert4rec,hybrid,sasrec,bert4rec,popularity,content_knn",
-                    help="comma-separated; also qbert4rec-transfer (needs --pretrain-sources)")
+                    help="comma-separated; also qbert4rec-pseudo-new, qbert4rec-transfer (needs --pretrain-sources)")
     ap.add_argument("--pretrain-sources", nargs="*", default=[], help="other domains for qbert4rec-transfer")
     ap.add_argument("--reuse-from", type=Path, default=None,
                     help="a run over the same union of catalogues whose stages 1-2 qbert4rec-transfer reuses")
+    ap.add_argument("--pseudo-new", type=float, default=0.1, help="finetune.pseudo_new of qbert4rec-pseudo-new")
+    ap.add_argument("--pseudo-new-set", dest="pseudo_overrides", action="append", default=[],
+                    help="override for the qbert4rec-pseudo-new run only")
     ap.add_argument("--quick", action="store_true", help="synthetic data, few epochs")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
@@ -183,11 +190,19 @@ def main(argv: list[str] | None = None) -> int:
     transfer = cfg.override({"pretrain_sources": args.pretrain_sources,
                              **({"reuse.from_run": str(args.reuse_from), "reuse.stages": ["fusion", "quantize"]}
                                 if args.reuse_from else {})})
+    def pseudo() -> PipelineConfig:  # stages 1-3 from the qbert4rec run when it exists (they ignore pseudo_new)
+        own = args.runs_dir / "qbert4rec"
+        out = cfg.override({"finetune.pseudo_new": args.pseudo_new,
+                            **({"reuse.from_run": str(own), "reuse.stages": ["fusion", "quantize", "pretrain"]}
+                               if (own / "model.pt").is_file() else {})})
+        return out.override(parse_overrides(args.pseudo_overrides)) if args.pseudo_overrides else out
+
     data = load_data(cfg)
     name = args.dataset_name or (Path(cfg.data.source).name if cfg.data.source != "synthetic" else "synthetic")
     makers = {
         "qbert4rec": lambda: pipeline_row(cfg, data, args.runs_dir / "qbert4rec"),
         "qbert4rec-transfer": lambda: pipeline_row(transfer, data, args.runs_dir / "qbert4rec-transfer"),
+        "qbert4rec-pseudo-new": lambda: pipeline_row(pseudo(), data, args.runs_dir / "qbert4rec-pseudo-new"),
         "hybrid": lambda: pipeline_row(hybrid, data, args.runs_dir / "hybrid"),
         "sasrec": lambda: baseline_row("sasrec", cfg, data, args.runs_dir / "sasrec", args.quick),
         "bert4rec": lambda: baseline_row("bert4rec", cfg, data, args.runs_dir / "bert4rec", args.quick),

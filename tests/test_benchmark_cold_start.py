@@ -45,6 +45,14 @@ def test_rows_new_items_ranked_by_the_semantic_id_model_and_rescored_without_tra
     own = json.loads((runs / "cold_start.json").read_text())["rows"]
     assert (runs / "qbert4rec" / "model.pt").stat().st_mtime_ns == stamp
     assert own[0]["new_items"]["rule"] == "own" and own[0]["test"]["HR@10"] < by[("qbert4rec", "new")]["test"]["HR@10"]
+    # pseudo-new fine-tuning: stages 1-3 are the qbert4rec run's, only fine-tuning trains again
+    assert bench.main(["--quick", "--runs-dir", str(runs), "--models", "qbert4rec-pseudo-new",
+                       "--pseudo-new", "0.3"]) == 0
+    pseudo = json.loads((runs / "qbert4rec-pseudo-new" / "metrics.json").read_text())
+    for stage in ("fusion", "quantize", "pretrain"):
+        assert pseudo["stages"][stage]["reused_from"] == str((runs / "qbert4rec").resolve())
+    assert "reused_from" not in pseudo["stages"]["finetune"]
+    assert "pseudo_new: 0.3" in (runs / "qbert4rec-pseudo-new" / "config.yaml").read_text()
     capsys.readouterr()
     assert bench.main(["--quick", "--runs-dir", str(runs), "--models", "qbert4rec-transfer"]) == 2
     assert "error: --models qbert4rec-transfer: qbert4rec-transfer needs --pretrain-sources" in capsys.readouterr().err
