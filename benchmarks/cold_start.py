@@ -18,7 +18,8 @@ whether their test target is new. Rows, each under both ranking protocols:
   ``--pretrain-sources`` too (one vocabulary over every catalogue);
 - ``qbert4rec-pseudo-new`` (only when listed in ``--models``): the paper's model fine-tuned with
   ``finetune.pseudo_new`` = ``--pseudo-new`` (each step scores that share of the items without
-  their own prefix rows, as new items are scored), stages 1-3 reused from the ``qbert4rec`` run;
+  their own prefix rows, as new items are scored), stages 1-3 reused from the ``qbert4rec`` run
+  when it has them with the same settings (list ``qbert4rec`` first in a fresh ``--runs-dir``);
   ``--pseudo-new-set`` overrides apply to this row only, after ``--set``;
 - ``hybrid``: ``--hybrid-config`` (item-ID embedding and softmax next to semantic IDs);
 - ``sasrec``, ``bert4rec``: our ID-only baselines at their RecBole settings;
@@ -51,12 +52,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from qbert.baselines import BaselineConfig, run_baseline  # noqa: E402
-from qbert.config import parse_overrides  # noqa: E402
+from qbert.config import ConfigError, parse_overrides  # noqa: E402
 from qbert.eval.evaluator import rank_targets  # noqa: E402
 from qbert.eval.report import cold_start_report  # noqa: E402
 from qbert.pipeline import (PipelineConfig, config_differences, load_data, quickstart_config,  # noqa: E402
                             run_pipeline, stage_features)
-from qbert.pipeline.runs import rescoring_model  # noqa: E402
+from qbert.pipeline.runs import check_reuse, rescoring_model  # noqa: E402
 from qbert.utils.runtime import pick_device  # noqa: E402
 from qbert.seqrec.stage import split_ranks  # noqa: E402
 from qbert.pipeline.data import target_split  # noqa: E402
@@ -190,12 +191,19 @@ def main(argv: list[str] | None = None) -> int:
     transfer = cfg.override({"pretrain_sources": args.pretrain_sources,
                              **({"reuse.from_run": str(args.reuse_from), "reuse.stages": ["fusion", "quantize"]}
                                 if args.reuse_from else {})})
-    def pseudo() -> PipelineConfig:  # stages 1-3 from the qbert4rec run when it exists (they ignore pseudo_new)
-        own = args.runs_dir / "qbert4rec"
-        out = cfg.override({"finetune.pseudo_new": args.pseudo_new,
-                            **({"reuse.from_run": str(own), "reuse.stages": ["fusion", "quantize", "pretrain"]}
-                               if (own / "model.pt").is_file() else {})})
-        return out.override(parse_overrides(args.pseudo_overrides)) if args.pseudo_overrides else out
+    def pseudo() -> PipelineConfig:
+        """Stages 1-3 from the qbert4rec run when it made them with these settings (they do not read
+        pseudo_new), else trained here."""
+        out = cfg.override({"finetune.pseudo_new": args.pseudo_new})
+        out = out.override(parse_overrides(args.pseudo_overrides)) if args.pseudo_overrides else out
+        reusing = out.override({"reuse.from_run": str(args.runs_dir / "qbert4rec"),
+                                "reuse.stages": ["fusion", "quantize", "pretrain"]})
+        try:
+            check_reuse(reusing)
+        except ConfigError as e:
+            log.info("qbert4rec-pseudo-new trains every stage: %s", e)
+            return out
+        return reusing
 
     data = load_data(cfg)
     name = args.dataset_name or (Path(cfg.data.source).name if cfg.data.source != "synthetic" else "synthetic")

@@ -53,6 +53,11 @@ def test_rows_new_items_ranked_by_the_semantic_id_model_and_rescored_without_tra
         assert pseudo["stages"][stage]["reused_from"] == str((runs / "qbert4rec").resolve())
     assert "reused_from" not in pseudo["stages"]["finetune"]
     assert "pseudo_new: 0.3" in (runs / "qbert4rec-pseudo-new" / "config.yaml").read_text()
+    # settings stages 1-3 read differ from the qbert4rec run's: nothing is reused, every stage trains
+    assert bench.main(["--quick", "--runs-dir", str(runs), "--models", "qbert4rec-pseudo-new",
+                       "--pseudo-new", "0.3", "--pseudo-new-set", "pretrain.epochs=2"]) == 0
+    pseudo = json.loads((runs / "qbert4rec-pseudo-new" / "metrics.json").read_text())
+    assert not any("reused_from" in pseudo["stages"][s] for s in ("fusion", "quantize", "pretrain", "finetune"))
     capsys.readouterr()
     assert bench.main(["--quick", "--runs-dir", str(runs), "--models", "qbert4rec-transfer"]) == 2
     assert "error: --models qbert4rec-transfer: qbert4rec-transfer needs --pretrain-sources" in capsys.readouterr().err

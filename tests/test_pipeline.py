@@ -201,7 +201,7 @@ def test_config_modalities_and_errors():
     with pytest.raises(ConfigError, match="select_code_weight.*input_and_head"):
         tiny(**{"finetune.select_code_weight": [0, 1]})
     assert tiny(**{"finetune.pseudo_new": 0.2}).finetune.pseudo_new == 0.2
-    for bad in ({"model.head": "levels"}, {"model.prefix_lengths": []}):
+    for bad in ({"model.head": "levels"}, {"model.prefix_lengths": []}, {"model.item_id": "input_and_head"}):
         with pytest.raises(ConfigError, match="pseudo_new.*prefix rows"):
             tiny(**{"finetune.pseudo_new": 0.2, **bad})
     for name in ("synthetic.yaml", "instruments.yaml", "instruments-hybrid.yaml"):

@@ -478,7 +478,7 @@ def test_untrained_items_back_off_to_the_trained_items_sharing_their_first_code(
         QBert4Rec(codes, num_codes=8, hidden=16, layers=1, heads=2, max_len=10, new_items="mean")
 
 
-def test_pseudo_new_items_are_scored_without_their_own_prefix_rows_in_training_only():
+def test_pseudo_new_items_are_scored_without_their_own_prefix_rows():
     torch.manual_seed(0)
     codes = _codes(n=30, K=4)
     codes[:8, :3] = codes[0, :3]  # items 0..7 share their 3-prefix: no row of it is specific to one of them
@@ -488,36 +488,45 @@ def test_pseudo_new_items_are_scored_without_their_own_prefix_rows_in_training_o
         m.prefix.out_bias.normal_()
     m.set_trained_items(torch.arange(20))  # items 20..29 have no training rows: their rows are untrained
     rows, specific = m.item_prefix_rows, m.item_specific_rows()
-    for i in range(30):  # brute force: a row is specific when no other candidate's rows use it
+    for i in range(30):  # brute force: a row is specific when no other trained item's rows use it
         for p in range(rows.shape[1]):
             others = [j for j in range(20) if j != i and bool((rows[j] == rows[i, p]).any())]
             assert bool(specific[i, p]) == (not others), (i, p)
     assert not specific[:8, 1].any() and specific[8:20].any()
+    m.trained_items[1:8] = False  # the record changed in place: the cache follows it
+    assert m.item_specific_rows()[0, 1]  # item 0 is now the only trained item with that 3-prefix
+    m.set_trained_items(torch.arange(20))
     h = torch.randn(5, 16)
     plain = F.linear(m.out_transform(h), *m.item_vectors())
-    m.pseudo_new = 0.5
-    m.train()
-    torch.manual_seed(3)
-    got = m.catalogue_logits(h)
-    torch.manual_seed(3)
-    drop = torch.rand(30) < 0.5
+    drop = torch.rand(30, generator=torch.Generator().manual_seed(3)) < 0.5
+    got = m.catalogue_logits(h, pseudo_new=drop)
     keep = (~(specific & drop[:, None])).float()
     torch.testing.assert_close(got, F.linear(m.out_transform(h), *m.item_vectors(keep)))
     changed = (got - plain).abs().amax(0) > 1e-6
-    assert changed.any() and not changed[~drop].any()  # only the drawn items lose their own rows
-    assert not (got - plain).abs().amax(0)[~(specific & drop[:, None]).any(1)].gt(1e-6).any()
-    m.eval()  # ranking: every item with all its rows (an untrained item's own rows are at 0)
-    torch.testing.assert_close(m.catalogue_logits(h), plain)
+    assert changed.any() and changed.equal((specific & drop[:, None]).any(1))  # only the drawn items' own rows
+    torch.testing.assert_close(m.catalogue_logits(h), plain)  # without a draw (ranking): every row
+    # an item whose two prefix lengths hash to one row still holds that row alone
+    one = QBert4Rec(codes[:3], num_codes=8, hidden=16, layers=1, heads=2, max_len=10, prefix_buckets=1)
+    one.set_trained_items(torch.tensor([0]))
+    assert one.item_specific_rows()[0].all() and not one.item_specific_rows()[1:].any()
 
 
-def test_finetune_with_pseudo_new_items_trains_and_leaves_ranking_untouched():
+def test_finetune_with_pseudo_new_items_trains_draws_per_global_batch_and_leaves_ranking_untouched():
     torch.manual_seed(0)
     ds, codes = _planted(num_users=200)
     codes = np.concatenate([codes, np.arange(40)[:, None] % 4], 1)  # K = 4: prefix tables of lengths 2, 3
     split = LeaveOneOutSplit(ds, 12)
+    rows = training_rows(split, 12, True)
+    mask_fn = lambda valid, g: masks.finetune_mask(valid, 0.3, 0.5, g)  # noqa: E731
+    plain = list(masked_batches(rows, 64, mask_fn, 0, torch.device("cpu"))(1))
+    drawn = list(masked_batches(rows, 64, mask_fn, 0, torch.device("cpu"), pseudo_new=(0.3, 40))(1))
+    again = list(masked_batches(rows, 64, mask_fn, 0, torch.device("cpu"), pseudo_new=(0.3, 40))(1))
+    assert all(a["mask"].equal(b["mask"]) for a, b in zip(plain, drawn))  # the masks' draws are unchanged
+    assert all(a["pseudo_new"].equal(b["pseudo_new"]) for a, b in zip(drawn, again))  # seeded, rank-free
+    share = torch.stack([b["pseudo_new"] for b in drawn]).float().mean().item()
+    assert 0.2 < share < 0.4 and not drawn[0]["pseudo_new"].equal(drawn[1]["pseudo_new"])
     model = build_model(SeqRecConfig(hidden=32, layers=2, heads=2, dropout=0.1), codes, 16, 12)
     res = finetune(model, split, FinetuneConfig(epochs=8, batch_size=64, lr=3e-3, patience=0, pseudo_new=0.3),
                    seed=0, progress=False)
     assert res.history[-1]["loss"] < res.history[0]["loss"]
-    assert model.pseudo_new == 0.0 and model.pseudo_new_keep() is None  # off once fine-tuning returns
     assert evaluate_split(model, split, "test")["HR@10"] > 0.6  # 5 candidates of the next group; random 0.25

@@ -145,11 +145,13 @@ class PipelineConfig(Config):
         if self.finetune.label_smoothing and self.model.head == "levels" and self.model.item_id != "input_and_head":
             raise ValueError(f"finetune.label_smoothing ({self.finetune.label_smoothing}) smooths an item softmax: "
                              "it needs model.head 'catalogue' or model.item_id 'input_and_head'")
-        if self.finetune.pseudo_new and (self.model.head != "catalogue" or self.model.prefix_lengths == []
+        if self.finetune.pseudo_new and (self.model.head != "catalogue" or self.model.item_id == "input_and_head"
+                                         or self.model.prefix_lengths == []
                                          or self.quantize.levels < 3 and self.model.prefix_lengths is None):
             raise ValueError(f"finetune.pseudo_new ({self.finetune.pseudo_new}) drops items' own prefix rows from "
-                             "the catalogue head: it needs model.head 'catalogue' and prefix tables "
-                             "(model.prefix_lengths not [], quantize.levels >= 3 when unset)")
+                             "the catalogue head: it needs model.head 'catalogue' trained as the item softmax "
+                             "(model.item_id not 'input_and_head') and prefix tables (model.prefix_lengths not [], "
+                             "quantize.levels >= 3 when unset)")
         if self.finetune.select_code_weight and self.model.item_id != "input_and_head":
             raise ValueError("finetune.select_code_weight chooses the hybrid's ranking weight: it needs "
                              f"model.item_id 'input_and_head' (got {self.model.item_id!r})")

@@ -161,8 +161,7 @@ class QBert4Rec(nn.Module):
         self.register_buffer("codes", torch.zeros(0, self.K, dtype=torch.long))
         self.train_candidates: torch.Tensor | None = None
         self.candidate_index: torch.Tensor | None = None
-        self.pseudo_new = 0.0  # training only: share of items scored as new in each step (see item_vectors)
-        self._specific: torch.Tensor | None = None
+        self._specific: tuple[tuple, torch.Tensor] | None = None  # (key, item_specific_rows)
         self.set_catalogue(codes)
         # model.pt / last.pt / pretrain.pt written before the prefix tables had a module of their own
         self._register_load_state_dict_pre_hook(_upgrade_in_place)
@@ -195,7 +194,6 @@ class QBert4Rec(nn.Module):
         device = self.code_emb.weight.device
         n = codes.shape[0]
         self.train_candidates = self.candidate_index = None  # they index the previous catalogue
-        self._specific = None
         special = torch.tensor([[self.C] * self.K, [self.C + 1] * self.K], dtype=torch.long)
         # row 0 = padding codes, rows 1..N = items, row N+1 = [MASK] codes
         self.codes = codes.to(device)
@@ -247,10 +245,11 @@ class QBert4Rec(nn.Module):
         flags = torch.zeros(self.num_items, dtype=torch.bool, device=self.codes.device)
         flags[items.to(device=flags.device, dtype=torch.long)] = True
         self.trained_items = flags
-        self._untrained_key = self._specific = None
+        self._untrained_key = None
 
     def _forget_trained_caches(self) -> None:
-        self._untrained_key = self._specific = None
+        self._untrained_key = None
+        self._specific = None
 
     def _all_trained_if_unrecorded(self, state: dict[str, torch.Tensor], prefix: str, *args) -> None:  # noqa: ANN002
         """``load_state_dict`` pre-hook: a state saved before the trained items were recorded keeps
@@ -340,33 +339,37 @@ class QBert4Rec(nn.Module):
 
     def item_specific_rows(self) -> torch.Tensor:
         """[N, P] bool: which of each item's prefix rows no other trained item (``trained_items``)
-        uses, the rows only that item's own targets train (an untrained item has them at 0)."""
-        if self._specific is None:
-            rows = self.item_prefix_rows
-            cand = self.trained_items.long()
+        uses, the rows only that item's own targets train. (An untrained item's rows are specific
+        when no trained item of the catalogue uses them: fine-tuning never trains them, though
+        pretraining on other domains may have.)"""
+        rows, trained = self.item_prefix_rows, self.trained_items
+        key = (trained.data_ptr(), trained._version, rows.data_ptr(), rows.device)
+        if self._specific is None or self._specific[0] != key:
+            first = torch.ones_like(rows, dtype=torch.bool)  # count an item once per row, even if two
+            for p in range(1, rows.shape[1]):  # of its prefix lengths hash to the same row
+                first[:, p] = ~(rows[:, p : p + 1] == rows[:, :p]).any(1)
             users = torch.zeros(int(rows.max()) + 1 if rows.numel() else 1, dtype=torch.long, device=rows.device)
-            users.index_add_(0, rows.reshape(-1), cand.repeat_interleave(rows.shape[1]))  # candidates per row
-            self._specific = users[rows] <= cand[:, None]  # used by this item alone (or by no candidate)
-        return self._specific
+            users.index_add_(0, rows.reshape(-1), (first & trained[:, None]).long().reshape(-1))  # trained items per row
+            self._specific = (key, users[rows] <= trained.long()[:, None])  # this item alone, or no trained item
+        return self._specific[1]
 
-    def pseudo_new_keep(self) -> torch.Tensor | None:
-        """Training only (``pseudo_new`` > 0): [N, P] weights of the prefix rows that drop the
-        item-specific rows (:meth:`item_specific_rows`) of a random ``pseudo_new`` share of the
-        items, so that in this step they are scored as an item with no training row of its own is
-        ranked. Item dropout in the spirit of DropoutNet (Volkovs et al. 2017): the shared codes and
-        prefixes learn to score items without their own rows, which calibrates the score of new
-        items (docs/method.md, "Cold-start items"). None when off."""
-        if not (self.training and self.pseudo_new > 0 and self.prefix is not None and self.prefix.with_out):
+    def pseudo_new_keep(self, pseudo_new: torch.Tensor | None) -> torch.Tensor | None:
+        """[N] bool items to score as new in this training step -> [N, P] weights of the prefix rows
+        that drop those items' item-specific rows (:meth:`item_specific_rows`), as an item with no
+        training row of its own is ranked. Item dropout in the spirit of DropoutNet (Volkovs et al.
+        2017): the shared codes and prefixes learn to score items without their own rows, which
+        calibrates the score of new items (``finetune.pseudo_new``; docs/method.md, "Cold-start
+        items"). None: keep every row."""
+        if pseudo_new is None or self.prefix is None or not self.prefix.with_out:
             return None
-        specific = self.item_specific_rows()
-        drop = torch.rand(self.num_items, device=specific.device) < self.pseudo_new
-        return (~(specific & drop[:, None])).to(self.prefix.out.dtype)
+        return (~(self.item_specific_rows() & pseudo_new[:, None])).to(self.prefix.out.dtype)
 
     def catalogue_logits(self, h: torch.Tensor, visible: torch.Tensor | None = None,
-                         items: torch.Tensor | None = None) -> torch.Tensor:
+                         items: torch.Tensor | None = None, pseudo_new: torch.Tensor | None = None) -> torch.Tensor:
         """hidden [M, H] -> logits [M, N] of every catalogue semantic ID (the catalogue head); of
-        ``items`` only when given."""
-        vec, bias = self.item_vectors(self.pseudo_new_keep())
+        ``items`` only when given; the items flagged in ``pseudo_new`` [N] scored as new
+        (:meth:`pseudo_new_keep`; training only)."""
+        vec, bias = self.item_vectors(self.pseudo_new_keep(pseudo_new))
         if items is not None:
             vec, bias = vec[items], bias[items]
         return self._shift(F.linear(self.out_transform(h), vec, bias), visible, items)  # one fused addmm
@@ -395,10 +398,12 @@ class QBert4Rec(nn.Module):
         return logits
 
     def item_logits(self, h: torch.Tensor, visible: torch.Tensor | None = None,
-                    items: torch.Tensor | None = None) -> torch.Tensor:
+                    items: torch.Tensor | None = None, pseudo_new: torch.Tensor | None = None) -> torch.Tensor:
         """The item softmax that the repeat/prefix biases shift: the ID head if any, else the catalogue
-        head (over ``items`` only when given)."""
-        return self.id_logits(h, visible, items) if self.id_head else self.catalogue_logits(h, visible, items)
+        head (over ``items`` only when given; ``pseudo_new``: see :meth:`catalogue_logits`)."""
+        if self.id_head:
+            return self.id_logits(h, visible, items)
+        return self.catalogue_logits(h, visible, items, pseudo_new)
 
     def seen_prefixes(self, visible: torch.Tensor) -> torch.Tensor:
         """[M, L] tokens -> [M, N]: sum over l of prefix_weight[l] * (item shares its first l + 1
@@ -433,8 +438,8 @@ class QBert4Rec(nn.Module):
         return self._seen_groups(visible, torch.arange(self.num_items, device=visible.device), self.num_items)
 
     def masked_loss(self, tokens: torch.Tensor, mask: torch.Tensor, label_smoothing: float = 0.0,
-                    norm: float | None = None, keep: torch.Tensor | None = None
-                    ) -> tuple[torch.Tensor, dict[str, float]]:
+                    norm: float | None = None, keep: torch.Tensor | None = None,
+                    pseudo_new: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """Eq. (11): cross-entropy of the semantic IDs of the masked items.
 
         ``tokens`` [B, L] are the original (unmasked) item tokens, ``mask`` [B, L] bool. The loss
@@ -446,6 +451,8 @@ class QBert4Rec(nn.Module):
         ``keep``: the batch's :func:`masked_positions` computed ahead (the batch builder does it on
         the host, so the step has no data-dependent shape and never waits for the device); then
         ``tokens`` and ``mask`` are the trimmed ones it returned.
+        ``pseudo_new``: [N] bool items the catalogue softmax scores as new in this step
+        (``finetune.pseudo_new``; :meth:`pseudo_new_keep`).
         """
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing}")
@@ -470,7 +477,7 @@ class QBert4Rec(nn.Module):
         if self.item_softmax:
             biased = self.repeat_raw is not None or self.prefix_raw is not None
             visible = inp.index_select(0, keep // L) if biased else None  # the row each kept position sees
-            logits = self.item_logits(h, visible, self.train_candidates)  # over the items training contains
+            logits = self.item_logits(h, visible, self.train_candidates, pseudo_new)  # over the items training contains
             if self.train_candidates is not None:
                 items = torch.where(real, self.candidate_index[items.clamp(min=0)], IGNORE)
             item_loss = _ce(logits, items, norm, label_smoothing)

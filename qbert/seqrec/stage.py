@@ -129,7 +129,7 @@ class FinetuneConfig(TrainStageConfig):
     ema_ramp: float = Field(10.0, ge=1.0)  # decay at step t: min(ema_decay, (1 + t) / (ema_ramp + t)); see LoopConfig
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)  # of the item softmax (catalogue or item-ID head)
     # > 0: in each step this share of the softmax's items is scored as if it were new, without the
-    # prefix rows no other trained item shares (QBert4Rec.pseudo_new; the paper has none: 0)
+    # prefix rows no other trained item shares (QBert4Rec.pseudo_new_keep; the paper has none: 0)
     pseudo_new: float = Field(0.0, ge=0.0, lt=1.0)
     select_code_weight: list[float] = Field(default_factory=list)  # after training, re-rank valid
     # with each ranking weight of the semantic-ID term and keep the best (hybrid only; cheap:
@@ -191,8 +191,8 @@ def pretrain_mask_fn(cfg: PretrainConfig) -> MaskFn:
 
 
 def masked_batches(sequences: np.ndarray, batch_size: int, mask_fn: MaskFn, seed: int, device: torch.device,
-                   shard: tuple[int, int] | None = None, bucket: bool = True
-                   ) -> Callable[[int], Batches]:
+                   shard: tuple[int, int] | None = None, bucket: bool = True,
+                   pseudo_new: tuple[float, int] | None = None) -> Callable[[int], Batches]:
     """``batches(epoch)``: shuffled rows with fresh masks each epoch, each batch trimmed to its
     longest row.
 
@@ -208,6 +208,10 @@ def masked_batches(sequences: np.ndarray, batch_size: int, mask_fn: MaskFn, seed
     :meth:`QBert4Rec.masked_loss`), so the ranks' averaged gradients are the global batch's. A
     rank left without rows by a short last batch gets one row with nothing masked (loss 0), so
     every rank takes the same steps.
+
+    ``pseudo_new`` (share, catalogue size): every global batch also carries ``pseudo_new``, the [N]
+    bool items its item softmax scores as new (:meth:`QBert4Rec.pseudo_new_keep`), drawn from a
+    second rank-free generator (the same on every rank; the masks' draws are unchanged).
     """
     rows = np.ascontiguousarray(sequences, dtype=np.int64)
     rows = rows[(rows != 0).any(axis=1)]
@@ -222,11 +226,14 @@ def masked_batches(sequences: np.ndarray, batch_size: int, mask_fn: MaskFn, seed
 
     def epoch_batches(epoch: int, glob: list[np.ndarray]) -> Iterator[dict[str, Any]]:
         gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)  # no rank: the masks of the global batch
+        drops = torch.Generator().manual_seed(seed * 1_000_003 + epoch + (1 << 40))  # no rank: pseudo-new items
         for idx in glob:
             keep = int(lengths[idx].max())
             tokens = torch.from_numpy(rows[idx, rows.shape[1] - keep :])
             mask = mask_fn(tokens != 0, gen)
             batch: dict[str, Any] = {}
+            if pseudo_new is not None:
+                batch["pseudo_new"] = (torch.rand(pseudo_new[1], generator=drops) < pseudo_new[0]).to(device)
             if world > 1:
                 batch["norm"] = max(int(mask.sum()), 1) / world
                 if rank < len(idx):
@@ -256,7 +263,7 @@ def _candidates(model: QBert4Rec, rows: np.ndarray, negatives: str) -> Iterator[
 def masked_step(model: QBert4Rec, batch: dict[str, Any],
                 label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
     return model.masked_loss(batch["tokens"], batch["mask"], label_smoothing, norm=batch.get("norm"),
-                             keep=batch.get("keep"))
+                             keep=batch.get("keep"), pseudo_new=batch.get("pseudo_new"))
 
 
 def split_ranks(model: QBert4Rec, split: LeaveOneOutSplit, which: str, batch_size: int = 1024,
@@ -399,13 +406,10 @@ def finetune(model: QBert4Rec, split: LeaveOneOutSplit, cfg: FinetuneConfig, dev
                       eval_every=cfg.eval_every, progress=progress, ema_decay=cfg.ema_decay,
                       ema_ramp=cfg.ema_ramp, precision=cfg.precision)
     opt = build_optimizer(model, cfg.lr, cfg.weight_decay)
-    batches = masked_batches(seqs, cfg.batch_size, mask_fn, seed, device, shard)
+    batches = masked_batches(seqs, cfg.batch_size, mask_fn, seed, device, shard,
+                             pseudo_new=(cfg.pseudo_new, model.num_items) if cfg.pseudo_new else None)
     step = partial(masked_step, label_smoothing=cfg.label_smoothing)
     model.set_trained_items(np.unique(seqs[seqs > 0]) - 1)  # the rest are ranked as new (new_item_scores)
-    model.pseudo_new = cfg.pseudo_new
-    try:
-        with _candidates(model, seqs, cfg.negatives):
-            return fit(model, opt, batches, step, loop, evaluate=evaluate, scheduler=_scheduler(opt, cfg, seqs, shard),
-                       callbacks=callbacks, checkpoint_dir=checkpoint_dir, desc="finetune")
-    finally:
-        model.pseudo_new = 0.0
+    with _candidates(model, seqs, cfg.negatives):
+        return fit(model, opt, batches, step, loop, evaluate=evaluate, scheduler=_scheduler(opt, cfg, seqs, shard),
+                   callbacks=callbacks, checkpoint_dir=checkpoint_dir, desc="finetune")
