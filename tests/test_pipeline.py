@@ -201,6 +201,9 @@ def test_config_modalities_and_errors():
     with pytest.raises(ConfigError, match="select_code_weight.*input_and_head"):
         tiny(**{"finetune.select_code_weight": [0, 1]})
     assert tiny(**{"finetune.pseudo_new": 0.2}).finetune.pseudo_new == 0.2
+    assert tiny(**{"finetune.negatives": "sampled", "pretrain.num_negatives": 64}).pretrain.num_negatives == 64
+    with pytest.raises(ConfigError, match="pretrain.negatives 'sampled' samples an item softmax"):
+        tiny(**{"model.head": "levels", "pretrain.negatives": "sampled"})
     for bad in ({"model.head": "levels"}, {"model.prefix_lengths": []}, {"model.item_id": "input_and_head"}):
         with pytest.raises(ConfigError, match="pseudo_new.*prefix rows"):
             tiny(**{"finetune.pseudo_new": 0.2, **bad})

@@ -152,6 +152,11 @@ class PipelineConfig(Config):
                              "the catalogue head: it needs model.head 'catalogue' trained as the item softmax "
                              "(model.item_id not 'input_and_head') and prefix tables (model.prefix_lengths not [], "
                              "quantize.levels >= 3 when unset)")
+        softmax = self.model.head == "catalogue" or self.model.item_id == "input_and_head"
+        for name, stage in (("pretrain", self.pretrain), ("finetune", self.finetune)):
+            if stage.negatives == "sampled" and not softmax:
+                raise ValueError(f"{name}.negatives 'sampled' samples an item softmax: it needs model.head "
+                                 "'catalogue' or model.item_id 'input_and_head'")
         if self.finetune.select_code_weight and self.model.item_id != "input_and_head":
             raise ValueError("finetune.select_code_weight chooses the hybrid's ranking weight: it needs "
                              f"model.item_id 'input_and_head' (got {self.model.item_id!r})")

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 _RUNTIME_KEYS = {"device", "progress", "code_score_weight", "new_items", "new_item_weight", "new_item_offset"}
 # settings added after run directories existed: they enter a stage's hash only when set to another
 # value than their default, so those directories keep their hashes (stay resumable and reusable)
-_HASHED_WHEN_SET = {"finetune.pseudo_new"}
+_HASHED_WHEN_SET = {"finetune.pseudo_new", "pretrain.num_negatives", "finetune.num_negatives"}
 
 
 def _stage_inputs(cfg: PipelineConfig, stage: str) -> dict[str, Any]:

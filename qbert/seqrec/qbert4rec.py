@@ -439,7 +439,8 @@ class QBert4Rec(nn.Module):
 
     def masked_loss(self, tokens: torch.Tensor, mask: torch.Tensor, label_smoothing: float = 0.0,
                     norm: float | None = None, keep: torch.Tensor | None = None,
-                    pseudo_new: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                    pseudo_new: torch.Tensor | None = None, candidates: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, dict[str, float]]:
         """Eq. (11): cross-entropy of the semantic IDs of the masked items.
 
         ``tokens`` [B, L] are the original (unmasked) item tokens, ``mask`` [B, L] bool. The loss
@@ -453,6 +454,8 @@ class QBert4Rec(nn.Module):
         ``tokens`` and ``mask`` are the trimmed ones it returned.
         ``pseudo_new``: [N] bool items the catalogue softmax scores as new in this step
         (``finetune.pseudo_new``; :meth:`pseudo_new_keep`).
+        ``candidates``: sorted 0-based items of this step's sampled softmax (``negatives: sampled``;
+        they must hold every masked target), in place of the training candidates.
         """
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing}")
@@ -477,9 +480,13 @@ class QBert4Rec(nn.Module):
         if self.item_softmax:
             biased = self.repeat_raw is not None or self.prefix_raw is not None
             visible = inp.index_select(0, keep // L) if biased else None  # the row each kept position sees
-            logits = self.item_logits(h, visible, self.train_candidates, pseudo_new)  # over the items training contains
-            if self.train_candidates is not None:
-                items = torch.where(real, self.candidate_index[items.clamp(min=0)], IGNORE)
+            if candidates is not None:  # a sampled softmax: the batch's targets and its drawn negatives
+                logits = self.item_logits(h, visible, candidates, pseudo_new)
+                items = torch.where(real, torch.searchsorted(candidates, items.clamp(min=0)), IGNORE)
+            else:
+                logits = self.item_logits(h, visible, self.train_candidates, pseudo_new)  # the items training contains
+                if self.train_candidates is not None:
+                    items = torch.where(real, self.candidate_index[items.clamp(min=0)], IGNORE)
             item_loss = _ce(logits, items, norm, label_smoothing)
             loss = loss + item_loss
             logs["id_loss" if self.id_head else "item_loss"] = item_loss.detach()

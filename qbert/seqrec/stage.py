@@ -84,8 +84,11 @@ class TrainStageConfig(ScheduleConfig):
     precision: Precision = "auto"
     # the item softmax's negatives: "seen" = the items the training rows contain (an item no row
     # holds, e.g. a cold-start item, is never pushed down); "all" = the whole catalogue. Equal when
-    # every item occurs in training (the usual leave-one-out case)
-    negatives: Literal["seen", "all"] = "seen"
+    # every item occurs in training (the usual leave-one-out case); "sampled" = per global batch, its
+    # own targets plus `num_negatives` items drawn uniformly from the seen ones (a sampled softmax:
+    # the step's cost no longer grows with the catalogue; ours, not the paper's)
+    negatives: Literal["seen", "all", "sampled"] = "seen"
+    num_negatives: int = Field(1024, ge=1)
 
 
 class PretrainConfig(TrainStageConfig):
@@ -192,7 +195,8 @@ def pretrain_mask_fn(cfg: PretrainConfig) -> MaskFn:
 
 def masked_batches(sequences: np.ndarray, batch_size: int, mask_fn: MaskFn, seed: int, device: torch.device,
                    shard: tuple[int, int] | None = None, bucket: bool = True,
-                   pseudo_new: tuple[float, int] | None = None) -> Callable[[int], Batches]:
+                   pseudo_new: tuple[float, int] | None = None,
+                   sampled: tuple[np.ndarray, int] | None = None) -> Callable[[int], Batches]:
     """``batches(epoch)``: shuffled rows with fresh masks each epoch, each batch trimmed to its
     longest row.
 
@@ -212,9 +216,15 @@ def masked_batches(sequences: np.ndarray, batch_size: int, mask_fn: MaskFn, seed
     ``pseudo_new`` (share, catalogue size): every global batch also carries ``pseudo_new``, the [N]
     bool items its item softmax scores as new (:meth:`QBert4Rec.pseudo_new_keep`), drawn from a
     second rank-free generator (the same on every rank; the masks' draws are unchanged).
+
+    ``sampled`` (pool of 0-based items, count): every global batch also carries ``candidates``, the
+    sorted items of its sampled softmax: the global batch's masked targets plus ``count`` items of
+    the pool that are not among them, drawn uniformly without replacement from a third rank-free
+    generator, topped up to a multiple of 64 (fewer distinct matrix shapes) while the pool lasts.
     """
     rows = np.ascontiguousarray(sequences, dtype=np.int64)
     rows = rows[(rows != 0).any(axis=1)]
+    pool = torch.as_tensor(np.asarray(sampled[0]), dtype=torch.long) if sampled is not None else None
     lengths = (rows != 0).sum(axis=1)
     rank, world = rank_world(shard)
     pin = torch.device(device).type == "cuda"
@@ -227,6 +237,7 @@ def masked_batches(sequences: np.ndarray, batch_size: int, mask_fn: MaskFn, seed
     def epoch_batches(epoch: int, glob: list[np.ndarray]) -> Iterator[dict[str, Any]]:
         gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)  # no rank: the masks of the global batch
         drops = torch.Generator().manual_seed(seed * 1_000_003 + epoch + (1 << 40))  # no rank: pseudo-new items
+        negs = torch.Generator().manual_seed(seed * 1_000_003 + epoch + (2 << 40))  # no rank: sampled negatives
         for idx in glob:
             keep = int(lengths[idx].max())
             tokens = torch.from_numpy(rows[idx, rows.shape[1] - keep :])
@@ -234,6 +245,8 @@ def masked_batches(sequences: np.ndarray, batch_size: int, mask_fn: MaskFn, seed
             batch: dict[str, Any] = {}
             if pseudo_new is not None:
                 batch["pseudo_new"] = (torch.rand(pseudo_new[1], generator=drops) < pseudo_new[0]).to(device)
+            if sampled is not None:
+                batch["candidates"] = sampled_candidates(tokens[mask] - 1, pool, sampled[1], negs).to(device)
             if world > 1:
                 batch["norm"] = max(int(mask.sum()), 1) / world
                 if rank < len(idx):
@@ -250,10 +263,28 @@ def masked_batches(sequences: np.ndarray, batch_size: int, mask_fn: MaskFn, seed
     return batches
 
 
+def sampled_candidates(targets: torch.Tensor, pool: torch.Tensor, count: int, gen: torch.Generator,
+                       multiple: int = 64) -> torch.Tensor:
+    """Sorted 0-based items of one batch's sampled softmax: the distinct ``targets`` plus ``count``
+    other items of ``pool``, uniformly without replacement, topped up to a multiple of ``multiple``
+    while the pool lasts."""
+    pos = torch.unique(targets)
+    others = pool[torch.randperm(len(pool), generator=gen)]
+    others = others[~torch.isin(others, pos)]
+    total = min(-(-(len(pos) + count) // multiple) * multiple, len(pos) + len(others))
+    return torch.sort(torch.cat([pos, others[: total - len(pos)]])).values
+
+
+def _sampled(rows: np.ndarray, cfg: TrainStageConfig) -> tuple[np.ndarray, int] | None:
+    """``masked_batches``' ``sampled``: negatives from the items ``rows`` contain (``negatives: sampled``)."""
+    return (np.unique(rows[rows > 0]) - 1, cfg.num_negatives) if cfg.negatives == "sampled" else None
+
+
 @contextlib.contextmanager
 def _candidates(model: QBert4Rec, rows: np.ndarray, negatives: str) -> Iterator[None]:
-    """The training softmax over the items ``rows`` contain (``negatives: seen``) while training."""
-    model.set_train_candidates(np.unique(rows[rows > 0]) - 1 if negatives == "seen" else None)
+    """The training softmax over the items ``rows`` contain (``negatives: seen``, and the pool of
+    ``sampled``) while training."""
+    model.set_train_candidates(np.unique(rows[rows > 0]) - 1 if negatives != "all" else None)
     try:
         yield
     finally:
@@ -263,7 +294,8 @@ def _candidates(model: QBert4Rec, rows: np.ndarray, negatives: str) -> Iterator[
 def masked_step(model: QBert4Rec, batch: dict[str, Any],
                 label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
     return model.masked_loss(batch["tokens"], batch["mask"], label_smoothing, norm=batch.get("norm"),
-                             keep=batch.get("keep"), pseudo_new=batch.get("pseudo_new"))
+                             keep=batch.get("keep"), pseudo_new=batch.get("pseudo_new"),
+                             candidates=batch.get("candidates"))
 
 
 def split_ranks(model: QBert4Rec, split: LeaveOneOutSplit, which: str, batch_size: int = 1024,
@@ -374,7 +406,8 @@ def pretrain(model: QBert4Rec, sequences: np.ndarray, cfg: PretrainConfig, devic
     loop = LoopConfig(epochs=cfg.epochs, patience=0, monitor="loss", mode="min", progress=progress,
                       precision=cfg.precision)
     opt = build_optimizer(model, cfg.lr, cfg.weight_decay)
-    batches = masked_batches(seqs, cfg.batch_size, pretrain_mask_fn(cfg), seed, device, shard)
+    batches = masked_batches(seqs, cfg.batch_size, pretrain_mask_fn(cfg), seed, device, shard,
+                             sampled=_sampled(seqs, cfg))
     with _candidates(model, seqs, cfg.negatives):
         return fit(model, opt, batches, masked_step, loop, scheduler=_scheduler(opt, cfg, seqs, shard),
                    callbacks=callbacks, checkpoint_dir=checkpoint_dir, desc=f"pretrain[{cfg.strategy}]")
@@ -407,7 +440,8 @@ def finetune(model: QBert4Rec, split: LeaveOneOutSplit, cfg: FinetuneConfig, dev
                       ema_ramp=cfg.ema_ramp, precision=cfg.precision)
     opt = build_optimizer(model, cfg.lr, cfg.weight_decay)
     batches = masked_batches(seqs, cfg.batch_size, mask_fn, seed, device, shard,
-                             pseudo_new=(cfg.pseudo_new, model.num_items) if cfg.pseudo_new else None)
+                             pseudo_new=(cfg.pseudo_new, model.num_items) if cfg.pseudo_new else None,
+                             sampled=_sampled(seqs, cfg))
     step = partial(masked_step, label_smoothing=cfg.label_smoothing)
     model.set_trained_items(np.unique(seqs[seqs > 0]) - 1)  # the rest are ranked as new (new_item_scores)
     with _candidates(model, seqs, cfg.negatives):
