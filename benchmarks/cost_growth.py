@@ -11,7 +11,7 @@ pipeline of ``--config`` with only ``data.source`` changed and a few epochs per 
 stage at a time in one run directory. Per stage it records the mean training seconds per epoch
 (the first epoch left out: warm-up) and the peak resident memory of the process during that stage
 (Linux: the high-water mark is reset before each stage, ``/proc/self/clear_refs``). Writes
-``benchmarks/results/cost_growth.{json,md}`` (``--quick``: under ``--runs-dir``), with each
+``benchmarks/results/<--name>.{json,md}`` (default ``cost_growth``; ``--quick``: under ``--runs-dir``), with each
 stage's seconds per epoch relative to the smallest domain beside the interactions' ratio.
 """
 
@@ -119,8 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs-dir", type=Path, default=None, help="run directories (default: a temporary one)")
     ap.add_argument("--quick", action="store_true", help="synthetic data of three sizes")
+    ap.add_argument("--name", default="cost_growth", help="stem of the written files (e.g. cost_growth_sampled)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: measure one source, print JSON
     args = ap.parse_args(argv)
+    if not args.name.replace("_", "").replace("-", "").isalnum():
+        print(f"error: --name {args.name!r}: letters, digits, '_' and '-' only", file=sys.stderr)
+        return 2
     try:
         base = PipelineConfig.from_yaml(args.config) if args.config else quickstart_config()
         base = base.override(EPOCHS)
@@ -160,8 +164,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"source": source, **json.loads(done.stdout.strip().splitlines()[-1])})
     meta = benchmark_meta("benchmarks/cost_growth.py", argv, REPO, seed=base.seed, threads=args.threads)
     out = args.runs_dir if args.quick else REPO / "benchmarks" / "results"
-    atomic_write_json(out / "cost_growth.json", {"rows": rows, **meta})
-    atomic_write_text(out / "cost_growth.md", markdown(rows, meta))
+    atomic_write_json(out / f"{args.name}.json", {"rows": rows, **meta})
+    atomic_write_text(out / f"{args.name}.md", markdown(rows, meta))
     print(markdown(rows, meta))
     return 0
 

@@ -15,9 +15,10 @@ def test_each_domain_and_stage_measured(tmp_path, capsys):
     bench = _bench("cost_growth")
     small, large = "synthetic:users=200,items=80,max_len=12", "synthetic:users=600,items=160,max_len=12"
     args = ["--quick", "--runs-dir", str(tmp_path), "--threads", "1", "--sources", small, large,
-            "--set", "finetune.epochs=2", "--set", "pretrain.epochs=2"]
+            "--set", "finetune.epochs=2", "--set", "pretrain.epochs=2", "--set", "finetune.negatives=sampled",
+            "--set", "finetune.num_negatives=16", "--name", "cost_growth_sampled"]
     assert bench.main(args) == 0
-    out = json.loads((tmp_path / "cost_growth.json").read_text())
+    out = json.loads((tmp_path / "cost_growth_sampled.json").read_text())
     rows = out["rows"]
     assert [r["source"] for r in rows] == [small, large] and rows[0]["interactions"] < rows[1]["interactions"]
     for r in rows:
@@ -28,9 +29,11 @@ def test_each_domain_and_stage_measured(tmp_path, capsys):
         # every stage ran in the domain's own run directory, one stage at a time
         assert (tmp_path / f"d{rows.index(r)}" / "model.pt").is_file()
     assert out["command"].startswith("python benchmarks/cost_growth.py") and out["threads"] == 1
-    md = (tmp_path / "cost_growth.md").read_text()
+    md = (tmp_path / "cost_growth_sampled.md").read_text()
     assert "| finetune |" in md and "(1.00x)" in md
 
     capsys.readouterr()
     assert bench.main(["--quick"]) == 2 and "--runs-dir" in capsys.readouterr().err
     assert bench.main(["--runs-dir", str(tmp_path)]) == 2 and "--sources" in capsys.readouterr().err
+    assert bench.main(["--quick", "--runs-dir", str(tmp_path), "--name", "../x"]) == 2
+    assert "error: --name '../x'" in capsys.readouterr().err
