@@ -549,13 +549,23 @@ def test_sampled_candidates_hold_the_targets_and_uniform_others_of_the_pool():
         counts[sampled_candidates(targets, pool, 60, g)] += 1
     others = counts[pool[~torch.isin(pool, targets)]]
     assert others.min() > 0.2 * 300 and others.max() < 0.45 * 300  # expectation (64 - 3) / 197 = 0.31
+    # a large pool: i.i.d. draws kept in order of first draw (no permutation of the pool), still uniform
+    big, hits = torch.arange(10_000), torch.zeros(10)
+    for _ in range(300):
+        c = sampled_candidates(targets, big, 60, g)
+        assert len(c) == 64 and c.equal(torch.unique(c)) and bool(torch.isin(targets, c).all())
+        hits += torch.bincount(c[~torch.isin(c, targets)] // 1000, minlength=10)
+    assert bool(((hits - 300 * 61 / 10).abs() < 0.1 * 300 * 61 / 10).all()), hits  # 10 bins of 1,000 items
 
 
 def test_sampled_softmax_is_the_cross_entropy_over_the_batch_candidates_and_shared_by_ranks():
     torch.manual_seed(0)
     codes = torch.randint(0, 8, (80, 3), generator=torch.Generator().manual_seed(1))
     m = QBert4Rec(codes, num_codes=8, hidden=16, layers=1, heads=2, dropout=0.0, max_len=10, repeat_bias=True,
-                  code_loss_weight=0.0).eval()
+                  prefix_bias=True, code_loss_weight=0.0).eval()
+    with torch.no_grad():  # biases of the sequence's items and prefixes, computed for the candidates only
+        m.repeat_raw.fill_(-0.5)
+        m.prefix_raw.copy_(torch.tensor([0.3, 0.2]))
     tok = torch.randint(1, 81, (5, 10), generator=torch.Generator().manual_seed(2))
     mask = masks.random_mask(tok != 0, 0.4, torch.Generator().manual_seed(3))
     cand = sampled_candidates(tok[mask] - 1, torch.arange(80), 8, torch.Generator().manual_seed(4), multiple=4)

@@ -323,18 +323,23 @@ class QBert4Rec(nn.Module):
         logits = torch.einsum("mkh,kch->mkc", q, self._code_table()) + self.code_bias
         return logits.masked_fill(~self.code_valid, -1e4)
 
-    def item_vectors(self, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def item_vectors(self, keep: torch.Tensor | None = None,
+                     items: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Output embedding [N, H] and bias [N] of every catalogue item, composed from its codes
-        and hashed prefixes (no item-indexed parameter). ``keep`` [N, P] float: weight of each
-        item's prefix rows (0 drops a row; :meth:`pseudo_new_keep`)."""
+        and hashed prefixes (no item-indexed parameter); of ``items`` only when given (a sampled
+        softmax composes only its candidates). ``keep`` [N, P] float: weight of each item's prefix
+        rows (0 drops a row; :meth:`pseudo_new_keep`)."""
         # embedding look-ups rather than advanced indexing: their backward is an index_add into the
         # table, several times faster on CPU than index_put's accumulate (measured, #21)
-        flat = self.item_code_rows  # [N, K] rows of the flattened [K * C] code tables
+        flat, prefix_rows = self.item_code_rows, self.item_prefix_rows  # [N, K] rows of the flat [K * C] tables
+        if items is not None:
+            flat, prefix_rows = flat[items], prefix_rows[items]
+            keep = keep[items] if keep is not None else None
         vec = _bag(flat, self._code_table().reshape(self.K * self.C, self.hidden))  # [N, H]
         bias = _bag(flat, self.code_bias.view(-1, 1))[:, 0]  # [N]
         if self.prefix is not None and self.prefix.with_out:
-            vec = vec + _bag(self.item_prefix_rows, self.prefix.out, weights=keep)
-            bias = bias + _bag(self.item_prefix_rows, self.prefix.out_bias.view(-1, 1), weights=keep)[:, 0]
+            vec = vec + _bag(prefix_rows, self.prefix.out, weights=keep)
+            bias = bias + _bag(prefix_rows, self.prefix.out_bias.view(-1, 1), weights=keep)[:, 0]
         return vec, bias
 
     def item_specific_rows(self) -> torch.Tensor:
@@ -369,9 +374,7 @@ class QBert4Rec(nn.Module):
         """hidden [M, H] -> logits [M, N] of every catalogue semantic ID (the catalogue head); of
         ``items`` only when given; the items flagged in ``pseudo_new`` [N] scored as new
         (:meth:`pseudo_new_keep`; training only)."""
-        vec, bias = self.item_vectors(self.pseudo_new_keep(pseudo_new))
-        if items is not None:
-            vec, bias = vec[items], bias[items]
+        vec, bias = self.item_vectors(self.pseudo_new_keep(pseudo_new), items)
         return self._shift(F.linear(self.out_transform(h), vec, bias), visible, items)  # one fused addmm
 
     def id_logits(self, h: torch.Tensor, visible: torch.Tensor | None = None,
@@ -390,11 +393,10 @@ class QBert4Rec(nn.Module):
         ``logits`` are of ``items`` only when given."""
         if visible is None:
             return logits
-        cols = slice(None) if items is None else items
         if self.repeat_weight is not None:
-            logits = logits + self.repeat_weight * self.seen_items(visible)[:, cols]
+            logits = logits + self.repeat_weight * self.seen_items(visible, items)
         if self.prefix_raw is not None:
-            logits = logits + self.seen_prefixes(visible)[:, cols]
+            logits = logits + self.seen_prefixes(visible, items)
         return logits
 
     def item_logits(self, h: torch.Tensor, visible: torch.Tensor | None = None,
@@ -405,23 +407,33 @@ class QBert4Rec(nn.Module):
             return self.id_logits(h, visible, items)
         return self.catalogue_logits(h, visible, items, pseudo_new)
 
-    def seen_prefixes(self, visible: torch.Tensor) -> torch.Tensor:
+    def seen_prefixes(self, visible: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
         """[M, L] tokens -> [M, N]: sum over l of prefix_weight[l] * (item shares its first l + 1
-        codes with a visible item)."""
+        codes with a visible item); [M, len(items)] for ``items`` only when given."""
         w = self.prefix_raw * REPEAT_SCALE
-        out = torch.zeros(len(visible), self.num_items, device=visible.device)
+        out = torch.zeros(len(visible), self.num_items if items is None else len(items), device=visible.device)
         for level in range(self.K - 1):
-            out = out + w[level] * self._seen_groups(visible, self.prefix_ids[level], self.prefix_counts[level])
+            out = out + w[level] * self._seen_groups(visible, self.prefix_ids[level], self.prefix_counts[level], items)
         return out
 
-    def _seen_groups(self, visible: torch.Tensor, group: torch.Tensor, groups: int) -> torch.Tensor:
+    def _seen_groups(self, visible: torch.Tensor, group: torch.Tensor, groups: int,
+                     items: torch.Tensor | None = None) -> torch.Tensor:
         """[M, L] tokens -> [M, N] indicator of the items whose group (``group`` [N] in [0, groups))
-        is the group of a visible item: one scatter into [M, groups] and one gather."""
+        is the group of a visible item: one scatter into [M, groups] and one gather. With ``items``
+        [C]: [M, C] for those items, scattered into their distinct groups only (no [M, N] work)."""
         real = (visible > 0) & (visible <= self.num_items)  # not padding (0) or [MASK] (N+1)
         item = (visible - 1).clamp(0, self.num_items - 1)
-        seen = torch.zeros(len(visible), groups + 1, device=visible.device)  # column `groups`: not an item
-        seen.scatter_(1, torch.where(real, group[item], groups), 1.0)
-        return seen[:, group]
+        if items is None:
+            seen = torch.zeros(len(visible), groups + 1, device=visible.device)  # column `groups`: not an item
+            seen.scatter_(1, torch.where(real, group[item], groups), 1.0)
+            return seen[:, group]
+        wanted, column = torch.unique(group[items], return_inverse=True)  # the candidates' groups, sorted
+        mine = group[item]  # [M, L]
+        pos = torch.searchsorted(wanted, mine).clamp(max=len(wanted) - 1)
+        hit = real & (wanted[pos] == mine)  # a visible item whose group some candidate has
+        seen = torch.zeros(len(visible), len(wanted) + 1, device=visible.device)  # last column: no candidate's
+        seen.scatter_(1, torch.where(hit, pos, len(wanted)), 1.0)
+        return seen[:, column]
 
     @property
     def prefix_weight(self) -> torch.Tensor | None:
@@ -433,9 +445,10 @@ class QBert4Rec(nn.Module):
         """The learned logit shift of items already in the sequence (None without ``repeat_bias``)."""
         return None if self.repeat_raw is None else self.repeat_raw * REPEAT_SCALE
 
-    def seen_items(self, visible: torch.Tensor) -> torch.Tensor:
-        """[M, L] tokens -> [M, N] float indicator of the catalogue items among them."""
-        return self._seen_groups(visible, torch.arange(self.num_items, device=visible.device), self.num_items)
+    def seen_items(self, visible: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
+        """[M, L] tokens -> [M, N] float indicator of the catalogue items among them ([M, len(items)]
+        for ``items`` only when given)."""
+        return self._seen_groups(visible, torch.arange(self.num_items, device=visible.device), self.num_items, items)
 
     def masked_loss(self, tokens: torch.Tensor, mask: torch.Tensor, label_smoothing: float = 0.0,
                     norm: float | None = None, keep: torch.Tensor | None = None,
@@ -482,7 +495,10 @@ class QBert4Rec(nn.Module):
             visible = inp.index_select(0, keep // L) if biased else None  # the row each kept position sees
             if candidates is not None:  # a sampled softmax: the batch's targets and its drawn negatives
                 logits = self.item_logits(h, visible, candidates, pseudo_new)
-                items = torch.where(real, torch.searchsorted(candidates, items.clamp(min=0)), IGNORE)
+                pos = torch.searchsorted(candidates, items.clamp(min=0)).clamp(max=len(candidates) - 1)
+                torch._assert_async((~real | (candidates[pos] == items)).all(),
+                                    "sampled softmax: a masked target is not among the candidates")
+                items = torch.where(real, pos, IGNORE)
             else:
                 logits = self.item_logits(h, visible, self.train_candidates, pseudo_new)  # the items training contains
                 if self.train_candidates is not None:

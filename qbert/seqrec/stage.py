@@ -244,9 +244,9 @@ def masked_batches(sequences: np.ndarray, batch_size: int, mask_fn: MaskFn, seed
             mask = mask_fn(tokens != 0, gen)
             batch: dict[str, Any] = {}
             if pseudo_new is not None:
-                batch["pseudo_new"] = (torch.rand(pseudo_new[1], generator=drops) < pseudo_new[0]).to(device)
+                batch["pseudo_new"] = torch.rand(pseudo_new[1], generator=drops) < pseudo_new[0]
             if sampled is not None:
-                batch["candidates"] = sampled_candidates(tokens[mask] - 1, pool, sampled[1], negs).to(device)
+                batch["candidates"] = sampled_candidates(tokens[mask] - 1, pool, sampled[1], negs)
             if world > 1:
                 batch["norm"] = max(int(mask.sum()), 1) / world
                 if rank < len(idx):
@@ -255,7 +255,8 @@ def masked_batches(sequences: np.ndarray, batch_size: int, mask_fn: MaskFn, seed
                     tokens, mask = tokens[:1], torch.zeros_like(mask[:1])
             # every data-dependent shape is settled here, on the host: the step never waits for the device
             tokens, mask, keep = masked_positions(tokens, mask, QBert4Rec.ROW_MULTIPLE)
-            for name, t in (("tokens", tokens), ("mask", mask), ("keep", keep)):
+            for name, t in (("tokens", tokens), ("mask", mask), ("keep", keep),
+                            *((k, batch[k]) for k in ("pseudo_new", "candidates") if k in batch)):
                 # page-locked host memory: the copy overlaps with the previous step on the GPU
                 batch[name] = (t.pin_memory() if pin else t).to(device, non_blocking=True)
             yield batch
@@ -269,10 +270,19 @@ def sampled_candidates(targets: torch.Tensor, pool: torch.Tensor, count: int, ge
     other items of ``pool``, uniformly without replacement, topped up to a multiple of ``multiple``
     while the pool lasts."""
     pos = torch.unique(targets)
+    need = -(-(len(pos) + count) // multiple) * multiple - len(pos)
+    if 4 * (need + len(pos)) < len(pool):  # few of many: i.i.d. draws, distinct in order of first draw
+        draws = pool[torch.randint(len(pool), (2 * (need + len(pos)) + 64,), generator=gen)]
+        order, where = torch.sort(draws, stable=True)
+        first = torch.ones_like(order, dtype=torch.bool)
+        first[1:] = order[1:] != order[:-1]
+        others = draws[torch.sort(where[first]).values]  # a uniformly random ordered sample of the pool
+        others = others[~torch.isin(others, pos)]
+        if len(others) >= need:  # else (rare): the permutation below
+            return torch.sort(torch.cat([pos, others[:need]])).values
     others = pool[torch.randperm(len(pool), generator=gen)]
     others = others[~torch.isin(others, pos)]
-    total = min(-(-(len(pos) + count) // multiple) * multiple, len(pos) + len(others))
-    return torch.sort(torch.cat([pos, others[: total - len(pos)]])).values
+    return torch.sort(torch.cat([pos, others[:need]])).values
 
 
 def _sampled(rows: np.ndarray, cfg: TrainStageConfig) -> tuple[np.ndarray, int] | None:
