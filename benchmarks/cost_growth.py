@@ -77,9 +77,14 @@ def measure_domain(cfg: PipelineConfig, run_dir: Path) -> dict[str, Any]:
     import shutil
 
     from qbert.pipeline import load_data
+    from qbert.pipeline.data import target_split
+    from qbert.seqrec.stage import training_rows
 
     shutil.rmtree(run_dir, ignore_errors=True)
-    stats = load_data(cfg).target.stats()
+    data = load_data(cfg)
+    stats = data.target.stats()
+    # what a fine-tuning epoch passes over: with finetune.prefixes, every training prefix is a row
+    rows = training_rows(target_split(cfg, data), cfg.data.max_len, cfg.finetune.prefixes)
     stages = {}
     for stage in STAGES:
         exact = peak_reset()
@@ -88,20 +93,23 @@ def measure_domain(cfg: PipelineConfig, run_dir: Path) -> dict[str, Any]:
                          "peak_rss_mib": round(peak_mib(), 1), "peak_is_per_stage": exact}
     name = cfg.data.source if cfg.data.source.startswith("synthetic") else stats["name"]
     return {"dataset": name, "users": stats["users"], "items": stats["items"],
-            "interactions": stats["interactions"], "stages": stages}
+            "interactions": stats["interactions"], "finetune_rows": int(len(rows)),
+            "finetune_tokens": int((rows > 0).sum()), "stages": stages}
 
 
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     base = min(rows, key=lambda r: r["interactions"])
-    lines = ["| dataset | users | items | interactions (x smallest) | stage | s/epoch (x smallest) | peak RSS MiB |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| dataset | users | items | interactions (x smallest) | fine-tuning tokens (x smallest) | stage "
+             "| s/epoch (x smallest) | peak RSS MiB |", "|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: r["interactions"]):
         growth = r["interactions"] / base["interactions"]
+        tokens = (f"{r['finetune_tokens']:,} ({r['finetune_tokens'] / base['finetune_tokens']:.2f}x)"
+                  if "finetune_tokens" in r and "finetune_tokens" in base else "-")
         for stage, s in r["stages"].items():
             sec, b = s["epoch_seconds"], base["stages"][stage]["epoch_seconds"]
             cell = f"{sec:.2f} ({sec / b:.2f}x)" if sec is not None and b else "-"
             lines.append(f"| {r['dataset']} | {r['users']:,} | {r['items']:,} | {r['interactions']:,} ({growth:.2f}x) "
-                         f"| {stage} | {cell} | {s['peak_rss_mib']:.0f} |")
+                         f"| {tokens} | {stage} | {cell} | {s['peak_rss_mib']:.0f} |")
     m = meta["machine"]
     lines += ["", f"Command: `{meta['command']}`; seed {meta['seed']}; git {meta['git_commit']}; {meta['date']}; "
               f"{m.get('cpu_count')} CPUs ({m.get('processor', '')}); {meta['threads']} torch threads; mean training "

@@ -21,6 +21,8 @@ def test_each_domain_and_stage_measured(tmp_path, capsys):
     out = json.loads((tmp_path / "cost_growth_sampled.json").read_text())
     rows = out["rows"]
     assert [r["source"] for r in rows] == [small, large] and rows[0]["interactions"] < rows[1]["interactions"]
+    for r in rows:  # every training prefix is a fine-tuning row: more tokens than interactions in the training parts
+        assert r["interactions"] < r["finetune_tokens"] and 0 < r["finetune_rows"] < r["finetune_tokens"]
     for r in rows:
         assert list(r["stages"]) == ["fusion", "quantize", "pretrain", "finetune"]
         for stage, s in r["stages"].items():
