@@ -56,7 +56,8 @@ from qbert.config import ConfigError, parse_overrides  # noqa: E402
 from qbert.eval.evaluator import rank_targets  # noqa: E402
 from qbert.eval.report import cold_start_report  # noqa: E402
 from qbert.pipeline import (PipelineConfig, config_differences, load_data, quickstart_config,  # noqa: E402
-                            run_pipeline, stage_features)
+                            run_pipeline)
+from qbert.pipeline.data import target_content  # noqa: E402
 from qbert.pipeline.runs import check_reuse, rescoring_model  # noqa: E402
 from qbert.utils.runtime import pick_device  # noqa: E402
 from qbert.seqrec.stage import split_ranks  # noqa: E402
@@ -94,13 +95,14 @@ def pipeline_row(cfg: PipelineConfig, data, run: Path) -> dict[str, Any]:
         run_pipeline(cfg, run, overwrite=True)
     device = pick_device(cfg.device)
     split = target_split(cfg, data)
-    model = rescoring_model(run, cfg, split, device)
+    model = rescoring_model(run, cfg, split, device, data)
     with torch.no_grad():
         ranks = {w: split_ranks(model, split, w, cfg.eval.batch_size, device, ("kept", "excluded"),
                                 cfg.finetune.precision) for w in ("valid", "test")}
     return {"stage3_item_table": bool(model.item_indexed_parameters()),
             "slices": cold_start_report(split, ranks, cfg.data.cold_start)["slices"],
             "new_items": {"rule": model.new_items, "weight": model.new_item_weight, "offset": model.new_item_offset,
+                          "content": model.new_item_content,
                           "untrained": int((~model.trained_items).sum())} if model.item_id == "none" else None}
 
 
@@ -132,10 +134,7 @@ def _train_counts(split) -> np.ndarray:
 
 
 def content_knn_fn(cfg: PipelineConfig, data) -> Callable[[torch.Tensor], torch.Tensor]:
-    feats = stage_features(cfg, data)
-    parts = [f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12) for f in feats.values()]
-    x = torch.as_tensor(np.concatenate(parts, axis=1)[: data.target.num_items], dtype=torch.float32)
-    x = torch.nn.functional.normalize(x, dim=1)
+    x = torch.as_tensor(target_content(cfg, data))
     padded = torch.cat([torch.zeros(1, x.shape[1]), x])  # row 0 = padding (tokens are item + 1)
 
     def score(h: torch.Tensor) -> torch.Tensor:

@@ -2,13 +2,14 @@
 constant logit offset for those items would trade, and the choice of ``model.new_items: backoff``.
 
     python benchmarks/new_item_offset.py --run runs/bench-cold/qbert4rec --deltas 0 1 1.5 2 4 \
-        --backoff-weights 0.2 0.25 0.3 0.4 --backoff-offsets 1.25 1.5 1.75
+        --backoff-weights 0.2 0.25 0.3 0.4 --backoff-offsets 1.25 1.5 1.75 [--backoff-contents 0 2 4]
 
 ``--run`` is a finished pipeline run under the cold-start protocol (``data.cold_start``, e.g. the
 ``qbert4rec`` run of ``benchmarks/cold_start.py``). Rows ``rule: own``: for each offset delta the
 valid targets are ranked with ``score + delta`` on the items fine-tuning did not train (the paper's
 rule at delta 0). Rows ``rule: backoff``: every pair of ``--backoff-weights`` x ``--backoff-offsets``
-(``QBert4Rec.new_item_scores``). Each row reports the new / known slices, with the median rank of
+(``QBert4Rec.new_item_scores``), each with every ``--backoff-contents`` weight of the content term
+(``model.new_item_content``; default 0: none). Each row reports the new / known slices, with the median rank of
 the new targets (content signal: random would be N / 2). Valid is scored as the run scores it (its
 device, batch size, fine-tuning precision and record of trained items). Test is never scored. Writes
 ``benchmarks/results/new_item_offset.{json,md}``.
@@ -27,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from qbert.pipeline import PipelineConfig, load_data  # noqa: E402
-from qbert.pipeline.data import target_split  # noqa: E402
+from qbert.pipeline.data import target_content, target_split  # noqa: E402
 from qbert.pipeline.runs import rescoring_model  # noqa: E402
 from qbert.seqrec.stage import split_ranks  # noqa: E402
 from qbert.utils.runtime import pick_device  # noqa: E402
@@ -47,35 +48,41 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--deltas", type=float, nargs="*", default=[0, 1, 1.5, 2, 4])
     ap.add_argument("--backoff-weights", type=float, nargs="*", default=[])
     ap.add_argument("--backoff-offsets", type=float, nargs="*", default=[])
+    ap.add_argument("--backoff-contents", type=float, nargs="*", default=[0.0])
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = PipelineConfig.from_yaml(args.run / "config.yaml")
-    split = target_split(cfg, load_data(cfg))
+    data = load_data(cfg)
+    split = target_split(cfg, data)
     if not split.withheld.size:
         print(f"error: {args.run} was not trained under the cold-start protocol (data.cold_start)", file=sys.stderr)
         return 2
     device = pick_device(cfg.device)
     model = rescoring_model(args.run, cfg, split, device)  # the items fine-tuning trained, as it recorded them
+    if any(args.backoff_contents):
+        model.set_item_content(target_content(cfg, data))
     new = np.isin(split.targets("valid"), split.withheld)
     rows = []
     # own + delta: the item's own score shifted by delta = the backoff rule with all weight on the own score
-    settings = [("own", 1.0, delta) for delta in args.deltas]
-    settings += [("backoff", w, off) for w in args.backoff_weights for off in args.backoff_offsets]
-    for rule, weight, offset in settings:
+    settings = [("own", 1.0, delta, 0.0) for delta in args.deltas]
+    settings += [("backoff", w, off, c) for w in args.backoff_weights for c in args.backoff_contents
+                 for off in args.backoff_offsets]
+    for rule, weight, offset, content in settings:
         model.new_items, model.new_item_weight, model.new_item_offset = "backoff", weight, offset
+        model.new_item_content = content
         with torch.no_grad():  # as the run scores valid: its device, batch size and fine-tuning precision
             ranks = split_ranks(model, split, "valid", cfg.eval.batch_size, device, ("kept",),
                                 cfg.finetune.precision)["kept"].numpy()
-        rows.append({"rule": rule, "weight": None if rule == "own" else weight, "delta": offset,
+        rows.append({"rule": rule, "weight": None if rule == "own" else weight, "delta": offset, "content": content,
                      "new": _metrics(ranks[new]), "known": _metrics(ranks[~new]), "all": _metrics(ranks)})
         print(rows[-1])
-    md = ["| rule | weight of own score | offset | new HR@10 | new NDCG@10 | new median rank | known HR@10 | "
-          "known NDCG@10 | all NDCG@10 |", "|---|---|---|---|---|---|---|---|---|"]
+    md = ["| rule | weight of own score | offset | content weight | new HR@10 | new NDCG@10 | new median rank | known HR@10 | "
+          "known NDCG@10 | all NDCG@10 |", "|---|---|---|---|---|---|---|---|---|---|"]
     md += [f"| {r['rule']} | {'' if r['weight'] is None else format(r['weight'], 'g')} | {r['delta']:g} | "
-           f"{r['new']['HR@10']:.4f} | {r['new']['NDCG@10']:.4f} | {r['new']['median_rank']:.0f} | "
+           f"{r['content']:g} | {r['new']['HR@10']:.4f} | {r['new']['NDCG@10']:.4f} | {r['new']['median_rank']:.0f} | "
            f"{r['known']['HR@10']:.4f} | {r['known']['NDCG@10']:.4f} | {r['all']['NDCG@10']:.4f} |" for r in rows]
     md.append(f"\nValid only; {split.num_items} items, {int(new.sum())} users whose valid target is new. "
               "Run: " + str(args.run))

@@ -98,7 +98,7 @@ def assign_new_items(run_dir: str | Path, items: pa.Table, device: str | torch.d
 @torch.no_grad()
 def _assign(run: Path, items: pa.Table, device: torch.device, source: str) -> pa.Table:
     from qbert.fusion.train import infer_fusion, validate_features
-    from qbert.pipeline.data import item_features
+    from qbert.pipeline.data import content_vectors, item_features
     from qbert.pipeline.runs import load_run_model
     from qbert.quantize.reallocate import reallocate_collisions
     from qbert.quantize.rqvae import RQVAE
@@ -158,6 +158,8 @@ def _assign(run: Path, items: pa.Table, device: torch.device, source: str) -> pa
     columns |= {f"code_{j}": pa.array(new_codes[:, j], pa.int64()) for j in range(levels)}
     columns["sid"] = pa.array(sid_strings(new_codes).tolist(), pa.string())
     columns["moved"] = pa.array((new_codes != raw).any(1))  # the collision rule gave it another tuple
+    # what the backoff rule's content term compares (model.new_item_content; qbert.pipeline.data.content_vectors)
+    columns["content"] = pa.array(list(content_vectors(feats)), pa.list_(pa.float32()))
     for c in items.column_names:
         if not c.startswith(FEATURE_PREFIX) and c not in columns:
             columns[c] = items.column(c)

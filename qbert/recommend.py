@@ -80,8 +80,11 @@ class Recommender:
             model.set_trained_items(trained)  # the added items are new: ranked by model.new_item_scores
             added_ids = [str(x) for x in added.column("orig_id").to_pylist()]
         sids = sid_strings(model.codes.cpu().numpy())
+        data = load_data(cfg) if with_dataset or model.new_item_content else None
+        if model.new_item_content:  # the backoff rule's content term: every item's content, added ones too
+            model.set_item_content(_catalogue_content(cfg, data, added, run_dir))
         if with_dataset:
-            return cls(model, cfg, load_data(cfg).target, sids, device, added_ids)
+            return cls(model, cfg, data.target, sids, device, added_ids)
         return cls(model, cfg, None, sids, device, added_ids, catalogue=catalogue_ids(run_dir, model.num_items
                                                                                       - len(added_ids)))
 
@@ -145,3 +148,18 @@ class Recommender:
             "score": pa.array(scores.reshape(-1)),
             "sid": pa.array(self.sids[items.reshape(-1)].tolist(), pa.string()),
         })
+
+
+def _catalogue_content(cfg, data, added, run_dir: str | Path) -> np.ndarray:
+    """[N, D] content vectors of the run's catalogue and of the items ``qbert ids assign`` added."""
+    from qbert.pipeline.data import target_content
+
+    content = target_content(cfg, data)
+    if added is None:
+        return content
+    column = added.column("content") if "content" in added.column_names else None
+    if column is None or column.null_count:
+        raise DataError(f"{Path(run_dir) / 'new_items.parquet'}: some items have no 'content' (assigned by an "
+                        "older qbert); model.new_item_content needs it: remove the file and run `qbert ids "
+                        "assign` again, or set model.new_item_content to 0")
+    return np.concatenate([content, np.asarray(column.to_pylist(), dtype=np.float32)])

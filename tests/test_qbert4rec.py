@@ -478,6 +478,40 @@ def test_untrained_items_back_off_to_the_trained_items_sharing_their_first_code(
         QBert4Rec(codes, num_codes=8, hidden=16, layers=1, heads=2, max_len=10, new_items="mean")
 
 
+def test_the_content_term_adds_the_cosine_of_a_new_items_content_to_the_historys():
+    torch.manual_seed(0)
+    codes = _codes(n=30)
+    kw = {"num_codes": 8, "hidden": 16, "layers": 1, "heads": 2, "dropout": 0.0, "max_len": 10,
+          "new_items": "backoff", "new_item_weight": 0.3, "new_item_offset": 1.2}
+    m = QBert4Rec(codes, **kw, new_item_content=2.5).eval()
+    plain = QBert4Rec(codes, **kw).eval()
+    plain.load_state_dict(m.state_dict())
+    trained = torch.ones(30, dtype=torch.bool)
+    trained[[3, 11, 17]] = False
+    for model in (m, plain):
+        model.set_trained_items(trained.nonzero()[:, 0])
+    hist = torch.randint(1, 31, (4, 6), generator=torch.Generator().manual_seed(1))
+    hist[0, :3] = 0  # left padding carries no content
+    with pytest.raises(ValueError, match="set_item_content"):
+        m.score(hist)
+    content = torch.randn(30, 5)
+    m.set_item_content(content)
+    got, base = m.score(hist), plain.score(hist)
+    torch.testing.assert_close(got[:, trained], base[:, trained])  # trained items: unchanged
+    unit = F.normalize(content, dim=1)
+    for b in range(4):  # brute force: the history's items, as the model sees them (the last max_len - 1)
+        items = [int(t) - 1 for t in hist[b, -(10 - 1):] if t > 0]
+        profile = F.normalize(unit[items].sum(0), dim=0)
+        for i in (3, 11, 17):
+            torch.testing.assert_close(got[b, i], base[b, i] + 2.5 * (unit[i] @ profile))
+    m.set_catalogue(_codes(n=31))  # another catalogue: its content must be given again
+    assert m.item_content is None
+    with pytest.raises(ValueError, match="one row per catalogue item"):
+        m.set_item_content(torch.randn(30, 5))
+    with pytest.raises(ValueError, match="new_item_content"):
+        QBert4Rec(codes, **kw, new_item_content=-1.0)
+
+
 def test_pseudo_new_items_are_scored_without_their_own_prefix_rows():
     torch.manual_seed(0)
     codes = _codes(n=30, K=4)

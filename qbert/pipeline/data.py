@@ -82,6 +82,21 @@ def stage_features(cfg: PipelineConfig, data: PipelineData) -> dict[str, np.ndar
     return item_features(cfg, data.all_items)
 
 
+def content_vectors(features: dict[str, np.ndarray]) -> np.ndarray:
+    """[N, sum of d] unit content vectors: each modality's features (a sequence of token vectors
+    [N, T, d] mean-pooled) L2-normalised, concatenated and normalised again (what content nearest
+    neighbours and the backoff rule's content term compare)."""
+    pooled = [f.reshape(len(f), -1, f.shape[-1]).mean(1) if f.ndim > 2 else f for f in features.values()]
+    parts = [f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12) for f in pooled]
+    x = np.concatenate(parts, axis=1).astype(np.float32, copy=False)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def target_content(cfg: PipelineConfig, data: PipelineData) -> np.ndarray:
+    """[N, D] :func:`content_vectors` of the target's catalogue (the first items of the union)."""
+    return content_vectors(stage_features(cfg, data))[: data.target.num_items]
+
+
 def item_features(cfg: PipelineConfig, ds: SeqDataset) -> dict[str, np.ndarray]:
     """{modality: [N, d]} of the items of ``ds`` (anything with ``name``, ``feature_names`` and
     ``feature(column)``): one column as is, several L2-normalised and concatenated."""

@@ -15,7 +15,7 @@ import torch
 from qbert.config import ConfigError, flatten_dict
 from qbert.data.errors import DataError
 from qbert.pipeline.config import METRIC_KEYS, CallbacksFactory, PipelineConfig
-from qbert.pipeline.data import PipelineData, check_inputs, load_data, target_split
+from qbert.pipeline.data import PipelineData, check_inputs, load_data, target_content, target_split
 from qbert.pipeline.ownership import (check_artifacts, claim_checkpoints, read_manifest, record_artifacts, run_id,
                                       settings_hash)
 from qbert.pipeline.reports import finish_run
@@ -27,7 +27,8 @@ from qbert.utils.runtime import git_commit, seed_everything
 log = logging.getLogger(__name__)
 
 # where a stage ran, not what it computed; and settings only ranking reads (no stage output depends on them)
-_RUNTIME_KEYS = {"device", "progress", "code_score_weight", "new_items", "new_item_weight", "new_item_offset"}
+_RUNTIME_KEYS = {"device", "progress", "code_score_weight", "new_items", "new_item_weight", "new_item_offset",
+                 "new_item_content"}
 # settings added after run directories existed: they enter a stage's hash only when set to another
 # value than their default, so those directories keep their hashes (stay resumable and reusable)
 _HASHED_WHEN_SET = {"finetune.pseudo_new", "pretrain.num_negatives", "finetune.num_negatives"}
@@ -295,15 +296,19 @@ def trained_items_of(cfg: PipelineConfig, split) -> np.ndarray:
     return np.unique(rows[rows > 0]) - 1
 
 
-def rescoring_model(run_dir: str | Path, cfg: PipelineConfig, split, device: str | torch.device = "cpu"):
+def rescoring_model(run_dir: str | Path, cfg: PipelineConfig, split, device: str | torch.device = "cpu",
+                    data: PipelineData | None = None):
     """A finished run's model, ready to re-score ``split`` under ``cfg``'s ranking-only settings
     (``model.new_items...``): its own record of the trained items, or for runs saved before the
-    record, :func:`trained_items_of`."""
+    record, :func:`trained_items_of`; with ``model.new_item_content`` also the items' content
+    (from ``data``, loaded when None)."""
     model, _, payload = _load_run(run_dir, device)
     if not payload["records_trained_items"]:
         model.set_trained_items(trained_items_of(cfg, split))
-    for key in ("new_items", "new_item_weight", "new_item_offset"):
+    for key in ("new_items", "new_item_weight", "new_item_offset", "new_item_content"):
         setattr(model, key, getattr(cfg.model, key))
+    if model.new_item_content:
+        model.set_item_content(target_content(cfg, data if data is not None else load_data(cfg)))
     return model
 
 
@@ -321,6 +326,8 @@ def evaluate_run(run_dir: str | Path, which: str = "test", exclude_history: bool
         raise DataError(f"{cfg.data.source}: fingerprint {data.target.fingerprint()} differs from the one "
                         f"{run_dir} was trained on ({trained_on}); evaluate on the data the model was trained on")
     split = target_split(cfg, data)
+    if model.new_item_content:  # the backoff rule's content term reads the items' content
+        model.set_item_content(target_content(cfg, data))
     excl = cfg.eval.exclude_history if exclude_history is None else exclude_history
     res = evaluate_split(model, split, which, cfg.eval.batch_size, device, excl, cfg.finetune.precision, progress)
     return {**{k: res[k] for k in METRIC_KEYS}, "users": res.get("users"), "exclude_history": excl,

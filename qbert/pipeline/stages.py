@@ -15,7 +15,14 @@ from qbert.data.dataset import SeqDataset
 from qbert.data.errors import DataError
 from qbert.eval.report import PROTOCOL_KEYS, by_protocol, cold_start_report, write_ranks
 from qbert.pipeline.config import METRIC_KEYS, PipelineConfig
-from qbert.pipeline.data import PipelineData, pretraining_domains, pretraining_rows, stage_features, target_split
+from qbert.pipeline.data import (
+    PipelineData,
+    pretraining_domains,
+    pretraining_rows,
+    stage_features,
+    target_content,
+    target_split,
+)
 from qbert.seqrec.stage import build_model, finetune, pretrain, select_code_weight, split_ranks
 from qbert.train.loop import Callback
 from qbert.utils.io import atomic_path, atomic_write_json, load_weights
@@ -125,6 +132,8 @@ def run_finetune_stage(cfg: PipelineConfig, data: PipelineData, out_dir: str | P
     seed_everything(cfg.seed + 1)
     split = target_split(cfg, data)
     model = _model_for(cfg, read_codes(out, data.target.num_items))
+    if model.new_item_content:  # the backoff rule's content term reads the items' content (ranking only)
+        model.set_item_content(target_content(cfg, data))
     init = "scratch"
     pre = out / "pretrain.pt"
     if cfg.pretrain.strategy != "none" and pre.is_file():

@@ -84,7 +84,8 @@ class QBert4Rec(nn.Module):
                  code_loss_weight: float = 1.0, combine: str = "sum", ffn_mult: int = 4, pre_ln: bool = False,
                  level_sizes: list[int] | None = None, tie_codes: bool = False,
                  code_score_weight: float = 1.0, repeat_bias: bool = False, prefix_bias: bool = False,
-                 new_items: str = "own", new_item_weight: float = 0.25, new_item_offset: float = 1.5) -> None:
+                 new_items: str = "own", new_item_weight: float = 0.25, new_item_offset: float = 1.5,
+                 new_item_content: float = 0.0) -> None:
         super().__init__()
         codes = torch.as_tensor(codes, dtype=torch.long)
         if codes.ndim != 2 or codes.shape[0] < 1 or codes.shape[1] < 1:
@@ -95,9 +96,9 @@ class QBert4Rec(nn.Module):
             raise ValueError(f"item_id must be one of {ITEM_ID_MODES}, got {item_id!r}")
         if head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {head!r}")
-        if new_items not in NEW_ITEM_RULES or not 0.0 <= new_item_weight <= 1.0:
-            raise ValueError(f"new_items must be one of {NEW_ITEM_RULES} and new_item_weight in [0, 1], got "
-                             f"{new_items!r}, {new_item_weight}")
+        if new_items not in NEW_ITEM_RULES or not 0.0 <= new_item_weight <= 1.0 or new_item_content < 0:
+            raise ValueError(f"new_items must be one of {NEW_ITEM_RULES}, new_item_weight in [0, 1] and "
+                             f"new_item_content >= 0, got {new_items!r}, {new_item_weight}, {new_item_content}")
         self.K = int(codes.shape[1])
         lengths = list(range(2, self.K)) if prefix_lengths is None else sorted(set(prefix_lengths))
         if any(not 2 <= n <= self.K for n in lengths):
@@ -123,6 +124,9 @@ class QBert4Rec(nn.Module):
         self.new_items = new_items  # ranking only, like the two below (see new_item_scores)
         self.new_item_weight = float(new_item_weight)
         self.new_item_offset = float(new_item_offset)
+        self.new_item_content = float(new_item_content)
+        # [N + 2, D] unit content vectors by token (set_item_content; ranking only, not saved)
+        self.register_buffer("item_content", None, persistent=False)
         self.code_loss_weight = float(code_loss_weight)
         self.prefix_lengths = lengths
         self.prefix_buckets = int(prefix_buckets)
@@ -194,6 +198,8 @@ class QBert4Rec(nn.Module):
         device = self.code_emb.weight.device
         n = codes.shape[0]
         self.train_candidates = self.candidate_index = None  # they index the previous catalogue
+        if getattr(self, "item_content", None) is not None and self.item_content.shape[0] != n + 2:
+            self.item_content = None  # content of another catalogue: set_item_content again
         special = torch.tensor([[self.C] * self.K, [self.C + 1] * self.K], dtype=torch.long)
         # row 0 = padding codes, rows 1..N = items, row N+1 = [MASK] codes
         self.codes = codes.to(device)
@@ -218,6 +224,20 @@ class QBert4Rec(nn.Module):
             with torch.no_grad():
                 self.item_emb.weight[PAD].zero_()
             self.item_bias = nn.Parameter(torch.zeros(n, device=device)) if self.id_head else None
+
+    def set_item_content(self, content: torch.Tensor | np.ndarray | None) -> None:
+        """Each catalogue item's content vector [N, D] (stage 1's fused embedding), read by the
+        content term of the backoff rule (``new_item_content``; ranking only, never trained, not
+        saved with the model). None: no content."""
+        if content is None:
+            self.item_content = None
+            return
+        x = torch.as_tensor(np.asarray(content), dtype=torch.float32)
+        if x.ndim != 2 or x.shape[0] != self.num_items:
+            raise ValueError(f"item content must be [{self.num_items}, D] (one row per catalogue item), "
+                             f"got shape {tuple(x.shape)}")
+        blank = torch.zeros(1, x.shape[1])  # padding and [MASK] tokens carry no content
+        self.item_content = torch.cat([blank, F.normalize(x, dim=1), blank]).to(self.codes.device)
 
     def set_train_candidates(self, items: torch.Tensor | None) -> None:
         """Normalise the training item softmax over ``items`` only (0-based; None: the whole
@@ -538,7 +558,7 @@ class QBert4Rec(nn.Module):
             if self.head == "catalogue":
                 codes = F.log_softmax(self.catalogue_logits(h, None if self.id_head else inp), dim=-1)
                 if self.item_id == "none" and self.new_items == "backoff":
-                    codes = self.new_item_scores(codes)
+                    codes = self.new_item_scores(codes, inp)
             else:
                 lp = F.log_softmax(self.code_logits(h), dim=-1)
                 level = torch.arange(self.K, device=lp.device)
@@ -546,7 +566,7 @@ class QBert4Rec(nn.Module):
             ids = F.log_softmax(self.id_logits(h, inp), dim=-1) if self.id_head else None
         return codes, ids
 
-    def new_item_scores(self, log_p: torch.Tensor) -> torch.Tensor:
+    def new_item_scores(self, log_p: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Scores [B, N] with every untrained item's log P(semantic ID | history) (``log_p``) replaced.
 
         An item no training row held never had its own semantic ID trained as a target, and the
@@ -554,7 +574,10 @@ class QBert4Rec(nn.Module):
         Its score backs off to the items that share its first code, the coarsest level of the
         semantic ID (items of similar content): ``(1 - w) * log(mean P of the trained items with
         its first code) + w * log_p + offset``, with ``w = new_item_weight`` and ``offset =
-        new_item_offset`` (chosen on valid; docs/method.md). An item whose first code no trained
+        new_item_offset`` (chosen on valid; docs/method.md). With ``new_item_content`` = beta > 0
+        it adds ``beta * cos(content of the item, sum of the content of the history tokens)``
+        (``tokens`` [B, L]: the model's input; content from :meth:`set_item_content`), which
+        orders the new items of one cluster by their content. An item whose first code no trained
         item has keeps ``log_p``; trained items are unchanged.
         """
         new = self._untrained()  # [U] untrained items whose first code a trained item has
@@ -567,7 +590,17 @@ class QBert4Rec(nn.Module):
         share = torch.log((mass[:, group[new]] / count[group[new]]).clamp(min=1e-30))  # [B, U]
         out = log_p.clone()
         out[:, new] = (1.0 - self.new_item_weight) * share + self.new_item_weight * log_p[:, new] + self.new_item_offset
+        if self.new_item_content:
+            out[:, new] += self.new_item_content * self.content_similarity(tokens, new)
         return out
+
+    def content_similarity(self, tokens: torch.Tensor | None, items: torch.Tensor) -> torch.Tensor:
+        """[B, len(items)] cosine of each item's content to the sum of the content of ``tokens``' items."""
+        if self.item_content is None or tokens is None:
+            raise ValueError("new_item_content > 0 ranks new items by their content: set_item_content first "
+                             "(a run's fused_embeddings.parquet)")
+        profile = F.normalize(self.item_content[tokens].sum(1), dim=1)  # [B, D]; padding / [MASK] rows are 0
+        return profile @ self.item_content[items + 1].T
 
     def _untrained(self) -> torch.Tensor:
         """Indices of the untrained items whose first code some trained item has (cached per

@@ -66,6 +66,9 @@ class SeqRecConfig(Config):
     new_items: Literal["own", "backoff"] = "own"
     new_item_weight: float = Field(0.25, ge=0.0, le=1.0)
     new_item_offset: float = 1.5
+    # > 0 (backoff only): add this times the cosine of a new item's content (stage 1's input features)
+    # to the history's, which orders the new items of one cluster (chosen on valid; docs/method.md)
+    new_item_content: float = Field(0.0, ge=0.0)
 
 
 class ScheduleConfig(Config):
@@ -158,7 +161,7 @@ def build_model(cfg: SeqRecConfig, codes: np.ndarray | torch.Tensor, num_codes: 
                      ffn_mult=cfg.ffn_mult, pre_ln=cfg.pre_ln, level_sizes=sizes, tie_codes=cfg.tie_codes,
                      code_score_weight=cfg.code_score_weight, repeat_bias=cfg.repeat_bias,
                      prefix_bias=cfg.prefix_bias, new_items=cfg.new_items, new_item_weight=cfg.new_item_weight,
-                     new_item_offset=cfg.new_item_offset)
+                     new_item_offset=cfg.new_item_offset, new_item_content=cfg.new_item_content)
 
 
 def full_sequences(ds, max_len: int) -> np.ndarray:
