@@ -21,6 +21,9 @@ whether their test target is new. Rows, each under both ranking protocols:
   their own prefix rows, as new items are scored), stages 1-3 reused from the ``qbert4rec`` run
   when it has them with the same settings (list ``qbert4rec`` first in a fresh ``--runs-dir``);
   ``--pseudo-new-set`` overrides apply to this row only, after ``--set``;
+- ``qbert4rec-content``, ``qbert4rec-pseudo-new-content`` (only when listed): the run of the row
+  without the suffix, re-scored with the ranking settings of ``--content-set`` (e.g. the backoff
+  rule's content term, ``model.new_item_content``, and its offset); nothing is trained;
 - ``hybrid``: ``--hybrid-config`` (item-ID embedding and softmax next to semantic IDs);
 - ``sasrec``, ``bert4rec``: our ID-only baselines at their RecBole settings;
 - ``popularity``: training-view item counts (a new item has none);
@@ -65,6 +68,7 @@ from qbert.pipeline.data import target_split  # noqa: E402
 from qbert.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
 from qbert.utils.runtime import benchmark_meta  # noqa: E402
 
+RANKING_KEYS = ("model.new_items", "model.new_item_weight", "model.new_item_offset", "model.new_item_content")
 log = logging.getLogger("bench.cold_start")
 DEFAULT_OUT = REPO / "benchmarks" / "results"
 METRICS = ("HR@10", "NDCG@10")
@@ -166,13 +170,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dataset-name", default=None)
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="override for both Q-BERT4Rec runs")
     ap.add_argument("--models", default="qbert4rec,hybrid,sasrec,bert4rec,popularity,content_knn",
-                    help="comma-separated; also qbert4rec-pseudo-new, qbert4rec-transfer (needs --pretrain-sources)")
+                    help="comma-separated; also qbert4rec-pseudo-new, qbert4rec-transfer (needs --pretrain-sources), "
+                         "qbert4rec-content and qbert4rec-pseudo-new-content (needs --content-set)")
     ap.add_argument("--pretrain-sources", nargs="*", default=[], help="other domains for qbert4rec-transfer")
     ap.add_argument("--reuse-from", type=Path, default=None,
                     help="a run over the same union of catalogues whose stages 1-2 qbert4rec-transfer reuses")
     ap.add_argument("--pseudo-new", type=float, default=0.1, help="finetune.pseudo_new of qbert4rec-pseudo-new")
     ap.add_argument("--pseudo-new-set", dest="pseudo_overrides", action="append", default=[],
                     help="override for the qbert4rec-pseudo-new run only")
+    ap.add_argument("--content-set", dest="content_overrides", action="append", default=[],
+                    help="ranking settings (model.new_item_*) of the *-content rows, which re-score the run of "
+                         "the row without the suffix, e.g. model.new_item_content=6")
     ap.add_argument("--quick", action="store_true", help="synthetic data, few epochs")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
@@ -204,12 +212,26 @@ def main(argv: list[str] | None = None) -> int:
             return out
         return reusing
 
+    try:
+        content = parse_overrides(args.content_overrides)
+    except ConfigError as e:
+        print(f"error: --content-set: {e}", file=sys.stderr)
+        return 2
+    not_ranking = [k for k in content if k not in RANKING_KEYS]
+    if not_ranking or (any(m.endswith("-content") for m in args.models.split(",")) and not content):
+        print(f"error: --content-set: {'; '.join(not_ranking) + ' would retrain' if not_ranking else 'missing'}"
+              f" (the content rows re-score a finished run: set only {', '.join(RANKING_KEYS)})", file=sys.stderr)
+        return 2
     data = load_data(cfg)
     name = args.dataset_name or (Path(cfg.data.source).name if cfg.data.source != "synthetic" else "synthetic")
     makers = {
         "qbert4rec": lambda: pipeline_row(cfg, data, args.runs_dir / "qbert4rec"),
         "qbert4rec-transfer": lambda: pipeline_row(transfer, data, args.runs_dir / "qbert4rec-transfer"),
         "qbert4rec-pseudo-new": lambda: pipeline_row(pseudo(), data, args.runs_dir / "qbert4rec-pseudo-new"),
+        # the same runs, re-scored with the backoff rule's content term (ranking only: nothing trains)
+        "qbert4rec-content": lambda: pipeline_row(cfg.override(content), data, args.runs_dir / "qbert4rec"),
+        "qbert4rec-pseudo-new-content": lambda: pipeline_row(pseudo().override(content), data,
+                                                             args.runs_dir / "qbert4rec-pseudo-new"),
         "hybrid": lambda: pipeline_row(hybrid, data, args.runs_dir / "hybrid"),
         "sasrec": lambda: baseline_row("sasrec", cfg, data, args.runs_dir / "sasrec", args.quick),
         "bert4rec": lambda: baseline_row("bert4rec", cfg, data, args.runs_dir / "bert4rec", args.quick),

@@ -45,6 +45,16 @@ def test_rows_new_items_ranked_by_the_semantic_id_model_and_rescored_without_tra
     own = json.loads((runs / "cold_start.json").read_text())["rows"]
     assert (runs / "qbert4rec" / "model.pt").stat().st_mtime_ns == stamp
     assert own[0]["new_items"]["rule"] == "own" and own[0]["test"]["HR@10"] < by[("qbert4rec", "new")]["test"]["HR@10"]
+    # the content row re-scores the same run with the content term: new items' ranks move, known items'
+    # scores do not (their ranks can only drop where a new item passes them), nothing trains
+    assert bench.main(["--quick", "--runs-dir", str(runs), "--models", "qbert4rec,qbert4rec-content",
+                       "--set", "model.new_items=backoff", "--content-set", "model.new_item_content=4",
+                       "--content-set", "model.new_item_offset=0"]) == 0
+    assert (runs / "qbert4rec" / "model.pt").stat().st_mtime_ns == stamp
+    both = {(r["model"], r["slice"]): r for r in json.loads((runs / "cold_start.json").read_text())["rows"]}
+    assert both[("qbert4rec-content", "new")]["new_items"]["content"] == 4.0
+    assert both[("qbert4rec-content", "new")]["valid"] != both[("qbert4rec", "new")]["valid"]
+    assert both[("qbert4rec", "new")]["test"] == by[("qbert4rec", "new")]["test"]
     # pseudo-new fine-tuning: stages 1-3 are the qbert4rec run's, only fine-tuning trains again
     assert bench.main(["--quick", "--runs-dir", str(runs), "--models", "qbert4rec-pseudo-new",
                        "--pseudo-new", "0.3"]) == 0
@@ -63,3 +73,8 @@ def test_rows_new_items_ranked_by_the_semantic_id_model_and_rescored_without_tra
     assert "error: --models qbert4rec-transfer: qbert4rec-transfer needs --pretrain-sources" in capsys.readouterr().err
     assert bench.main(["--quick", "--runs-dir", str(runs), "--models", "sasrec2"]) == 2
     assert "unknown sasrec2" in capsys.readouterr().err
+    assert bench.main(["--quick", "--runs-dir", str(runs), "--models", "qbert4rec-content"]) == 2
+    assert "error: --content-set: missing" in capsys.readouterr().err
+    assert bench.main(["--quick", "--runs-dir", str(runs), "--models", "qbert4rec-content",
+                       "--content-set", "finetune.epochs=2"]) == 2  # would retrain into the qbert4rec run
+    assert "error: --content-set: finetune.epochs would retrain" in capsys.readouterr().err
