@@ -11,7 +11,8 @@ it once per seed with test on and scores test once per seed. Each run lives in
 ``RUNS_DIR/<dataset>/<model>/seed<S>/``; a finished run of the same settings is read, not re-run (so the
 command resumes, and a run made by ``qbert pipeline`` with the same config counts). ``--baseline``
 trains one of our ID-only baselines (SASRec, BERT4Rec at RecBole's settings) on ``--config``'s
-data instead of the pipeline.
+data instead of the pipeline; a baseline seed stopped part-way continues from its last epoch's
+checkpoint when that was made with the same settings and data.
 
 Writes ``benchmarks/results/table2.{json,md}`` (``--quick``: under ``RUNS_DIR``), replacing the
 row of the same dataset and model and keeping the others. Each row holds the means over seeds of
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.baseline:
             bcfg = BaselineConfig(model=args.baseline, max_len=base.data.max_len, seed=seed, progress=False,
                                   **({"epochs": 3, "patience": 0} if args.quick else {}))
-            metrics = _finished_baseline(run, bcfg.resolved()) or run_baseline(bcfg, data.target, run)
+            metrics = _finished_baseline(run, bcfg.resolved()) or run_baseline(bcfg, data.target, run, resume=True)
             item_table = True
         else:
             cfg = base.override({"seed": seed})

@@ -182,6 +182,27 @@ def run_baseline(cfg: BaselineConfig, dataset: SeqDataset, out_dir: str | Path, 
         torch.set_num_threads(prev_threads)
 
 
+_RUNTIME = ("device", "num_threads", "progress", "eval_batch_size")  # where a run executes, not what it trains
+
+
+def _resumable(checkpoints: Path, cfg: BaselineConfig, dataset: SeqDataset) -> bool:
+    """Record the settings and data a checkpoint in ``checkpoints`` is made with
+    (``settings.json``); False when the checkpoint there was made with others (so a resume starts
+    afresh instead of mixing them). A checkpoint written before the record existed counts as
+    resumable."""
+    import json
+
+    settings = {**{k: v for k, v in cfg.to_dict().items() if k not in _RUNTIME},
+                "data_fingerprint": dataset.fingerprint()}
+    record, last = checkpoints / "settings.json", checkpoints / "last.pt"
+    same = not record.is_file() or json.loads(record.read_text()) == json.loads(json.dumps(settings))
+    if last.is_file() and not same:
+        log.warning("%s was made with other settings or data: training starts afresh", last)
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(record, settings)
+    return same
+
+
 def _run(cfg: BaselineConfig, dataset: SeqDataset, out: Path, data_source: str | None, resume: bool) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
@@ -201,6 +222,7 @@ def _run(cfg: BaselineConfig, dataset: SeqDataset, out: Path, data_source: str |
 
     loop_cfg = LoopConfig(epochs=cfg.epochs, patience=cfg.patience, monitor="NDCG@10", mode="max",
                           grad_clip=cfg.grad_clip, progress=cfg.progress)
+    resume = _resumable(out / "checkpoints", cfg, dataset) and resume
     started = _dt.datetime.now(_dt.timezone.utc)
     result: FitResult = fit(model, optimizer, trainer.batches, trainer.step, loop_cfg, evaluate=evaluate,
                             checkpoint_dir=out / "checkpoints", resume=resume, desc=cfg.model,

@@ -178,6 +178,23 @@ def test_early_stopping_restores_best_epoch(tmp_path) -> None:
     assert model_valid["NDCG@10"] == pytest.approx(max(hist), abs=1e-9)
 
 
+def test_resume_continues_only_a_checkpoint_of_the_same_settings(tmp_path) -> None:
+    ds = planted_dataset(users=120)
+    cfg = BaselineConfig(model="sasrec", epochs=2, **{**SMALL, "patience": 0})
+    first = run_baseline(cfg, ds, tmp_path / "r")
+    record = json.loads((tmp_path / "r" / "checkpoints" / "settings.json").read_text())
+    assert record["lr"] == cfg.lr and record["data_fingerprint"] == ds.fingerprint()
+    # the same settings: the checkpoint already holds both epochs, nothing is trained again (the
+    # history, measured epoch times included, is the checkpoint's; a fresh run would time anew)
+    again = run_baseline(cfg.model_copy(update={"num_threads": 1}), ds, tmp_path / "r", resume=True)
+    assert again["history"] == first["history"]
+    # other settings: the old checkpoint is not continued, training starts afresh
+    other = run_baseline(cfg.model_copy(update={"lr": 0.05}), ds, tmp_path / "r", resume=True)
+    assert len(other["history"]) == 2
+    assert [h["loss"] for h in other["history"]] != [h["loss"] for h in first["history"]]
+    assert json.loads((tmp_path / "r" / "checkpoints" / "settings.json").read_text())["lr"] == 0.05
+
+
 def _reload(run_dir):
     from qbert.baselines import load_run
 
