@@ -182,22 +182,24 @@ def run_baseline(cfg: BaselineConfig, dataset: SeqDataset, out_dir: str | Path, 
         torch.set_num_threads(prev_threads)
 
 
-_RUNTIME = ("device", "num_threads", "progress", "eval_batch_size")  # where a run executes, not what it trains
+# where a run executes, and how long it may go on: not what its epochs train (a longer budget continues)
+_NOT_TRAINED = ("device", "num_threads", "progress", "eval_batch_size", "epochs", "patience")
 
 
 def _resumable(checkpoints: Path, cfg: BaselineConfig, dataset: SeqDataset) -> bool:
     """Record the settings and data a checkpoint in ``checkpoints`` is made with
-    (``settings.json``); False when the checkpoint there was made with others (so a resume starts
-    afresh instead of mixing them). A checkpoint written before the record existed counts as
-    resumable."""
+    (``settings.json``); False when the checkpoint there was made with others: it is deleted, so
+    training starts afresh and a later resume cannot continue it under these settings. A
+    checkpoint written before the record existed counts as resumable."""
     import json
 
-    settings = {**{k: v for k, v in cfg.to_dict().items() if k not in _RUNTIME},
+    settings = {**{k: v for k, v in cfg.to_dict().items() if k not in _NOT_TRAINED},
                 "data_fingerprint": dataset.fingerprint()}
     record, last = checkpoints / "settings.json", checkpoints / "last.pt"
     same = not record.is_file() or json.loads(record.read_text()) == json.loads(json.dumps(settings))
     if last.is_file() and not same:
-        log.warning("%s was made with other settings or data: training starts afresh", last)
+        log.warning("%s was made with other settings or data: deleted, training starts afresh", last)
+        last.unlink()
     checkpoints.mkdir(parents=True, exist_ok=True)
     atomic_write_json(record, settings)
     return same

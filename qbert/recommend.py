@@ -29,7 +29,8 @@ from qbert.train.optim import autocast
 COLUMNS = ("user_id", "rank", "item_id", "score", "sid")
 
 
-RUN_FILES = ("model.pt", "config.yaml", "semantic_ids.parquet", "new_items.parquet")  # what using a run reads
+# what using a run reads (item_content.parquet: only runs whose ranking reads content, after qbert export)
+RUN_FILES = ("model.pt", "config.yaml", "semantic_ids.parquet", "new_items.parquet", "item_content.parquet")
 
 
 def catalogue_ids(run_dir: str | Path, num_items: int) -> list[str]:
@@ -70,21 +71,21 @@ class Recommender:
         from qbert.pipeline import load_data, load_run_model
         from qbert.quantize.semantic_ids import sid_strings
 
-        model, cfg = load_run_model(run_dir, device)
+        model, cfg = load_run_model(run_dir, device)  # with the catalogue's content when ranking reads it
         added = read_added_items(run_dir)
         added_ids: list[str] = []
         if added is not None:
+            catalogue_content = model.item_content[1:-1].cpu() if model.uses_content else None
             new = np.stack([added.column(f"code_{j}").to_numpy() for j in range(model.K)], 1)
             trained = model.trained_items.nonzero()[:, 0].cpu()
             model.set_catalogue(torch.cat([model.codes.cpu(), torch.as_tensor(new, dtype=torch.long)]))
             model.set_trained_items(trained)  # the added items are new: ranked by model.new_item_scores
             added_ids = [str(x) for x in added.column("orig_id").to_pylist()]
+            if catalogue_content is not None:  # the backoff rule's content term: the added items' too
+                model.set_item_content(torch.cat([catalogue_content, _added_content(added, run_dir)]))
         sids = sid_strings(model.codes.cpu().numpy())
-        data = load_data(cfg) if with_dataset or model.new_item_content else None
-        if model.new_item_content:  # the backoff rule's content term: every item's content, added ones too
-            model.set_item_content(_catalogue_content(cfg, data, added, run_dir))
         if with_dataset:
-            return cls(model, cfg, data.target, sids, device, added_ids)
+            return cls(model, cfg, load_data(cfg).target, sids, device, added_ids)
         return cls(model, cfg, None, sids, device, added_ids, catalogue=catalogue_ids(run_dir, model.num_items
                                                                                       - len(added_ids)))
 
@@ -150,16 +151,11 @@ class Recommender:
         })
 
 
-def _catalogue_content(cfg, data, added, run_dir: str | Path) -> np.ndarray:
-    """[N, D] content vectors of the run's catalogue and of the items ``qbert ids assign`` added."""
-    from qbert.pipeline.data import target_content
-
-    content = target_content(cfg, data)
-    if added is None:
-        return content
+def _added_content(added: pa.Table, run_dir: str | Path) -> torch.Tensor:
+    """[A, D] content vectors ``qbert ids assign`` stored for the items it added."""
     column = added.column("content") if "content" in added.column_names else None
     if column is None or column.null_count:
         raise DataError(f"{Path(run_dir) / 'new_items.parquet'}: some items have no 'content' (assigned by an "
                         "older qbert); model.new_item_content needs it: remove the file and run `qbert ids "
                         "assign` again, or set model.new_item_content to 0")
-    return np.concatenate([content, np.asarray(column.to_pylist(), dtype=np.float32)])
+    return torch.as_tensor(np.asarray(column.to_pylist(), dtype=np.float32))

@@ -188,8 +188,18 @@ def test_resume_continues_only_a_checkpoint_of_the_same_settings(tmp_path) -> No
     # history, measured epoch times included, is the checkpoint's; a fresh run would time anew)
     again = run_baseline(cfg.model_copy(update={"num_threads": 1}), ds, tmp_path / "r", resume=True)
     assert again["history"] == first["history"]
-    # other settings: the old checkpoint is not continued, training starts afresh
-    other = run_baseline(cfg.model_copy(update={"lr": 0.05}), ds, tmp_path / "r", resume=True)
+    # a longer budget of the same settings continues the checkpoint
+    longer = run_baseline(cfg.model_copy(update={"epochs": 3}), ds, tmp_path / "r", resume=True)
+    assert longer["history"][:2] == first["history"] and len(longer["history"]) == 3
+    # other settings: the old checkpoint is deleted (a run stopped before its first epoch cannot
+    # leave it behind for a later resume under the new settings), training starts afresh
+    from qbert.baselines import _resumable
+
+    other_cfg = cfg.model_copy(update={"lr": 0.05}).resolved()
+    assert not _resumable(tmp_path / "r" / "checkpoints", other_cfg, ds)
+    assert not (tmp_path / "r" / "checkpoints" / "last.pt").exists()
+    assert _resumable(tmp_path / "r" / "checkpoints", other_cfg, ds)  # now recorded as the new settings
+    other = run_baseline(other_cfg, ds, tmp_path / "r", resume=True)
     assert len(other["history"]) == 2
     assert [h["loss"] for h in other["history"]] != [h["loss"] for h in first["history"]]
     assert json.loads((tmp_path / "r" / "checkpoints" / "settings.json").read_text())["lr"] == 0.05

@@ -147,6 +147,24 @@ def test_new_items_get_content_ids_and_are_recommended(setup, capsys):
     assert new_cols.numel() and bool((new_cols >= old).all())
     torch.testing.assert_close(shift[:, new_cols], 4.0 * profile @ unit[new_cols].T, rtol=1e-4, atol=1e-4)
     assert float(shift[:, :old].abs().max()) == 0.0  # trained items: unchanged
+    # served (qbert export's files): the catalogue's vectors travel with the model, no dataset needed
+    from qbert.platform.pyfunc import _stage_content
+    from qbert.recommend import RUN_FILES
+
+    served = tmp / "served"
+    served.mkdir()
+    for name in RUN_FILES:
+        if (content_run / name).is_file():
+            shutil.copyfile(content_run / name, served / name)
+    _stage_content(content_run, served)
+    assert (served / "item_content.parquet").is_file()
+    payload["config"]["model"]["new_item_content"] = 4.0
+    payload["config"]["data"]["source"] = str(tmp / "no-such-dataset")
+    torch.save(payload, served / "model.pt")
+    server = Recommender.from_run(served, with_dataset=False)
+    torch.testing.assert_close(server.model.item_content, with_content.model.item_content)
+    with torch.no_grad():
+        torch.testing.assert_close(server.model.score(t), with_content.model.score(t))
     pq.write_table(added.drop_columns(["content"]).replace_schema_metadata(added.schema.metadata),
                    content_run / "new_items.parquet")  # assigned by a qbert without the column
     with pytest.raises(DataError, match="no 'content'"):

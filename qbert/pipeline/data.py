@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from qbert.config import ConfigError
 from qbert.data.dataset import SeqDataset
@@ -94,7 +96,34 @@ def content_vectors(features: dict[str, np.ndarray]) -> np.ndarray:
 
 def target_content(cfg: PipelineConfig, data: PipelineData) -> np.ndarray:
     """[N, D] :func:`content_vectors` of the target's catalogue (the first items of the union)."""
+    if not cfg.fusion.feature_modalities:
+        raise ConfigError("content vectors need content features: enable a text or image modality "
+                          "(data.modalities), or set model.new_item_content to 0")
     return content_vectors(stage_features(cfg, data))[: data.target.num_items]
+
+
+CONTENT_FILE = "item_content.parquet"  # a run's content vectors, when its ranking reads them (qbert export)
+
+
+def write_item_content(path: str | Path, content: np.ndarray) -> None:
+    """[N, D] content vectors of items 0..N-1 as parquet (``item_id``, ``content``)."""
+    from qbert.utils.io import atomic_write_parquet
+
+    x = np.asarray(content, dtype=np.float32)
+    values = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])
+    atomic_write_parquet(path, pa.table({"item_id": pa.array(np.arange(len(x)), pa.int64()), "content": values}))
+
+
+def read_item_content(path: str | Path, num_items: int) -> np.ndarray:
+    """The [num_items, D] vectors :func:`write_item_content` wrote; refused when they are not items 0..N-1."""
+    from qbert.utils.io import read_parquet
+
+    table = read_parquet(path)
+    ids = table.column("item_id").to_numpy()
+    if not np.array_equal(ids, np.arange(num_items)):
+        raise DataError(f"{path}: expected the content of items 0..{num_items - 1}, got {len(ids)} rows")
+    column = table.column("content").combine_chunks()
+    return column.values.to_numpy().reshape(len(ids), -1)
 
 
 def item_features(cfg: PipelineConfig, ds: SeqDataset) -> dict[str, np.ndarray]:

@@ -15,7 +15,8 @@ import torch
 from qbert.config import ConfigError, flatten_dict
 from qbert.data.errors import DataError
 from qbert.pipeline.config import METRIC_KEYS, CallbacksFactory, PipelineConfig
-from qbert.pipeline.data import PipelineData, check_inputs, load_data, target_content, target_split
+from qbert.pipeline.data import (CONTENT_FILE, PipelineData, check_inputs, load_data, read_item_content, target_content,
+                                 target_split)
 from qbert.pipeline.ownership import (check_artifacts, claim_checkpoints, read_manifest, record_artifacts, run_id,
                                       settings_hash)
 from qbert.pipeline.reports import finish_run
@@ -282,9 +283,20 @@ def _load_run(run_dir: str | Path, device: str | torch.device = "cpu"):
     model = build_model(cfg.model, codes, cfg.quantize.sizes, cfg.data.max_len)
     model.load_state_dict(payload["model"])
     model.code_score_weight = float(payload.get("code_score_weight", cfg.model.code_score_weight))  # chosen on valid
+    if model.uses_content:  # the backoff rule's content term: the run's stored vectors, else the dataset's
+        model.set_item_content(run_content(run_dir, cfg, model.num_items))
     rest = {k: v for k, v in payload.items() if k != "model"}
     rest["records_trained_items"] = "trained_items" in payload["model"]
     return model.to(device).eval(), cfg, rest
+
+
+def run_content(run_dir: str | Path, cfg: PipelineConfig, num_items: int, data: PipelineData | None = None) -> np.ndarray:
+    """[N, D] content vectors of a run's catalogue: ``RUN/item_content.parquet`` when the run has it
+    (``qbert export`` writes it, so a served model needs no dataset), else from the data."""
+    stored = Path(run_dir) / CONTENT_FILE
+    if stored.is_file():
+        return read_item_content(stored, num_items)
+    return target_content(cfg, data if data is not None else load_data(cfg))
 
 
 def trained_items_of(cfg: PipelineConfig, split) -> np.ndarray:
@@ -307,8 +319,8 @@ def rescoring_model(run_dir: str | Path, cfg: PipelineConfig, split, device: str
         model.set_trained_items(trained_items_of(cfg, split))
     for key in ("new_items", "new_item_weight", "new_item_offset", "new_item_content"):
         setattr(model, key, getattr(cfg.model, key))
-    if model.new_item_content:
-        model.set_item_content(target_content(cfg, data if data is not None else load_data(cfg)))
+    if model.uses_content and model.item_content is None:
+        model.set_item_content(run_content(run_dir, cfg, model.num_items, data))
     return model
 
 
@@ -326,8 +338,6 @@ def evaluate_run(run_dir: str | Path, which: str = "test", exclude_history: bool
         raise DataError(f"{cfg.data.source}: fingerprint {data.target.fingerprint()} differs from the one "
                         f"{run_dir} was trained on ({trained_on}); evaluate on the data the model was trained on")
     split = target_split(cfg, data)
-    if model.new_item_content:  # the backoff rule's content term reads the items' content
-        model.set_item_content(target_content(cfg, data))
     excl = cfg.eval.exclude_history if exclude_history is None else exclude_history
     res = evaluate_split(model, split, which, cfg.eval.batch_size, device, excl, cfg.finetune.precision, progress)
     return {**{k: res[k] for k in METRIC_KEYS}, "users": res.get("users"), "exclude_history": excl,

@@ -132,7 +132,7 @@ def run_finetune_stage(cfg: PipelineConfig, data: PipelineData, out_dir: str | P
     seed_everything(cfg.seed + 1)
     split = target_split(cfg, data)
     model = _model_for(cfg, read_codes(out, data.target.num_items))
-    if model.new_item_content:  # the backoff rule's content term reads the items' content (ranking only)
+    if model.uses_content:  # the backoff rule's content term reads the items' content (ranking only)
         model.set_item_content(target_content(cfg, data))
     init = "scratch"
     pre = out / "pretrain.pt"

@@ -39,6 +39,19 @@ class QBertRecommender(mlflow.pyfunc.PythonModel):
         return table.to_pandas()
 
 
+def _stage_content(run: Path, staged: Path) -> None:
+    """The catalogue's content vectors next to the exported model when its ranking reads them
+    (``model.new_item_content``), so serving needs no dataset."""
+    from qbert.pipeline.data import CONTENT_FILE, write_item_content
+    from qbert.pipeline.runs import load_run_model
+
+    if (staged / CONTENT_FILE).is_file():
+        return
+    model, _ = load_run_model(run, "cpu")  # attaches them from the dataset when the run has none stored
+    if model.uses_content:
+        write_item_content(staged / CONTENT_FILE, model.item_content[1:-1].numpy())
+
+
 def export_pyfunc(run_dir: str | Path, out_dir: str | Path) -> Path:
     """Write ``out_dir`` as an MLflow pyfunc model of the finished run ``run_dir``."""
     from mlflow.models import ModelSignature
@@ -62,6 +75,7 @@ def export_pyfunc(run_dir: str | Path, out_dir: str | Path) -> Path:
         for name in RUN_FILES:
             if (run / name).is_file():
                 shutil.copyfile(run / name, staged / name)
+        _stage_content(run, staged)
         partial = out.with_name(out.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         mlflow.pyfunc.save_model(str(partial), python_model=QBertRecommender(), artifacts={"run": str(staged)},

@@ -225,14 +225,21 @@ class QBert4Rec(nn.Module):
                 self.item_emb.weight[PAD].zero_()
             self.item_bias = nn.Parameter(torch.zeros(n, device=device)) if self.id_head else None
 
+    @property
+    def uses_content(self) -> bool:
+        """Whether ranking reads the items' content: the backoff rule's content term is on."""
+        return (self.item_id == "none" and self.head == "catalogue" and self.new_items == "backoff"
+                and self.new_item_content > 0)
+
     def set_item_content(self, content: torch.Tensor | np.ndarray | None) -> None:
-        """Each catalogue item's content vector [N, D] (stage 1's fused embedding), read by the
-        content term of the backoff rule (``new_item_content``; ranking only, never trained, not
-        saved with the model). None: no content."""
+        """Each catalogue item's content vector [N, D] (``qbert.pipeline.data.content_vectors`` of
+        stage 1's input features), read by the content term of the backoff rule
+        (``new_item_content``; ranking only, never trained, not in the state dict). None: no content."""
         if content is None:
             self.item_content = None
             return
-        x = torch.as_tensor(np.asarray(content), dtype=torch.float32)
+        x = (content.detach().to("cpu", torch.float32) if torch.is_tensor(content)
+             else torch.as_tensor(np.array(content, dtype=np.float32)))
         if x.ndim != 2 or x.shape[0] != self.num_items:
             raise ValueError(f"item content must be [{self.num_items}, D] (one row per catalogue item), "
                              f"got shape {tuple(x.shape)}")
@@ -598,8 +605,9 @@ class QBert4Rec(nn.Module):
         """[B, len(items)] cosine of each item's content to the sum of the content of ``tokens``' items."""
         if self.item_content is None or tokens is None:
             raise ValueError("new_item_content > 0 ranks new items by their content: set_item_content first "
-                             "(a run's fused_embeddings.parquet)")
-        profile = F.normalize(self.item_content[tokens].sum(1), dim=1)  # [B, D]; padding / [MASK] rows are 0
+                             "(qbert.pipeline.data.target_content)")
+        # [B, D] without a [B, L, D] gather; the padding and [MASK] rows are 0
+        profile = F.normalize(F.embedding_bag(tokens, self.item_content, mode="sum"), dim=1)
         return profile @ self.item_content[items + 1].T
 
     def _untrained(self) -> torch.Tensor:

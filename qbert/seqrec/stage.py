@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from qbert.config import Config
 from qbert.data.split import LeaveOneOutSplit, windows
@@ -69,6 +69,15 @@ class SeqRecConfig(Config):
     # > 0 (backoff only): add this times the cosine of a new item's content (stage 1's input features)
     # to the history's, which orders the new items of one cluster (chosen on valid; docs/method.md)
     new_item_content: float = Field(0.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _content_term(self) -> "SeqRecConfig":
+        if self.new_item_content > 0 and (self.new_items != "backoff" or self.item_id != "none"
+                                          or self.head != "catalogue"):
+            raise ValueError(f"new_item_content ({self.new_item_content}) is a term of the backoff rule: it needs "
+                             f"new_items: backoff, item_id: none and head: catalogue (got {self.new_items}, "
+                             f"{self.item_id}, {self.head})")
+        return self
 
 
 class ScheduleConfig(Config):
