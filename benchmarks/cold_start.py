@@ -141,8 +141,8 @@ def content_knn_fn(cfg: PipelineConfig, data) -> Callable[[torch.Tensor], torch.
     x = torch.as_tensor(target_content(cfg, data))
     padded = torch.cat([torch.zeros(1, x.shape[1]), x])  # row 0 = padding (tokens are item + 1)
 
-    def score(h: torch.Tensor) -> torch.Tensor:
-        profile = torch.nn.functional.normalize(padded[h].sum(1), dim=1)
+    def score(h: torch.Tensor) -> torch.Tensor:  # summed without a [B, L, D] gather, as the model's content term
+        profile = torch.nn.functional.normalize(torch.nn.functional.embedding_bag(h, padded, mode="sum"), dim=1)
         return profile @ x.T
 
     return score

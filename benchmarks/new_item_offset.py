@@ -28,8 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from qbert.pipeline import PipelineConfig, load_data  # noqa: E402
-from qbert.pipeline.data import target_content, target_split  # noqa: E402
-from qbert.pipeline.runs import rescoring_model  # noqa: E402
+from qbert.pipeline.data import target_split  # noqa: E402
+from qbert.pipeline.runs import rescoring_model, run_content  # noqa: E402
 from qbert.seqrec.stage import split_ranks  # noqa: E402
 from qbert.utils.runtime import pick_device  # noqa: E402
 from qbert.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device(cfg.device)
     model = rescoring_model(args.run, cfg, split, device)  # the items fine-tuning trained, as it recorded them
     if any(args.backoff_contents):
-        model.set_item_content(target_content(cfg, data))
+        model.set_item_content(run_content(args.run, cfg, model.num_items, data))
     new = np.isin(split.targets("valid"), split.withheld)
     rows = []
     # own + delta: the item's own score shifted by delta = the backoff rule with all weight on the own score

@@ -12,6 +12,7 @@ best epoch's weights, evaluates valid and test by full ranking, and writes into 
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import logging
 import time
 from pathlib import Path
@@ -191,8 +192,6 @@ def _resumable(checkpoints: Path, cfg: BaselineConfig, dataset: SeqDataset) -> b
     (``settings.json``); False when the checkpoint there was made with others: it is deleted, so
     training starts afresh and a later resume cannot continue it under these settings. A
     checkpoint written before the record existed counts as resumable."""
-    import json
-
     settings = {**{k: v for k, v in cfg.to_dict().items() if k not in _NOT_TRAINED},
                 "data_fingerprint": dataset.fingerprint()}
     record, last = checkpoints / "settings.json", checkpoints / "last.pt"

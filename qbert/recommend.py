@@ -75,7 +75,7 @@ class Recommender:
         added = read_added_items(run_dir)
         added_ids: list[str] = []
         if added is not None:
-            catalogue_content = model.item_content[1:-1].cpu() if model.uses_content else None
+            catalogue_content = model.catalogue_content.cpu() if model.uses_content else None
             new = np.stack([added.column(f"code_{j}").to_numpy() for j in range(model.K)], 1)
             trained = model.trained_items.nonzero()[:, 0].cpu()
             model.set_catalogue(torch.cat([model.codes.cpu(), torch.as_tensor(new, dtype=torch.long)]))

@@ -49,7 +49,7 @@ def _stage_content(run: Path, staged: Path) -> None:
         return
     model, _ = load_run_model(run, "cpu")  # attaches them from the dataset when the run has none stored
     if model.uses_content:
-        write_item_content(staged / CONTENT_FILE, model.item_content[1:-1].numpy())
+        write_item_content(staged / CONTENT_FILE, model.catalogue_content.numpy())
 
 
 def export_pyfunc(run_dir: str | Path, out_dir: str | Path) -> Path:

@@ -231,6 +231,11 @@ class QBert4Rec(nn.Module):
         return (self.item_id == "none" and self.head == "catalogue" and self.new_items == "backoff"
                 and self.new_item_content > 0)
 
+    @property
+    def catalogue_content(self) -> torch.Tensor | None:
+        """[N, D] the items' content vectors (``item_content`` without its padding and [MASK] rows)."""
+        return None if self.item_content is None else self.item_content[1:-1]
+
     def set_item_content(self, content: torch.Tensor | np.ndarray | None) -> None:
         """Each catalogue item's content vector [N, D] (``qbert.pipeline.data.content_vectors`` of
         stage 1's input features), read by the content term of the backoff rule
