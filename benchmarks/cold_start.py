@@ -31,8 +31,11 @@ whether their test target is new. Rows, each under both ranking protocols:
   reads, each view L2-normalised and concatenated) to the mean of the history's.
 
 Runs live in ``RUNS_DIR/<model>/``; a finished run of the same config is read, not re-run (a
-Q-BERT4Rec run is re-scored from its ``model.pt``: ranking settings need no training).
-Writes ``benchmarks/results/cold_start.{json,md}`` (``--quick``: under ``RUNS_DIR``).
+Q-BERT4Rec run is re-scored from its ``model.pt``: ranking settings need no training). One
+``RUNS_DIR`` holds one dataset's runs: a run there of another dataset is refused, never read or
+replaced. Writes ``benchmarks/results/cold_start.{json,md}`` (``--quick``: under ``RUNS_DIR``):
+the rows of this dataset and of the listed models replace their old ones, every other row is
+kept, and each row records the command, commit and date that made it.
 """
 
 from __future__ import annotations
@@ -79,6 +82,24 @@ def _cold(cfg: PipelineConfig, fraction: float, seed: int, overrides: list[str])
     return cfg.override(parse_overrides(overrides)) if overrides else cfg
 
 
+class OtherDataset(Exception):
+    """A run directory holds a run of another dataset (one RUNS_DIR per dataset)."""
+
+
+def _refuse_other_dataset(run: Path, data, source_differs: bool = False) -> None:
+    """Raise OtherDataset when ``run`` was made on other data than ``data``'s target (its recorded
+    fingerprint, or for a run that never finished its ``data.source``)."""
+    theirs = None
+    for name in ("summary.json", "metrics.json"):
+        if theirs is None and (run / name).is_file():
+            theirs = (json.loads((run / name).read_text()).get("data") or {}).get("fingerprint")
+    mine = data.target.fingerprint()
+    if theirs not in (None, mine) or (theirs is None and source_differs):
+        recorded = f"data fingerprint {theirs}" if theirs else "another data.source"
+        raise OtherDataset(f"{run} holds a run of another dataset ({recorded}, this one's fingerprint {mine}): "
+                           "give each dataset its own --runs-dir")
+
+
 def _finished(run: Path, cfg_dict: dict[str, Any]) -> dict[str, Any] | None:
     """metrics.json of a finished run of this config (so an interrupted benchmark resumes)."""
     import yaml
@@ -94,7 +115,9 @@ def pipeline_row(cfg: PipelineConfig, data, run: Path) -> dict[str, Any]:
     """Train the run unless ``run`` holds one of these settings (whether it scored test or not), then
     score valid and test from its ``model.pt`` with ``cfg``'s ranking settings (``model.new_items``...),
     on the run's device and at its fine-tuning precision (as the run scored itself)."""
-    diffs = config_differences(run / "config.yaml", cfg, ignore_reuse=True) if (run / "model.pt").is_file() else None
+    diffs = config_differences(run / "config.yaml", cfg, ignore_reuse=True)
+    _refuse_other_dataset(run, data, source_differs="data.source" in (diffs or []))
+    diffs = diffs if (run / "model.pt").is_file() else None
     if diffs is None or [k for k in diffs if k != "eval.test"]:
         run_pipeline(cfg, run, overwrite=True)
     device = pick_device(cfg.device)
@@ -113,6 +136,7 @@ def pipeline_row(cfg: PipelineConfig, data, run: Path) -> dict[str, Any]:
 def baseline_row(model: str, cfg: PipelineConfig, data, run: Path, quick: bool) -> dict[str, Any]:
     bcfg = BaselineConfig(model=model, max_len=cfg.data.max_len, cold_start=cfg.data.cold_start, progress=False,
                           **({"epochs": 3, "patience": 0} if quick else {"epochs": 100, "patience": 10}))
+    _refuse_other_dataset(run, data)
     metrics = _finished(run, bcfg.resolved().to_dict()) or run_baseline(bcfg, data.target, run)
     return {"stage3_item_table": True, "slices": metrics["cold_start"]["slices"]}
 
@@ -146,6 +170,27 @@ def content_knn_fn(cfg: PipelineConfig, data) -> Callable[[torch.Tensor], torch.
         return profile @ x.T
 
     return score
+
+
+def merge_rows(path: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of ``path`` with those of the same dataset and model as a row of ``rows`` replaced
+    (in place; new models at the end). Rows of a file written before rows carried their own
+    command take the file's."""
+    if not path.is_file():
+        return rows
+    old = json.loads(path.read_text())
+    meta = {k: old[k] for k in ("command", "git_commit", "machine", "date") if k in old}
+    kept = [{**meta, **r} for r in old["rows"]]
+    new = {(r["dataset"], r["model"]) for r in rows}
+    out, placed = [], set()
+    for r in kept:
+        key = (r["dataset"], r["model"])
+        if key not in new:
+            out.append(r)
+        elif key not in placed:
+            placed.add(key)
+            out.extend(n for n in rows if (n["dataset"], n["model"]) == key)
+    return out + [r for r in rows if (r["dataset"], r["model"]) not in placed]
 
 
 def render(rows: list[dict[str, Any]]) -> str:
@@ -245,20 +290,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --models {args.models}: " + (f"unknown {', '.join(unknown)} (known: {', '.join(makers)})"
               if unknown else "qbert4rec-transfer needs --pretrain-sources"), file=sys.stderr)
         return 2
+    meta = benchmark_meta("benchmarks/cold_start.py", argv, REPO)
     for model in models:
         log.info("cold-start row: %s", model)
-        res = makers[model]()
+        try:
+            res = makers[model]()
+        except OtherDataset as e:
+            print(f"error: --runs-dir: {e}", file=sys.stderr)
+            return 2
         for slice_name in ("new", "known"):
             rows.append({"dataset": name, "model": model, "stage3_item_table": res["stage3_item_table"],
-                         "slice": slice_name, "fraction": args.fraction, "seed": args.seed,
+                         "slice": slice_name, "fraction": args.fraction, "seed": args.seed, **meta,
                          "test": res["slices"]["test"]["history_kept"][slice_name],
                          "test_excl_history": res["slices"]["test"]["history_excluded"][slice_name],
                          "valid": res["slices"]["valid"]["history_kept"][slice_name],
                          **({"new_items": res["new_items"]} if res.get("new_items") else {})})
     out = args.runs_dir if args.quick else DEFAULT_OUT
-    result = {"rows": rows, **benchmark_meta("benchmarks/cold_start.py", argv, REPO, fraction=args.fraction,
-                                             seed=args.seed)}
-    atomic_write_json(out / "cold_start.json", result)
+    rows = merge_rows(out / "cold_start.json", rows)
+    atomic_write_json(out / "cold_start.json", {"rows": rows})
     atomic_write_text(out / "cold_start.md", render(rows))
     print(render(rows))
     return 0

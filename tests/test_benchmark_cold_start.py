@@ -67,7 +67,21 @@ def test_rows_new_items_ranked_by_the_semantic_id_model_and_rescored_without_tra
                        "--pseudo-new", "0.3", "--pseudo-new-set", "pretrain.epochs=2"]) == 0
     pseudo = json.loads((runs / "qbert4rec-pseudo-new" / "metrics.json").read_text())
     assert not any("reused_from" in pseudo["stages"][s] for s in ("fusion", "quantize", "pretrain", "finetune"))
+    # one RUNS_DIR per dataset: a run of other data there is refused, neither read nor replaced
     capsys.readouterr()
+    stamp = (runs / "hybrid" / "model.pt").stat().st_mtime_ns
+    assert bench.main(["--quick", "--runs-dir", str(runs), "--models", "hybrid",
+                       "--set", "data.synthetic.seed=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --runs-dir: ") and f"{runs / 'hybrid'} holds a run of another dataset" in err
+    assert "Traceback" not in err and (runs / "hybrid" / "model.pt").stat().st_mtime_ns == stamp
+    # re-running some models replaces only their rows: the others stay, each with its own command
+    rows = json.loads((runs / "cold_start.json").read_text())["rows"]
+    assert {r["model"] for r in rows} == {*models.split(","), "qbert4rec-content", "qbert4rec-pseudo-new"}
+    assert all(r["command"].startswith("python benchmarks/cold_start.py --quick") for r in rows)
+    pseudo_rows = [r for r in rows if r["model"] == "qbert4rec-pseudo-new"]
+    assert len(pseudo_rows) == 2 and all("pretrain.epochs=2" in r["command"] for r in pseudo_rows)
+    assert not any("pretrain.epochs=2" in r["command"] for r in rows if r["model"] != "qbert4rec-pseudo-new")
     assert bench.main(["--quick", "--runs-dir", str(runs), "--models", "qbert4rec-transfer"]) == 2
     assert "error: --models qbert4rec-transfer: qbert4rec-transfer needs --pretrain-sources" in capsys.readouterr().err
     assert bench.main(["--quick", "--runs-dir", str(runs), "--models", "sasrec2"]) == 2
@@ -77,3 +91,34 @@ def test_rows_new_items_ranked_by_the_semantic_id_model_and_rescored_without_tra
     assert bench.main(["--quick", "--runs-dir", str(runs), "--models", "qbert4rec-content",
                        "--content-set", "finetune.epochs=2"]) == 2  # would retrain into the qbert4rec run
     assert "error: --content-set: finetune.epochs would retrain" in capsys.readouterr().err
+
+
+def test_merge_keeps_other_datasets_rows_and_gives_old_rows_the_files_command(tmp_path):
+    bench = _bench("cold_start")
+    path = tmp_path / "cold_start.json"
+    row = lambda d, m, s, v: {"dataset": d, "model": m, "slice": s, "test": {"HR@10": v}}  # noqa: E731
+    path.write_text(json.dumps({"rows": [row("a", "x", "new", 1), row("a", "x", "known", 2), row("a", "y", "new", 3)],
+                                "command": "python old", "git_commit": "abc"}))
+    merged = bench.merge_rows(path, [row("b", "x", "new", 4), row("a", "x", "new", 5), row("a", "x", "known", 6)])
+    assert [(r["dataset"], r["model"], r["slice"], r["test"]["HR@10"]) for r in merged] == [
+        ("a", "x", "new", 5), ("a", "x", "known", 6), ("a", "y", "new", 3), ("b", "x", "new", 4)]
+    assert merged[2]["command"] == "python old" and merged[2]["git_commit"] == "abc"
+    assert "command" not in merged[0]  # a new row carries its own (main adds it)
+    assert bench.merge_rows(tmp_path / "absent.json", merged) == merged
+
+
+def test_a_baseline_run_of_other_data_is_refused(tmp_path):
+    bench = _bench("cold_start")
+    from types import SimpleNamespace
+
+    from qbert.data.synthetic import SyntheticConfig, make_synthetic
+
+    data = SimpleNamespace(target=make_synthetic(SyntheticConfig(num_users=50, num_items=30, num_clusters=3)))
+    run = tmp_path / "sasrec"
+    run.mkdir()
+    bench._refuse_other_dataset(run, data)  # nothing there yet
+    (run / "metrics.json").write_text(json.dumps({"data": {"fingerprint": data.target.fingerprint()}}))
+    bench._refuse_other_dataset(run, data)  # the same data
+    (run / "metrics.json").write_text(json.dumps({"data": {"fingerprint": "0123456789abcdef"}}))
+    with pytest.raises(bench.OtherDataset, match="0123456789abcdef"):
+        bench._refuse_other_dataset(run, data)
