@@ -52,6 +52,7 @@ from pathlib import Path  # noqa: E402
 from typing import Any, Callable  # noqa: E402
 
 import numpy as np  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,6 +61,7 @@ sys.path.insert(0, str(REPO))
 from qbert.baselines import BaselineConfig, run_baseline  # noqa: E402
 from qbert.config import ConfigError, parse_overrides  # noqa: E402
 from qbert.eval.evaluator import rank_targets  # noqa: E402
+from qbert.eval.metrics import target_concentration  # noqa: E402
 from qbert.eval.report import cold_start_report  # noqa: E402
 from qbert.pipeline import (PipelineConfig, config_differences, load_data, quickstart_config,  # noqa: E402
                             run_pipeline)
@@ -128,6 +130,7 @@ def pipeline_row(cfg: PipelineConfig, data, run: Path) -> dict[str, Any]:
                                 cfg.finetune.precision) for w in ("valid", "test")}
     return {"stage3_item_table": bool(model.item_indexed_parameters()),
             "slices": cold_start_report(split, ranks, cfg.data.cold_start)["slices"],
+            "concentration": _concentration(split, {w: r["kept"] for w, r in ranks.items()}),
             "new_items": {"rule": model.new_items, "weight": model.new_item_weight, "offset": model.new_item_offset,
                           "content": model.new_item_content,
                           "untrained": int((~model.trained_items).sum())} if model.item_id == "none" else None}
@@ -138,14 +141,25 @@ def baseline_row(model: str, cfg: PipelineConfig, data, run: Path, quick: bool) 
                           **({"epochs": 3, "patience": 0} if quick else {"epochs": 100, "patience": 10}))
     _refuse_other_dataset(run, data)
     metrics = _finished(run, bcfg.resolved().to_dict()) or run_baseline(bcfg, data.target, run)
-    return {"stage3_item_table": True, "slices": metrics["cold_start"]["slices"]}
+    ranks = pq.read_table(run / "test_ranks.parquet", columns=["target", "rank_history_kept"])
+    split = target_split(cfg, data)
+    if not np.array_equal(ranks.column("target").to_numpy(), split.targets("test")):
+        raise OtherDataset(f"{run / 'test_ranks.parquet'}: its test targets are not this split's")
+    return {"stage3_item_table": True, "slices": metrics["cold_start"]["slices"],
+            "concentration": _concentration(split, {"test": ranks.column("rank_history_kept").to_numpy()})}
 
 
 def heuristic_row(cfg: PipelineConfig, data, score_fn: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, Any]:
     split = target_split(cfg, data)
     ranks = {w: rank_targets(score_fn, split.history(w, 0, 1), split.targets(w), split.num_items,
                              protocols=("kept", "excluded"), history_pad=0, history_shift=1) for w in ("valid", "test")}
-    return {"stage3_item_table": None, "slices": cold_start_report(split, ranks)["slices"]}
+    return {"stage3_item_table": None, "slices": cold_start_report(split, ranks)["slices"],
+            "concentration": _concentration(split, {w: r["kept"] for w, r in ranks.items()})}
+
+
+def _concentration(split, ranks: dict[str, Any]) -> dict[str, Any]:
+    """Per split: how far the most frequent new target carries the new slice (history kept)."""
+    return {w: target_concentration(r, split.targets(w), split.withheld) for w, r in ranks.items()}
 
 
 def popularity_fn(cfg: PipelineConfig, data) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -202,6 +216,20 @@ def render(rows: list[dict[str, Any]]) -> str:
         lines.append(f"| {r['dataset']} | {r['model']} | {table} | {r['slice']} | {t['users']} | "
                      + " | ".join(f"{t.get(m, float('nan')):.4f}" for m in METRICS) + " | "
                      + " | ".join(f"{e.get(m, float('nan')):.4f}" for m in METRICS) + " |")
+    conc = [r for r in rows if r["slice"] == "new" and (r.get("new_target_concentration") or {}).get("test")]
+    if conc:
+        lines += ["", "New-target users of test, history kept: how far the most frequent new target carries the "
+                  "slice (`new_target_concentration`).", "",
+                  "| dataset | model | users | distinct targets | top target (users) | HR@10 on it | HR@10 without it "
+                  "| NDCG@10 without it | item-macro HR@10 | item-macro NDCG@10 |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in conc:
+            c = r["new_target_concentration"]["test"]
+            if not c["users"]:
+                continue
+            top, rest, macro = c["top_target"], c["without_top_target"], c["item_macro"]
+            lines.append(f"| {r['dataset']} | {r['model']} | {c['users']} | {c['distinct_targets']} | "
+                         f"{top['item']} ({top['users']}) | {top['HR@10']:.4f} | {rest['HR@10']:.4f} | "
+                         f"{rest['NDCG@10']:.4f} | {macro['HR@10']:.4f} | {macro['NDCG@10']:.4f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -304,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
                          "test": res["slices"]["test"]["history_kept"][slice_name],
                          "test_excl_history": res["slices"]["test"]["history_excluded"][slice_name],
                          "valid": res["slices"]["valid"]["history_kept"][slice_name],
-                         **({"new_items": res["new_items"]} if res.get("new_items") else {})})
+                         **({"new_items": res["new_items"]} if res.get("new_items") else {}),
+                         **({"new_target_concentration": res["concentration"]} if slice_name == "new" else {})})
     out = args.runs_dir if args.quick else DEFAULT_OUT
     rows = merge_rows(out / "cold_start.json", rows)
     atomic_write_json(out / "cold_start.json", {"rows": rows})

@@ -25,6 +25,15 @@ def test_rows_new_items_ranked_by_the_semantic_id_model_and_rescored_without_tra
     rule = by[("qbert4rec", "new")]["new_items"]
     assert rule["rule"] == "backoff" and rule["untrained"] == metrics["stages"]["finetune"]["untrained_items"]
     assert rule["untrained"] >= metrics["cold_start"]["new_items"] > 0
+    for r in rows:  # the concentration of the new slice adds up to the slice's HR@10
+        if r["slice"] == "new":
+            for w in ("valid", "test"):
+                c, hr = r["new_target_concentration"][w], r[w]["HR@10"]
+                assert c["users"] == r[w]["users"] and 1 <= c["distinct_targets"] <= c["users"]
+                top, rest = c["top_target"], c["without_top_target"]
+                assert top["users"] * top["HR@10"] + (c["users"] - top["users"]) * rest["HR@10"] == \
+                    pytest.approx(c["users"] * hr)
+                assert 0 <= c["item_macro"]["HR@10"] <= 1
     for model in ("hybrid", "popularity"):  # nothing ranks an item it never saw
         assert by[(model, "new")]["test"]["HR@10"] == 0.0
     # planted clusters: the semantic-ID model reaches new items through their codes, above content kNN
@@ -67,6 +76,14 @@ def test_rows_new_items_ranked_by_the_semantic_id_model_and_rescored_without_tra
                        "--pseudo-new", "0.3", "--pseudo-new-set", "pretrain.epochs=2"]) == 0
     pseudo = json.loads((runs / "qbert4rec-pseudo-new" / "metrics.json").read_text())
     assert not any("reused_from" in pseudo["stages"][s] for s in ("fusion", "quantize", "pretrain", "finetune"))
+    # a baseline row's concentration comes from its test_ranks.parquet
+    assert bench.main(["--quick", "--runs-dir", str(runs), "--models", "sasrec"]) == 0
+    sas = next(r for r in json.loads((runs / "cold_start.json").read_text())["rows"]
+               if (r["model"], r["slice"]) == ("sasrec", "new"))
+    c = sas["new_target_concentration"]["test"]
+    assert c["users"] == sas["test"]["users"] and set(sas["new_target_concentration"]) == {"test"}
+    assert c["top_target"]["users"] * c["top_target"]["HR@10"] + (c["users"] - c["top_target"]["users"]) \
+        * c["without_top_target"]["HR@10"] == pytest.approx(c["users"] * sas["test"]["HR@10"])
     # one RUNS_DIR per dataset: a run of other data there is refused, neither read nor replaced
     capsys.readouterr()
     stamp = (runs / "hybrid" / "model.pt").stat().st_mtime_ns
@@ -77,7 +94,7 @@ def test_rows_new_items_ranked_by_the_semantic_id_model_and_rescored_without_tra
     assert "Traceback" not in err and (runs / "hybrid" / "model.pt").stat().st_mtime_ns == stamp
     # re-running some models replaces only their rows: the others stay, each with its own command
     rows = json.loads((runs / "cold_start.json").read_text())["rows"]
-    assert {r["model"] for r in rows} == {*models.split(","), "qbert4rec-content", "qbert4rec-pseudo-new"}
+    assert {r["model"] for r in rows} == {*models.split(","), "qbert4rec-content", "qbert4rec-pseudo-new", "sasrec"}
     assert all(r["command"].startswith("python benchmarks/cold_start.py --quick") for r in rows)
     pseudo_rows = [r for r in rows if r["model"] == "qbert4rec-pseudo-new"]
     assert len(pseudo_rows) == 2 and all("pretrain.epochs=2" in r["command"] for r in pseudo_rows)

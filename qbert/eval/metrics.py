@@ -8,6 +8,7 @@ being credited by item order, and the result never depends on the sort algorithm
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,3 +57,33 @@ def slice_metrics(ranks: np.ndarray | torch.Tensor, targets: np.ndarray, items: 
     new = torch.from_numpy(np.isin(np.asarray(targets), np.asarray(items)))
     return {name: {**(metrics_from_ranks(r[m]) if bool(m.any()) else {}), "users": int(m.sum())}
             for name, m in (("new", new), ("known", ~new))}
+
+
+def target_concentration(ranks: np.ndarray | torch.Tensor, targets: np.ndarray, items: np.ndarray,
+                         k: int = 10) -> dict[str, Any]:
+    """How far one target item carries the metrics of the users whose target is in ``items``.
+
+    A slice such as cold-start targets can be made up largely of one popular item, so its HR@k
+    mostly says whether that one item reaches the top k. Returns the slice's distinct target items,
+    its most frequent target (item, users, HR@k on them), HR@k and NDCG@k without that item's
+    users, and the item-macro HR@k and NDCG@k (each target item's users averaged first, then the
+    items: every item counts once however many users it has).
+    """
+    r = ranks.double().cpu().numpy() if isinstance(ranks, torch.Tensor) else np.asarray(ranks, dtype=np.float64)
+    t = np.asarray(targets)
+    m = np.isin(t, np.asarray(items))
+    r, t = r[m], t[m]
+    if not r.size:
+        return {"users": 0, "distinct_targets": 0}
+    hit = (r < k).astype(np.float64)
+    gain = np.where(r < k, 1.0 / np.log2(r + 2.0), 0.0)
+    uniq, inverse, counts = np.unique(t, return_inverse=True, return_counts=True)
+    top = int(np.argmax(counts))
+    rest = inverse != top
+    macro = lambda x: float((np.bincount(inverse, weights=x) / counts).mean())  # noqa: E731
+    return {"users": int(r.size), "distinct_targets": int(uniq.size),
+            "top_target": {"item": int(uniq[top]), "users": int(counts[top]),
+                           f"HR@{k}": float(hit[~rest].mean())},
+            "without_top_target": {f"HR@{k}": float(hit[rest].mean()) if rest.any() else 0.0,
+                                   f"NDCG@{k}": float(gain[rest].mean()) if rest.any() else 0.0},
+            "item_macro": {f"HR@{k}": macro(hit), f"NDCG@{k}": macro(gain)}}
