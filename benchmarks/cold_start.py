@@ -218,18 +218,19 @@ def render(rows: list[dict[str, Any]]) -> str:
                      + " | ".join(f"{e.get(m, float('nan')):.4f}" for m in METRICS) + " |")
     conc = [r for r in rows if r["slice"] == "new" and (r.get("new_target_concentration") or {}).get("test")]
     if conc:
-        lines += ["", "New-target users of test, history kept: how far the most frequent new target carries the "
-                  "slice (`new_target_concentration`).", "",
-                  "| dataset | model | users | distinct targets | top target (users) | HR@10 on it | HR@10 without it "
-                  "| NDCG@10 without it | item-macro HR@10 | item-macro NDCG@10 |", "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", "New-target users of test, history kept: how far single items carry the slice's HR@10 "
+                  "(`new_target_concentration`).", "",
+                  "| dataset | model | users | hits | distinct targets | most frequent target: users, hits "
+                  "| most hit target: users, hits | item-macro HR@10 | item-macro NDCG@10 |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in conc:
             c = r["new_target_concentration"]["test"]
             if not c["users"]:
                 continue
-            top, rest, macro = c["top_target"], c["without_top_target"], c["item_macro"]
-            lines.append(f"| {r['dataset']} | {r['model']} | {c['users']} | {c['distinct_targets']} | "
-                         f"{top['item']} ({top['users']}) | {top['HR@10']:.4f} | {rest['HR@10']:.4f} | "
-                         f"{rest['NDCG@10']:.4f} | {macro['HR@10']:.4f} | {macro['NDCG@10']:.4f} |")
+            f, h = c["most_frequent_target"], c["most_hit_target"]
+            lines.append(f"| {r['dataset']} | {r['model']} | {c['users']} | {c['hits']} | {c['distinct_targets']} | "
+                         f"{f['item']}: {f['users']}, {f['hits']} | {h['item']}: {h['users']}, {h['hits']} | "
+                         f"{c['item_macro']['HR@10']:.4f} | {c['item_macro']['NDCG@10']:.4f} |")
     return "\n".join(lines) + "\n"
 
 

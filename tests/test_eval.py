@@ -170,13 +170,13 @@ def test_score_shape_checked() -> None:
 def test_target_concentration_by_hand():
     from qbert.eval.metrics import target_concentration
 
-    ranks = np.array([0, 1, 50, 3, 100, 2])
-    targets = np.array([7, 7, 7, 8, 9, 5])  # item 5 is not in the slice
+    ranks = np.array([0, 1, 50, 3, 100, 2, 200, 300, 400, 500])
+    targets = np.array([7, 7, 7, 8, 9, 5, 9, 9, 9, 9])  # item 5 is not in the slice
     c = target_concentration(ranks, targets, np.array([7, 8, 9]))
-    assert (c["users"], c["distinct_targets"]) == (5, 3)
-    assert c["top_target"] == {"item": 7, "users": 3, "HR@10": pytest.approx(2 / 3)}
-    assert c["without_top_target"]["HR@10"] == pytest.approx(0.5)
-    assert c["without_top_target"]["NDCG@10"] == pytest.approx(1 / np.log2(5) / 2)
+    assert (c["users"], c["hits"], c["distinct_targets"]) == (9, 3, 3)
+    assert c["most_frequent_target"] == {"item": 9, "users": 5, "hits": 0}
+    assert c["most_hit_target"] == {"item": 7, "users": 3, "hits": 2}
     assert c["item_macro"]["HR@10"] == pytest.approx((2 / 3 + 1 + 0) / 3)
     assert c["item_macro"]["NDCG@10"] == pytest.approx(((1 + 1 / np.log2(3)) / 3 + 1 / np.log2(5)) / 3)
-    assert target_concentration(ranks, targets, np.array([42])) == {"users": 0, "distinct_targets": 0}
+    assert target_concentration(torch.as_tensor(ranks), targets, np.array([7, 8, 9])) == c
+    assert target_concentration(ranks, targets, np.array([42])) == {"users": 0, "hits": 0, "distinct_targets": 0}

@@ -61,29 +61,26 @@ def slice_metrics(ranks: np.ndarray | torch.Tensor, targets: np.ndarray, items: 
 
 def target_concentration(ranks: np.ndarray | torch.Tensor, targets: np.ndarray, items: np.ndarray,
                          k: int = 10) -> dict[str, Any]:
-    """How far one target item carries the metrics of the users whose target is in ``items``.
+    """How far single target items carry the HR@k of the users whose target is in ``items``.
 
-    A slice such as cold-start targets can be made up largely of one popular item, so its HR@k
-    mostly says whether that one item reaches the top k. Returns the slice's distinct target items,
-    its most frequent target (item, users, HR@k on them), HR@k and NDCG@k without that item's
-    users, and the item-macro HR@k and NDCG@k (each target item's users averaged first, then the
-    items: every item counts once however many users it has).
+    A slice such as cold-start targets can hold a few popular items, and its HR@k then mostly says
+    whether one of them reaches the top k. Returns the slice's users, hits and distinct target
+    items; its most frequent target (item, users, hits); the target with the most hits (item,
+    users, hits); and the item-macro HR@k and NDCG@k (each target item's users averaged first,
+    then the items: every item counts once however many users it has).
     """
     r = ranks.double().cpu().numpy() if isinstance(ranks, torch.Tensor) else np.asarray(ranks, dtype=np.float64)
     t = np.asarray(targets)
     m = np.isin(t, np.asarray(items))
     r, t = r[m], t[m]
     if not r.size:
-        return {"users": 0, "distinct_targets": 0}
+        return {"users": 0, "hits": 0, "distinct_targets": 0}
     hit = (r < k).astype(np.float64)
     gain = np.where(r < k, 1.0 / np.log2(r + 2.0), 0.0)
     uniq, inverse, counts = np.unique(t, return_inverse=True, return_counts=True)
-    top = int(np.argmax(counts))
-    rest = inverse != top
-    macro = lambda x: float((np.bincount(inverse, weights=x) / counts).mean())  # noqa: E731
-    return {"users": int(r.size), "distinct_targets": int(uniq.size),
-            "top_target": {"item": int(uniq[top]), "users": int(counts[top]),
-                           f"HR@{k}": float(hit[~rest].mean())},
-            "without_top_target": {f"HR@{k}": float(hit[rest].mean()) if rest.any() else 0.0,
-                                   f"NDCG@{k}": float(gain[rest].mean()) if rest.any() else 0.0},
-            "item_macro": {f"HR@{k}": macro(hit), f"NDCG@{k}": macro(gain)}}
+    hits = np.bincount(inverse, weights=hit).astype(np.int64)
+    item = lambda i: {"item": int(uniq[i]), "users": int(counts[i]), "hits": int(hits[i])}  # noqa: E731
+    return {"users": int(r.size), "hits": int(hits.sum()), "distinct_targets": int(uniq.size),
+            "most_frequent_target": item(int(np.argmax(counts))), "most_hit_target": item(int(np.argmax(hits))),
+            "item_macro": {f"HR@{k}": float((hits / counts).mean()),
+                           f"NDCG@{k}": float((np.bincount(inverse, weights=gain) / counts).mean())}}
