@@ -228,8 +228,9 @@ def render(rows: list[dict[str, Any]]) -> str:
             if not c["users"]:
                 continue
             f, h = c["most_frequent_target"], c["most_hit_target"]
+            most_hit = f"{h['item']}: {h['users']}, {h['hits']}" if c["hits"] else "none"
             lines.append(f"| {r['dataset']} | {r['model']} | {c['users']} | {c['hits']} | {c['distinct_targets']} | "
-                         f"{f['item']}: {f['users']}, {f['hits']} | {h['item']}: {h['users']}, {h['hits']} | "
+                         f"{f['item']}: {f['users']}, {f['hits']} | {most_hit} | "
                          f"{c['item_macro']['HR@10']:.4f} | {c['item_macro']['NDCG@10']:.4f} |")
     return "\n".join(lines) + "\n"
 
