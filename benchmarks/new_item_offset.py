@@ -27,6 +27,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from qbert.eval.metrics import target_concentration  # noqa: E402
 from qbert.pipeline import PipelineConfig, load_data  # noqa: E402
 from qbert.pipeline.data import target_split  # noqa: E402
 from qbert.pipeline.runs import rescoring_model, run_content  # noqa: E402
@@ -40,6 +41,13 @@ def _metrics(ranks: np.ndarray) -> dict[str, float]:
     hit = ranks < 10
     return {"users": int(ranks.size), "HR@10": float(hit.mean()),
             "NDCG@10": float(np.where(hit, 1 / np.log2(ranks + 2), 0).mean()), "median_rank": float(np.median(ranks))}
+
+
+def _item_macro(ranks: np.ndarray, split) -> dict[str, float]:
+    """The new slice's item-macro HR@10 / NDCG@10 (each new target item counts once; one popular
+    new item can otherwise carry the slice: docs/results.md, "One new item carries the new slice")."""
+    macro = target_concentration(ranks, split.targets("valid"), split.withheld)["item_macro"]
+    return {f"item_macro_{k}": v for k, v in macro.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,12 +85,15 @@ def main(argv: list[str] | None = None) -> int:
             ranks = split_ranks(model, split, "valid", cfg.eval.batch_size, device, ("kept",),
                                 cfg.finetune.precision)["kept"].numpy()
         rows.append({"rule": rule, "weight": None if rule == "own" else weight, "delta": offset, "content": content,
-                     "new": _metrics(ranks[new]), "known": _metrics(ranks[~new]), "all": _metrics(ranks)})
+                     "new": {**_metrics(ranks[new]), **_item_macro(ranks, split)},
+                     "known": _metrics(ranks[~new]), "all": _metrics(ranks)})
         print(rows[-1])
-    md = ["| rule | weight of own score | offset | content weight | new HR@10 | new NDCG@10 | new median rank | known HR@10 | "
-          "known NDCG@10 | all NDCG@10 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    md = ["| rule | weight of own score | offset | content weight | new HR@10 | new NDCG@10 | new median rank | "
+          "new item-macro HR@10 | new item-macro NDCG@10 | known HR@10 | known NDCG@10 | all NDCG@10 |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     md += [f"| {r['rule']} | {'' if r['weight'] is None else format(r['weight'], 'g')} | {r['delta']:g} | "
            f"{r['content']:g} | {r['new']['HR@10']:.4f} | {r['new']['NDCG@10']:.4f} | {r['new']['median_rank']:.0f} | "
+           f"{r['new']['item_macro_HR@10']:.4f} | {r['new']['item_macro_NDCG@10']:.4f} | "
            f"{r['known']['HR@10']:.4f} | {r['known']['NDCG@10']:.4f} | {r['all']['NDCG@10']:.4f} |" for r in rows]
     md.append(f"\nValid only; {split.num_items} items, {int(new.sum())} users whose valid target is new. "
               "Run: " + str(args.run))

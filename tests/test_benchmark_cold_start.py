@@ -45,6 +45,9 @@ def test_rows_new_items_ranked_by_the_semantic_id_model_and_rescored_without_tra
     own, back = json.loads((tmp_path / "new_item_offset.json").read_text())["rows"]
     assert (own["rule"], back["rule"]) == ("own", "backoff")
     assert back["new"]["HR@10"] == pytest.approx(by[("qbert4rec", "new")]["valid"]["HR@10"])
+    macro = by[("qbert4rec", "new")]["new_target_concentration"]["valid"]["item_macro"]
+    assert (back["new"]["item_macro_HR@10"], back["new"]["item_macro_NDCG@10"]) == \
+        (pytest.approx(macro["HR@10"]), pytest.approx(macro["NDCG@10"]))
     assert own["new"]["median_rank"] > back["new"]["median_rank"]
     # a ranking-only change is re-scored from model.pt, not re-trained
     stamp = (runs / "qbert4rec" / "model.pt").stat().st_mtime_ns
