@@ -5,6 +5,9 @@
     python benchmarks/table2.py --config configs/instruments-hybrid.yaml --model hybrid --runs-dir runs/table2
     python benchmarks/table2.py --config configs/instruments.yaml --baseline sasrec --runs-dir runs/table2
     python benchmarks/table2.py --quick --runs-dir /tmp/t2     # embedded synthetic data, few epochs
+    python benchmarks/table2.py --config configs/instruments-tuned.yaml \
+        --hybrid-config configs/instruments-hybrid.yaml --set data.source=../shared/datasets/amazon-games \
+        --all-rows --runs-dir runs/table2                        # one domain's four rows, one command
 
 A setup is chosen on valid first (search runs keep ``eval.test=false``); this command then trains
 it once per seed with test on and scores test once per seed. Each run lives in
@@ -19,6 +22,11 @@ row of the same dataset and model and keeping the others. Each row holds the mea
 valid NDCG@10 and of the test metrics under both ranking protocols (history kept, as RecBole and
 the paper; history excluded), the standard deviations, the per-seed numbers, the command and the
 git commit.
+
+``--all-rows`` runs a domain's four rows one after the other: the paper's model (``--config``),
+the hybrid (``--hybrid-config``, default ``--config`` with item IDs), SASRec and BERT4Rec, each
+with the same ``--set`` overrides, seeds and runs directory, and each row recording the command
+that makes it alone.
 """
 
 from __future__ import annotations
@@ -99,6 +107,25 @@ def merge_rows(path: Path, row: dict[str, Any]) -> list[dict[str, Any]]:
     return rows + [row]
 
 
+def _all_rows(args: argparse.Namespace) -> int:
+    """The four rows of one domain, each by its own command line (so each row records it)."""
+    common = ["--runs-dir", str(args.runs_dir), "--seeds", *map(str, args.seeds),
+              *(["--dataset-name", args.dataset_name] if args.dataset_name else []),
+              *[a for o in args.overrides for a in ("--set", o)], *(["--quick"] if args.quick else []),
+              *(["--threads", str(args.threads)] if args.threads else [])]
+    config = ["--config", str(args.config)] if args.config else []
+    hybrid = ["--config", str(args.hybrid_config)] if args.hybrid_config else \
+        [*config, "--set", "model.item_id=input_and_head", "--set", "model.head=levels"]
+    rows = [[*config, "--model", "qbert4rec"], [*hybrid, "--model", "hybrid"],
+            [*config, "--baseline", "sasrec"], [*config, "--baseline", "bert4rec"]]
+    for row in rows:
+        log.info("row: %s", " ".join(row))
+        rc = main([*row, *common])
+        if rc:
+            return rc
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", type=Path, default=None, help="pipeline config (default: the synthetic quick start)")
@@ -112,8 +139,18 @@ def main(argv: list[str] | None = None) -> int:
                     help="pipeline config override (repeatable)")
     ap.add_argument("--quick", action="store_true", help="synthetic data, few epochs")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--all-rows", action="store_true",
+                    help="the paper's model, the hybrid, SASRec and BERT4Rec, one after the other")
+    ap.add_argument("--hybrid-config", type=Path, default=None,
+                    help="with --all-rows: the hybrid's config (default: --config with item IDs)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.all_rows or args.hybrid_config:
+        if not args.all_rows or args.model or args.baseline:
+            print("error: --all-rows names its rows itself (no --model or --baseline); --hybrid-config goes "
+                  "with --all-rows", file=sys.stderr)
+            return 2
+        return _all_rows(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:

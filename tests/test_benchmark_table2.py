@@ -50,3 +50,24 @@ def test_rows_over_seeds_resume_and_merge(tmp_path, capsys):
     assert bench.main(["--quick", "--runs-dir", str(runs), "--set", "model.hidden=zero"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "model.hidden" in err
+
+
+def test_all_rows_of_a_domain_in_one_command(tmp_path, capsys):
+    bench = _bench("table2")
+    runs = tmp_path / "runs"
+    assert bench.main(["--quick", "--runs-dir", str(runs), "--seeds", "1", "--all-rows"]) == 0
+    rows = json.loads((runs / "table2.json").read_text())["rows"]
+    assert [(r["model"], r["stage3_item_table"]) for r in rows] == [
+        ("qbert4rec", False), ("hybrid", True), ("sasrec", True), ("bert4rec", True)]
+    hybrid = rows[1]
+    assert "--model hybrid" in hybrid["command"] and "model.item_id=input_and_head" in hybrid["command"]
+    assert "--all-rows" not in hybrid["command"] and "--baseline bert4rec" in rows[3]["command"]
+    # each row's command alone reproduces it: here, reads its finished runs
+    before = _mtimes(runs)
+    argv = hybrid["command"].split()[2:]
+    assert bench.main(argv) == 0 and _mtimes(runs) == before
+    again = {r["model"]: r for r in json.loads((runs / "table2.json").read_text())["rows"]}
+    assert again["hybrid"]["test"] == hybrid["test"] and again["hybrid"]["command"] == hybrid["command"]
+    capsys.readouterr()
+    assert bench.main(["--quick", "--runs-dir", str(runs), "--all-rows", "--baseline", "sasrec"]) == 2
+    assert capsys.readouterr().err.startswith("error: --all-rows names its rows itself")
