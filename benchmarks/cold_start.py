@@ -32,10 +32,12 @@ whether their test target is new. Rows, each under both ranking protocols:
 
 Runs live in ``RUNS_DIR/<model>/``; a finished run of the same config is read, not re-run (a
 Q-BERT4Rec run is re-scored from its ``model.pt``: ranking settings need no training). One
-``RUNS_DIR`` holds one dataset's runs: a run there of another dataset is refused, never read or
-replaced. Writes ``benchmarks/results/cold_start.{json,md}`` (``--quick``: under ``RUNS_DIR``):
-the rows of this dataset and of the listed models replace their old ones, every other row is
-kept, and each row records the command, commit and date that made it.
+``RUNS_DIR`` holds the runs of one dataset and one draw of new items (``--fraction``, ``--seed``):
+a run there of other data is refused before anything trains, never read or replaced (another
+draw's run would be retrained over: give it its own ``RUNS_DIR``). Writes
+``benchmarks/results/cold_start.{json,md}`` (``--quick``: under ``RUNS_DIR``): the rows of this
+dataset, draw and the listed models replace their old ones, every other row is kept, and each
+row records the command, commit and date that made it.
 """
 
 from __future__ import annotations
@@ -85,21 +87,32 @@ def _cold(cfg: PipelineConfig, fraction: float, seed: int, overrides: list[str])
 
 
 class OtherDataset(Exception):
-    """A run directory holds a run of another dataset (one RUNS_DIR per dataset)."""
+    """A run directory holds a run of other data (one RUNS_DIR per dataset and draw of new items)."""
 
 
-def _refuse_other_dataset(run: Path, data, source_differs: bool = False) -> None:
-    """Raise OtherDataset when ``run`` was made on other data than ``data``'s target (its recorded
-    fingerprint, or for a run that never finished its ``data.source``)."""
+DATA_KEYS = ("data.source", "data.synthetic.", "data.options.")  # what names the dataset in a config
+
+
+def _refuse_other_dataset(run: Path, data, cfg: PipelineConfig | None = None) -> None:
+    """Raise OtherDataset when ``run`` was made on other data than ``data``'s target: its recorded
+    fingerprint (a finished run's summary or metrics, a baseline's checkpoint record), else, for a
+    pipeline run that never finished, a dataset key of its config.yaml differing from ``cfg``'s."""
     theirs = None
-    for name in ("summary.json", "metrics.json"):
+    for name, key in (("summary.json", "data"), ("metrics.json", "data"), ("checkpoints/settings.json", None)):
         if theirs is None and (run / name).is_file():
-            theirs = (json.loads((run / name).read_text()).get("data") or {}).get("fingerprint")
+            record = json.loads((run / name).read_text())
+            theirs = (record.get(key) or {}).get("fingerprint") if key else record.get("data_fingerprint")
     mine = data.target.fingerprint()
-    if theirs not in (None, mine) or (theirs is None and source_differs):
-        recorded = f"data fingerprint {theirs}" if theirs else "another data.source"
-        raise OtherDataset(f"{run} holds a run of another dataset ({recorded}, this one's fingerprint {mine}): "
-                           "give each dataset its own --runs-dir")
+    if theirs is not None:
+        if theirs != mine:
+            raise OtherDataset(f"{run} holds a run of other data (data fingerprint {theirs}, this one's {mine}): "
+                               "give each dataset its own --runs-dir")
+        return
+    differs = [k for k in config_differences(run / "config.yaml", cfg, ignore_reuse=True) or []
+               if k.startswith(DATA_KEYS)] if cfg is not None else []
+    if differs:
+        raise OtherDataset(f"{run} holds an unfinished run of other data ({', '.join(differs)} differ): give each "
+                           "dataset its own --runs-dir")
 
 
 def _finished(run: Path, cfg_dict: dict[str, Any]) -> dict[str, Any] | None:
@@ -117,9 +130,8 @@ def pipeline_row(cfg: PipelineConfig, data, run: Path) -> dict[str, Any]:
     """Train the run unless ``run`` holds one of these settings (whether it scored test or not), then
     score valid and test from its ``model.pt`` with ``cfg``'s ranking settings (``model.new_items``...),
     on the run's device and at its fine-tuning precision (as the run scored itself)."""
-    diffs = config_differences(run / "config.yaml", cfg, ignore_reuse=True)
-    _refuse_other_dataset(run, data, source_differs="data.source" in (diffs or []))
-    diffs = diffs if (run / "model.pt").is_file() else None
+    _refuse_other_dataset(run, data, cfg)
+    diffs = config_differences(run / "config.yaml", cfg, ignore_reuse=True) if (run / "model.pt").is_file() else None
     if diffs is None or [k for k in diffs if k != "eval.test"]:
         run_pipeline(cfg, run, overwrite=True)
     device = pick_device(cfg.device)
@@ -186,25 +198,29 @@ def content_knn_fn(cfg: PipelineConfig, data) -> Callable[[torch.Tensor], torch.
     return score
 
 
+def _row_key(row: dict[str, Any]) -> tuple:
+    return row["dataset"], row["model"], row.get("fraction"), row.get("seed")
+
+
 def merge_rows(path: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The rows of ``path`` with those of the same dataset and model as a row of ``rows`` replaced
-    (in place; new models at the end). Rows of a file written before rows carried their own
-    command take the file's."""
+    """The rows of ``path`` with those of the same dataset, model and draw of new items (fraction,
+    seed) as a row of ``rows`` replaced (in place; new ones at the end). Rows of a file written
+    before rows carried their own command take the file's."""
     if not path.is_file():
         return rows
     old = json.loads(path.read_text())
     meta = {k: old[k] for k in ("command", "git_commit", "machine", "date") if k in old}
     kept = [{**meta, **r} for r in old["rows"]]
-    new = {(r["dataset"], r["model"]) for r in rows}
+    new = {_row_key(r) for r in rows}
     out, placed = [], set()
     for r in kept:
-        key = (r["dataset"], r["model"])
+        key = _row_key(r)
         if key not in new:
             out.append(r)
         elif key not in placed:
             placed.add(key)
-            out.extend(n for n in rows if (n["dataset"], n["model"]) == key)
-    return out + [r for r in rows if (r["dataset"], r["model"]) not in placed]
+            out.extend(n for n in rows if _row_key(n) == key)
+    return out + [r for r in rows if _row_key(r) not in placed]
 
 
 def render(rows: list[dict[str, Any]]) -> str:
@@ -320,14 +336,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --models {args.models}: " + (f"unknown {', '.join(unknown)} (known: {', '.join(makers)})"
               if unknown else "qbert4rec-transfer needs --pretrain-sources"), file=sys.stderr)
         return 2
+    run_of = {"qbert4rec": ("qbert4rec", cfg), "qbert4rec-content": ("qbert4rec", cfg),
+              "qbert4rec-transfer": ("qbert4rec-transfer", transfer), "qbert4rec-pseudo-new": ("qbert4rec-pseudo-new", cfg),
+              "qbert4rec-pseudo-new-content": ("qbert4rec-pseudo-new", cfg), "hybrid": ("hybrid", hybrid),
+              "sasrec": ("sasrec", None), "bert4rec": ("bert4rec", None)}
+    try:  # before anything trains: a refusal late in the list would lose the rows before it
+        for model in models:
+            if model in run_of:
+                _refuse_other_dataset(args.runs_dir / run_of[model][0], data, run_of[model][1])
+    except OtherDataset as e:
+        print(f"error: --runs-dir: {e}", file=sys.stderr)
+        return 2
     meta = benchmark_meta("benchmarks/cold_start.py", argv, REPO)
     for model in models:
         log.info("cold-start row: %s", model)
-        try:
-            res = makers[model]()
-        except OtherDataset as e:
-            print(f"error: --runs-dir: {e}", file=sys.stderr)
-            return 2
+        res = makers[model]()
         for slice_name in ("new", "known"):
             rows.append({"dataset": name, "model": model, "stage3_item_table": res["stage3_item_table"],
                          "slice": slice_name, "fraction": args.fraction, "seed": args.seed, **meta,

@@ -46,7 +46,8 @@ def _metrics(ranks: np.ndarray) -> dict[str, float]:
 def _item_macro(ranks: np.ndarray, split) -> dict[str, float]:
     """The new slice's item-macro HR@10 / NDCG@10 (each new target item counts once; one popular
     new item can otherwise carry the slice: docs/results.md, "One new item carries the new slice")."""
-    macro = target_concentration(ranks, split.targets("valid"), split.withheld)["item_macro"]
+    macro = target_concentration(ranks, split.targets("valid"), split.withheld).get(
+        "item_macro", {"HR@10": float("nan"), "NDCG@10": float("nan")})  # no valid target is new
     return {f"item_macro_{k}": v for k, v in macro.items()}
 
 

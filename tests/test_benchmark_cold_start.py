@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 from test_benchmark_qbert4rec import _bench, one_thread  # noqa: F401 - the module's autouse fixture
 
 pytestmark = pytest.mark.timeout(900)
@@ -30,9 +31,11 @@ def test_rows_new_items_ranked_by_the_semantic_id_model_and_rescored_without_tra
             for w in ("valid", "test"):
                 c, hr = r["new_target_concentration"][w], r[w]["HR@10"]
                 assert c["users"] == r[w]["users"] and 1 <= c["distinct_targets"] <= c["users"]
-                assert c["hits"] == round(c["users"] * hr) >= c["most_hit_target"]["hits"]
-                assert c["most_frequent_target"]["users"] >= c["most_hit_target"]["users"]
+                assert c["hits"] == round(c["users"] * hr) >= (c["most_hit_target"] or {"hits": 0})["hits"]
+                assert (c["most_hit_target"] is None) == (c["hits"] == 0)
                 assert 0 <= c["item_macro"]["HR@10"] <= 1 and (c["item_macro"]["HR@10"] > 0) == (c["hits"] > 0)
+    md = (runs / "cold_start.md").read_text()  # the concentration table: a row per model, "none" without hits
+    assert "| synthetic | hybrid | " in md.split("most hit target")[1] and "| none |" in md
     for model in ("hybrid", "popularity"):  # nothing ranks an item it never saw
         assert by[(model, "new")]["test"]["HR@10"] == 0.0
     # planted clusters: the semantic-ID model reaches new items through their codes, above content kNN
@@ -91,8 +94,19 @@ def test_rows_new_items_ranked_by_the_semantic_id_model_and_rescored_without_tra
     assert bench.main(["--quick", "--runs-dir", str(runs), "--models", "hybrid",
                        "--set", "data.synthetic.seed=1"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: --runs-dir: ") and f"{runs / 'hybrid'} holds a run of another dataset" in err
+    assert err.startswith("error: --runs-dir: ") and f"{runs / 'hybrid'} holds a run of other data (data fingerprint" in err
     assert "Traceback" not in err and (runs / "hybrid" / "model.pt").stat().st_mtime_ns == stamp
+    # an unfinished run of other data (no fingerprint recorded yet) is refused from its config's dataset keys,
+    # before any row trains or is written
+    other = tmp_path / "other"
+    (other / "hybrid").mkdir(parents=True)
+    theirs = yaml.safe_load((runs / "hybrid" / "config.yaml").read_text())
+    theirs["data"]["synthetic"]["seed"] = 7
+    (other / "hybrid" / "config.yaml").write_text(yaml.safe_dump(theirs))
+    assert bench.main(["--quick", "--runs-dir", str(other), "--models", "popularity,hybrid"]) == 2
+    err = capsys.readouterr().err
+    assert "holds an unfinished run of other data (data.synthetic.seed differ)" in err
+    assert not (other / "cold_start.json").exists() and not (other / "popularity").exists()
     # re-running some models replaces only their rows: the others stay, each with its own command
     rows = json.loads((runs / "cold_start.json").read_text())["rows"]
     assert {r["model"] for r in rows} == {*models.split(","), "qbert4rec-content", "qbert4rec-pseudo-new", "sasrec"}
@@ -114,7 +128,8 @@ def test_rows_new_items_ranked_by_the_semantic_id_model_and_rescored_without_tra
 def test_merge_keeps_other_datasets_rows_and_gives_old_rows_the_files_command(tmp_path):
     bench = _bench("cold_start")
     path = tmp_path / "cold_start.json"
-    row = lambda d, m, s, v: {"dataset": d, "model": m, "slice": s, "test": {"HR@10": v}}  # noqa: E731
+    row = lambda d, m, s, v, seed=0: {"dataset": d, "model": m, "slice": s, "test": {"HR@10": v},  # noqa: E731
+                                      "fraction": 0.1, "seed": seed}
     path.write_text(json.dumps({"rows": [row("a", "x", "new", 1), row("a", "x", "known", 2), row("a", "y", "new", 3)],
                                 "command": "python old", "git_commit": "abc"}))
     merged = bench.merge_rows(path, [row("b", "x", "new", 4), row("a", "x", "new", 5), row("a", "x", "known", 6)])
@@ -123,6 +138,10 @@ def test_merge_keeps_other_datasets_rows_and_gives_old_rows_the_files_command(tm
     assert merged[2]["command"] == "python old" and merged[2]["git_commit"] == "abc"
     assert "command" not in merged[0]  # a new row carries its own (main adds it)
     assert bench.merge_rows(tmp_path / "absent.json", merged) == merged
+    path.write_text(json.dumps({"rows": merged}))  # another draw of new items is a row of its own
+    again = bench.merge_rows(path, [row("a", "x", "new", 7, seed=1)])
+    assert [(r["seed"], r["test"]["HR@10"]) for r in again if (r["dataset"], r["model"], r["slice"]) == ("a", "x", "new")] == [
+        (0, 5), (1, 7)]
 
 
 def test_a_baseline_run_of_other_data_is_refused(tmp_path):
@@ -140,3 +159,10 @@ def test_a_baseline_run_of_other_data_is_refused(tmp_path):
     (run / "metrics.json").write_text(json.dumps({"data": {"fingerprint": "0123456789abcdef"}}))
     with pytest.raises(bench.OtherDataset, match="0123456789abcdef"):
         bench._refuse_other_dataset(run, data)
+    (run / "metrics.json").unlink()  # an unfinished baseline: its checkpoint record names the data
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "settings.json").write_text(json.dumps({"data_fingerprint": "fedcba9876543210"}))
+    with pytest.raises(bench.OtherDataset, match="fedcba9876543210"):
+        bench._refuse_other_dataset(run, data)
+    (run / "checkpoints" / "settings.json").write_text(json.dumps({"data_fingerprint": data.target.fingerprint()}))
+    bench._refuse_other_dataset(run, data)

@@ -179,4 +179,5 @@ def test_target_concentration_by_hand():
     assert c["item_macro"]["HR@10"] == pytest.approx((2 / 3 + 1 + 0) / 3)
     assert c["item_macro"]["NDCG@10"] == pytest.approx(((1 + 1 / np.log2(3)) / 3 + 1 / np.log2(5)) / 3)
     assert target_concentration(torch.as_tensor(ranks), targets, np.array([7, 8, 9])) == c
+    assert target_concentration(ranks, targets, np.array([9]))["most_hit_target"] is None  # no hits
     assert target_concentration(ranks, targets, np.array([42])) == {"users": 0, "hits": 0, "distinct_targets": 0}

@@ -66,7 +66,8 @@ def target_concentration(ranks: np.ndarray | torch.Tensor, targets: np.ndarray, 
     A slice such as cold-start targets can hold a few popular items, and its HR@k then mostly says
     whether one of them reaches the top k. Returns the slice's users, hits and distinct target
     items; its most frequent target (item, users, hits); the target with the most hits (item,
-    users, hits); and the item-macro HR@k and NDCG@k (each target item's users averaged first,
+    users, hits; None without hits; ties go to the lowest item id, as for the most frequent); and
+    the item-macro HR@k and NDCG@k (each target item's users averaged first,
     then the items: every item counts once however many users it has).
     """
     r = ranks.double().cpu().numpy() if isinstance(ranks, torch.Tensor) else np.asarray(ranks, dtype=np.float64)
@@ -81,6 +82,7 @@ def target_concentration(ranks: np.ndarray | torch.Tensor, targets: np.ndarray, 
     hits = np.bincount(inverse, weights=hit).astype(np.int64)
     item = lambda i: {"item": int(uniq[i]), "users": int(counts[i]), "hits": int(hits[i])}  # noqa: E731
     return {"users": int(r.size), "hits": int(hits.sum()), "distinct_targets": int(uniq.size),
-            "most_frequent_target": item(int(np.argmax(counts))), "most_hit_target": item(int(np.argmax(hits))),
+            "most_frequent_target": item(int(np.argmax(counts))),
+            "most_hit_target": item(int(np.argmax(hits))) if hits.any() else None,
             "item_macro": {f"HR@{k}": float((hits / counts).mean()),
                            f"NDCG@{k}": float((np.bincount(inverse, weights=gain) / counts).mean())}}
