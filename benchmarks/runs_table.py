@@ -90,7 +90,8 @@ def read_run(run_dir: Path, monitor: str = "NDCG@10") -> dict[str, Any]:
         "code_score_weight": ft.get("code_score_weight", cfg.model.code_score_weight),
         "repeat_weight": ft.get("repeat_weight"),
         "valid": {k: metrics["valid"][k] for k in METRIC_KEYS},
-        "test": {k: metrics["test"][k] for k in METRIC_KEYS},
+        # a search run keeps test off (eval.test: false): valid only
+        "test": {k: metrics["test"][k] for k in METRIC_KEYS} if metrics.get("test") else None,
         "monitor": monitor,
         "git_commit": summary.get("git_commit"),
         "seed": cfg.seed,
@@ -121,7 +122,7 @@ def seed_groups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     for k in METRIC_KEYS}
 
         out.append({"setup": key, "runs": [r["run"] for r in rs], "seeds": [r["seed"] for r in rs],
-                    "valid": stats("valid"), "test": stats("test")})
+                    "valid": stats("valid"), "test": stats("test") if all(r["test"] for r in rs) else None})
     return out
 
 
@@ -134,7 +135,8 @@ def _seed_markdown(groups: list[dict[str, Any]]) -> list[str]:
     pm = lambda s: f"{s['mean']:.4f} ± {s['std']:.4f}"  # noqa: E731
     for g in groups:
         lines.append(f"| {g['setup']} ({', '.join(g['runs'])}) | {', '.join(map(str, g['seeds']))} | "
-                     f"{pm(g['valid']['NDCG@10'])} | " + " | ".join(pm(g["test"][k]) for k in METRIC_KEYS) + " |")
+                     f"{pm(g['valid']['NDCG@10'])} | "
+                     + " | ".join(pm(g["test"][k]) if g["test"] else "not scored" for k in METRIC_KEYS) + " |")
     return lines
 
 
@@ -152,7 +154,7 @@ def markdown(rows: list[dict[str, Any]], best: int | None, meta: dict[str, Any],
         lines.append(f"| {name} | {r['seed']} | {s['pretrain_epochs']} ({s['pretrain_schedule']}) | {s['finetune_lr']:g}, "
                      f"{s['finetune_schedule']} | {rep} | {r['code_score_weight']:g} | {r['best_epoch']} / "
                      f"{r['epochs_run']} | {other or '-'} | {r['valid']['NDCG@10']:.4f} | "
-                     + " | ".join(f"{r['test'][k]:.4f}" for k in METRIC_KEYS) + " |")
+                     + " | ".join(f"{r['test'][k]:.4f}" if r["test"] else "not scored" for k in METRIC_KEYS) + " |")
     marked = ("the best-valid row is marked by valid only." if best is not None
               else "the runs repeat one setup, so none is marked best.")
     lines += ["", f"Command: `{meta['command']}`; git {meta['git_commit']}; {meta['date']}. Each run's own "

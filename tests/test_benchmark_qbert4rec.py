@@ -238,3 +238,10 @@ def test_runs_table_groups_seed_repeats_of_one_setup():
     assert "(best valid)" not in rt.markdown(rows[:2], None, meta, [g]) and "none is marked best" in \
         rt.markdown(rows[:2], None, meta, [g])
     assert "**b** (best valid)" in rt.markdown(rows, 1, meta)
+    # a search run that kept test off is listed with its valid numbers, test "not scored"
+    valid_only = {**rows[1], "run": "v", "seed": 9, "test": None}
+    assert "| v | 9 |" in rt.markdown([rows[0], valid_only], 0, meta)
+    assert rt.markdown([rows[0], valid_only], 0, meta).split("| v | 9 |")[1].split("\n")[0].count("not scored") == 5
+    (g2,) = rt.seed_groups([rows[0], valid_only])
+    assert g2["test"] is None and g2["valid"]["NDCG@10"]["mean"] == pytest.approx(0.12)
+    assert any("not scored" in ln for ln in rt._seed_markdown([g2]))
