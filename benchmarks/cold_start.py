@@ -65,8 +65,8 @@ from qbert.config import ConfigError, parse_overrides  # noqa: E402
 from qbert.eval.evaluator import rank_targets  # noqa: E402
 from qbert.eval.metrics import target_concentration  # noqa: E402
 from qbert.eval.report import cold_start_report  # noqa: E402
-from qbert.pipeline import (PipelineConfig, config_differences, load_data, quickstart_config,  # noqa: E402
-                            run_pipeline)
+from qbert.pipeline import (HYBRID_OVERRIDES, PipelineConfig, config_differences, load_data,  # noqa: E402
+                            quickstart_config, run_pipeline)
 from qbert.pipeline.data import target_content  # noqa: E402
 from qbert.pipeline.runs import check_reuse, rescoring_model  # noqa: E402
 from qbert.utils.runtime import pick_device  # noqa: E402
@@ -129,8 +129,8 @@ def _finished(run: Path, cfg_dict: dict[str, Any]) -> dict[str, Any] | None:
 def pipeline_row(cfg: PipelineConfig, data, run: Path) -> dict[str, Any]:
     """Train the run unless ``run`` holds one of these settings (whether it scored test or not), then
     score valid and test from its ``model.pt`` with ``cfg``'s ranking settings (``model.new_items``...),
-    on the run's device and at its fine-tuning precision (as the run scored itself)."""
-    _refuse_other_dataset(run, data, cfg)
+    on the run's device and at its fine-tuning precision (as the run scored itself). ``main`` has
+    refused a ``run`` of other data before anything trained."""
     diffs = config_differences(run / "config.yaml", cfg, ignore_reuse=True) if (run / "model.pt").is_file() else None
     if diffs is None or [k for k in diffs if k != "eval.test"]:
         run_pipeline(cfg, run, overwrite=True)
@@ -151,7 +151,6 @@ def pipeline_row(cfg: PipelineConfig, data, run: Path) -> dict[str, Any]:
 def baseline_row(model: str, cfg: PipelineConfig, data, run: Path, quick: bool) -> dict[str, Any]:
     bcfg = BaselineConfig(model=model, max_len=cfg.data.max_len, cold_start=cfg.data.cold_start, progress=False,
                           **({"epochs": 3, "patience": 0} if quick else {"epochs": 100, "patience": 10}))
-    _refuse_other_dataset(run, data)
     metrics = _finished(run, bcfg.resolved().to_dict()) or run_baseline(bcfg, data.target, run)
     ranks = pq.read_table(run / "test_ranks.parquet", columns=["target", "rank_history_kept"])
     split = target_split(cfg, data)
@@ -170,7 +169,7 @@ def heuristic_row(cfg: PipelineConfig, data, score_fn: Callable[[torch.Tensor], 
 
 
 def _concentration(split, ranks: dict[str, Any]) -> dict[str, Any]:
-    """Per split: how far the most frequent new target carries the new slice (history kept)."""
+    """Per split: how far single new targets carry the new slice (history kept; target_concentration)."""
     return {w: target_concentration(r, split.targets(w), split.withheld) for w, r in ranks.items()}
 
 
@@ -283,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = ["finetune.epochs=3", "pretrain.epochs=1", "plots=false", *args.overrides]
     cfg = _cold(base, args.fraction, args.seed, args.overrides)
     hybrid = _cold(PipelineConfig.from_yaml(args.hybrid_config), args.fraction, args.seed, args.overrides) \
-        if args.hybrid_config else cfg.override({"model.item_id": "input_and_head", "model.head": "levels"})
+        if args.hybrid_config else cfg.override(HYBRID_OVERRIDES)
     # the paper's model pretrained on other domains too (one vocabulary; docs/method.md), stages 1-2
     # optionally taken from a run over the same union of catalogues
     transfer = cfg.override({"pretrain_sources": args.pretrain_sources,

@@ -47,7 +47,7 @@ sys.path.insert(0, str(REPO))
 from qbert.baselines import BaselineConfig, run_baseline  # noqa: E402
 from qbert.config import ConfigError, parse_overrides  # noqa: E402
 from qbert.eval.report import PROTOCOL_KEYS  # noqa: E402
-from qbert.pipeline import PipelineConfig, load_data, quickstart_config, run_pipeline  # noqa: E402
+from qbert.pipeline import HYBRID_OVERRIDES, PipelineConfig, load_data, quickstart_config, run_pipeline  # noqa: E402
 from qbert.pipeline.runs import finished_test_run  # noqa: E402
 from qbert.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
 from qbert.utils.runtime import benchmark_meta  # noqa: E402
@@ -115,7 +115,7 @@ def _all_rows(args: argparse.Namespace) -> int:
               *(["--threads", str(args.threads)] if args.threads else [])]
     config = ["--config", str(args.config)] if args.config else []
     hybrid = ["--config", str(args.hybrid_config)] if args.hybrid_config else \
-        [*config, "--set", "model.item_id=input_and_head", "--set", "model.head=levels"]
+        [*config, *[a for k, v in HYBRID_OVERRIDES.items() for a in ("--set", f"{k}={v}")]]
     rows = [[*config, "--model", "qbert4rec"], [*hybrid, "--model", "hybrid"],
             [*config, "--baseline", "sasrec"], [*config, "--baseline", "bert4rec"]]
     for row in rows:

@@ -30,8 +30,8 @@ uses the sources' whole sequences plus (``pretrain.include_target``) the target'
 part; fine-tuning and evaluation use the target alone with its own rows of the table.
 """
 
-from qbert.pipeline.config import (METRIC_KEYS, DataSection, EvalSection, Modality, PipelineConfig, ReuseSection,
-                                   quickstart_config)
+from qbert.pipeline.config import (HYBRID_OVERRIDES, METRIC_KEYS, DataSection, EvalSection, Modality, PipelineConfig,
+                                   ReuseSection, quickstart_config)
 from qbert.pipeline.data import PipelineData, check_inputs, load_data, load_source, pretraining_rows, stage_features
 from qbert.pipeline.reports import finish_run, write_plots
 from qbert.pipeline.runs import (LocalExecutor, check_reuse, config_differences, evaluate_run, load_run_model,
@@ -39,7 +39,7 @@ from qbert.pipeline.runs import (LocalExecutor, check_reuse, config_differences,
 from qbert.pipeline.stages import (MODEL_STAGE, PROTOCOL_KEYS, REGISTRY, STAGES, Stage, read_codes, run_finetune_stage,
                                    run_fusion_stage, run_pretrain_stage, run_quantize_stage, write_ranks)
 
-__all__ = ["DataSection", "EvalSection", "LocalExecutor", "METRIC_KEYS", "MODEL_STAGE", "Modality", "PROTOCOL_KEYS",
+__all__ = ["DataSection", "EvalSection", "HYBRID_OVERRIDES", "LocalExecutor", "METRIC_KEYS", "MODEL_STAGE", "Modality", "PROTOCOL_KEYS",
            "PipelineConfig", "PipelineData", "REGISTRY", "ReuseSection", "STAGES", "Stage", "check_inputs",
            "check_reuse", "config_differences", "evaluate_run", "finish_run", "load_data", "load_run_model",
            "load_source", "pretraining_rows", "quickstart_config", "read_codes", "reuse_stage",

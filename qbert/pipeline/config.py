@@ -165,6 +165,11 @@ class PipelineConfig(Config):
         return self
 
 
+# The hybrid baseline (docs/method.md): item-ID embedding and softmax next to the semantic IDs,
+# ranked with the per-level semantic-ID term; what a benchmark adds to a config of the paper's model.
+HYBRID_OVERRIDES = {"model.item_id": "input_and_head", "model.head": "levels"}
+
+
 def quickstart_config() -> PipelineConfig:
     """The embedded default of ``qbert pipeline`` (= ``configs/synthetic.yaml``; a test keeps them
     equal): synthetic data, sized for a few minutes on 2 CPU cores. Built in, so an installed
