@@ -23,6 +23,13 @@ valid NDCG@10 and of the test metrics under both ranking protocols (history kept
 the paper; history excluded), the standard deviations, the per-seed numbers, the command and the
 git commit.
 
+Each finished seed is also kept in ``benchmarks/results/table2_seeds.json`` (its numbers, the
+settings compared, the data fingerprints, git commit, machine and date), so a row can be completed
+across machines and sessions whose runs directories are gone: a seed with no finished run is read
+from its record when the settings and the data are the same, and only trained when neither exists.
+``--collect`` trains nothing: it writes the records of the finished runs it finds, and the row
+when every seed has a run or a record.
+
 ``--all-rows`` runs a domain's four rows one after the other: the paper's model (``--config``),
 the hybrid (``--hybrid-config``, default ``--config`` with item IDs), SASRec and BERT4Rec, each
 with the same ``--set`` overrides, seeds and runs directory, and each row recording the command
@@ -32,6 +39,8 @@ that makes it alone.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import logging
 import sys
@@ -48,13 +57,14 @@ from qbert.baselines import BaselineConfig, run_baseline  # noqa: E402
 from qbert.config import ConfigError, parse_overrides  # noqa: E402
 from qbert.eval.report import PROTOCOL_KEYS  # noqa: E402
 from qbert.pipeline import HYBRID_OVERRIDES, PipelineConfig, load_data, quickstart_config, run_pipeline  # noqa: E402
-from qbert.pipeline.runs import finished_test_run  # noqa: E402
+from qbert.pipeline.runs import comparable_settings, finished_test_run  # noqa: E402
 from qbert.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
 from qbert.utils.runtime import benchmark_meta  # noqa: E402
 
 log = logging.getLogger("bench.table2")
 DEFAULT_OUT = REPO / "benchmarks" / "results"
 TEST_METRICS = ("HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10")
+SEED_RECORDS = "table2_seeds.json"
 
 
 def _finished_baseline(run: Path, bcfg: BaselineConfig) -> dict[str, Any] | None:
@@ -65,6 +75,57 @@ def _finished_baseline(run: Path, bcfg: BaselineConfig) -> dict[str, Any] | None
     mine = {k: v for k, v in json.loads(json.dumps(bcfg.to_dict(), default=str)).items() if k != "num_threads"}
     theirs = {k: v for k, v in yaml.safe_load((run / "config.yaml").read_text()).items() if k != "num_threads"}
     return json.loads((run / "metrics.json").read_text()) if mine == theirs else None
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples as lists, paths as strings)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def run_record(run: Path, metrics: dict[str, Any], baseline: bool) -> dict[str, Any]:
+    """What a seed record keeps of a finished run besides its numbers: provenance and data."""
+    info = metrics if baseline else json.loads((run / "summary.json").read_text())
+    data = info.get("data", {})
+    timing = metrics["timing"]["train_seconds"] if baseline else info.get("timings", {}).get("total")
+    return {"git_commit": info.get("git_commit"), "machine": info.get("machine"), "seconds": timing,
+            "data": {"target": data.get("fingerprint"),
+                     "pretrain_sources": [d["fingerprint"] for d in data.get("pretrain_sources", [])]},
+            "run": str(run), "started_utc": info.get("started_utc"),
+            "stage3_item_table": True if baseline else metrics["stage3_item_table"]}
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """Hold an exclusive lock beside ``path`` (several benchmark processes may record seeds at once)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def read_seed_records(path: Path) -> list[dict[str, Any]]:
+    return json.loads(path.read_text())["records"] if path.is_file() else []
+
+
+def save_seed_record(path: Path, record: dict[str, Any]) -> None:
+    """Add ``record`` to ``path``, replacing the one of the same dataset, model and seed (a record
+    of the same run is kept as it is: reading a finished run again changes nothing)."""
+    key = lambda r: (r["dataset"], r["model"], r["seed"])  # noqa: E731
+    same_run = lambda r: {k: v for k, v in r.items() if k not in ("command", "date")}  # noqa: E731
+    with _locked(path):
+        old = read_seed_records(path)
+        if any(same_run(r) == same_run(record) for r in old):
+            return
+        records = [r for r in old if key(r) != key(record)]
+        records = sorted([*records, record], key=key)
+        atomic_write_json(path, {"records": records})
+
+
+def find_seed_record(records: list[dict[str, Any]], dataset: str, model: str, seed: int,
+                     settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The record of this row's seed made with the same settings, else None."""
+    return next((r for r in records if (r["dataset"], r["model"], r["seed"]) == (dataset, model, seed)
+                 and r["settings"] == _plain(settings)), None)
 
 
 def seed_result(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -112,7 +173,7 @@ def _all_rows(args: argparse.Namespace) -> int:
     common = ["--runs-dir", str(args.runs_dir), "--seeds", *map(str, args.seeds),
               *(["--dataset-name", args.dataset_name] if args.dataset_name else []),
               *[a for o in args.overrides for a in ("--set", o)], *(["--quick"] if args.quick else []),
-              *(["--threads", str(args.threads)] if args.threads else [])]
+              *(["--threads", str(args.threads)] if args.threads else []), *(["--collect"] if args.collect else [])]
     config = ["--config", str(args.config)] if args.config else []
     hybrid = ["--config", str(args.hybrid_config)] if args.hybrid_config else \
         [*config, *[a for k, v in HYBRID_OVERRIDES.items() for a in ("--set", f"{k}={v}")]]
@@ -139,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="pipeline config override (repeatable)")
     ap.add_argument("--quick", action="store_true", help="synthetic data, few epochs")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--collect", action="store_true",
+                    help="train nothing: record the finished runs, write the row if every seed has a run or record")
     ap.add_argument("--all-rows", action="store_true",
                     help="the paper's model, the hybrid, SASRec and BERT4Rec, one after the other")
     ap.add_argument("--hybrid-config", type=Path, default=None,
@@ -166,25 +229,61 @@ def main(argv: list[str] | None = None) -> int:
     model = args.model or args.baseline or "qbert4rec"
     name = args.dataset_name or (Path(base.data.source).name.removeprefix("amazon-")
                                  if base.data.source != "synthetic" else "synthetic")
+    out = args.runs_dir if args.quick else DEFAULT_OUT
+    records_path = out / SEED_RECORDS
     data = load_data(base) if args.baseline else None
-    per_seed, item_table = [], None
+    fingerprints: dict[str, Any] = {}
+
+    def data_now() -> dict[str, Any]:  # the data this command reads, fingerprinted once and only if needed
+        if not fingerprints:
+            d = data or load_data(base)
+            fingerprints.update(target=d.target.fingerprint(), pretrain_sources=[x.fingerprint() for x in d.sources])
+        return fingerprints
+
+    per_seed, missing = [], []
     for seed in args.seeds:
         run = args.runs_dir / name / model / f"seed{seed}"  # the dataset in the path: rows never share runs
-        log.info("%s, seed %d: %s", model, seed, run)
         if args.baseline:
             bcfg = BaselineConfig(model=args.baseline, max_len=base.data.max_len, seed=seed, progress=False,
                                   **({"epochs": 3, "patience": 0} if args.quick else {}))
-            metrics = _finished_baseline(run, bcfg.resolved()) or run_baseline(bcfg, data.target, run, resume=True)
-            item_table = True
+            settings = {k: v for k, v in bcfg.resolved().to_dict().items() if k != "num_threads"}
+            metrics = _finished_baseline(run, bcfg.resolved())
         else:
             cfg = base.override({"seed": seed})
-            metrics = finished_test_run(run, cfg) or run_pipeline(cfg, run, overwrite=True)
-            item_table = metrics["stage3_item_table"]
-        per_seed.append({"seed": seed, "run": str(run), **seed_result(metrics)})
+            settings = comparable_settings(cfg)
+            metrics = finished_test_run(run, cfg)
+        record = None
+        if metrics is None:
+            record = find_seed_record(read_seed_records(records_path), name, model, seed, settings)
+            if record is not None and record["data"] != data_now():
+                log.warning("%s, seed %d: the record in %s was made on other data; not used", model, seed,
+                            records_path)
+                record = None
+            if record is not None:
+                log.info("%s, seed %d: read from %s (git %s, %s)", model, seed, records_path,
+                         str(record["git_commit"])[:7], record["date"])
+        if metrics is None and record is None:
+            if args.collect:
+                missing.append(seed)
+                continue
+            log.info("%s, seed %d: %s", model, seed, run)
+            metrics = (run_baseline(bcfg, data.target, run, resume=True) if args.baseline
+                       else run_pipeline(cfg, run, overwrite=True))
+        if record is None:
+            meta = benchmark_meta("benchmarks/table2.py", argv, REPO)  # its git and machine: the run's, below
+            record = {"dataset": name, "model": model, "seed": seed, "settings": _plain(settings),
+                      "result": seed_result(metrics), "command": meta["command"], "date": meta["date"],
+                      **run_record(run, metrics, bool(args.baseline))}
+            save_seed_record(records_path, record)
+        per_seed.append({"seed": seed, "run": record["run"], "git_commit": record["git_commit"], **record["result"]})
+        item_table = record["stage3_item_table"]
+    if missing:
+        print(f"no finished run or record for seeds {' '.join(map(str, missing))} of {name}/{model} "
+              f"(without --collect they are trained); the row was not written", file=sys.stderr)
+        return 0
     row = {"dataset": name, "model": model, "stage3_item_table": item_table, "seeds": list(args.seeds),
            **aggregate(per_seed), "per_seed": per_seed,
            **benchmark_meta("benchmarks/table2.py", argv, REPO)}
-    out = args.runs_dir if args.quick else DEFAULT_OUT
     rows = merge_rows(out / "table2.json", row)
     atomic_write_json(out / "table2.json", {"rows": rows})
     atomic_write_text(out / "table2.md", render(rows))

@@ -46,6 +46,8 @@ def test_rows_over_seeds_resume_and_merge(tmp_path, capsys):
     assert [(r["model"], r["stage3_item_table"]) for r in rows] == [("qbert4rec", False), ("sasrec", True)]
     assert rows[1]["test_std"]["HR@10"] == 0.0
 
+    _seed_records_outlive_their_runs(bench, runs, rows, capsys)
+
     capsys.readouterr()
     assert bench.main(["--quick", "--runs-dir", str(runs), "--set", "model.hidden=zero"]) == 2
     err = capsys.readouterr().err
@@ -71,3 +73,47 @@ def test_all_rows_of_a_domain_in_one_command(tmp_path, capsys):
     capsys.readouterr()
     assert bench.main(["--quick", "--runs-dir", str(runs), "--all-rows", "--baseline", "sasrec"]) == 2
     assert capsys.readouterr().err.startswith("error: --all-rows names its rows itself")
+
+
+def _seed_records_outlive_their_runs(bench, runs, rows, capsys):
+    """Each finished seed is recorded beside the rows; with the runs directory gone (a new machine)
+    the row is rebuilt from the records without training, and only records of the same settings
+    and data count."""
+    import shutil
+
+    records_path = runs / "table2_seeds.json"
+    records = json.loads(records_path.read_text())["records"]
+    assert [(r["model"], r["seed"]) for r in records] == [("qbert4rec", 1), ("qbert4rec", 2), ("sasrec", 1)]
+    by_key = {(r["model"], r["seed"]): r for r in records}
+    for row in rows:
+        for s in row["per_seed"]:
+            rec = by_key[(row["model"], s["seed"])]
+            assert rec["result"]["test"] == s["test"] and rec["dataset"] == "synthetic"
+            assert len(rec["git_commit"]) >= 7 and rec["data"]["target"] and rec["settings"]["seed"] == s["seed"]
+    saved = records_path.read_bytes()
+    assert bench.main(["--quick", "--runs-dir", str(runs), "--seeds", "1", "2"]) == 0
+    assert records_path.read_bytes() == saved  # reading finished runs again leaves their records as they were
+
+    shutil.rmtree(runs / "synthetic")  # the runs are gone (a new machine); the records stay
+    (runs / "table2.json").unlink()
+    assert bench.main(["--quick", "--runs-dir", str(runs), "--seeds", "1", "2", "--collect"]) == 0
+    assert not (runs / "synthetic").exists()  # nothing trained
+    (row,) = json.loads((runs / "table2.json").read_text())["rows"]
+    assert row["test"] == rows[0]["test"] and [s["seed"] for s in row["per_seed"]] == [1, 2]
+    assert bench.main(["--quick", "--runs-dir", str(runs), "--seeds", "1", "--baseline", "sasrec"]) == 0
+    assert not (runs / "synthetic").exists()  # a baseline's record is read too, without --collect
+
+    capsys.readouterr()
+    before = (runs / "table2.json").read_text()
+    # other settings: no record applies; --collect trains nothing and leaves the row alone
+    assert bench.main(["--quick", "--runs-dir", str(runs), "--seeds", "1", "2", "--collect",
+                       "--set", "finetune.epochs=2"]) == 0
+    assert "no finished run or record for seeds 1 2 of synthetic/qbert4rec" in capsys.readouterr().err
+    assert (runs / "table2.json").read_text() == before and not (runs / "synthetic").exists()
+    # a record made on other data is not used
+    tampered = json.loads(records_path.read_text())
+    tampered["records"][1]["data"]["target"] = "0" * 16
+    records_path.write_text(json.dumps(tampered))
+    assert bench.main(["--quick", "--runs-dir", str(runs), "--seeds", "1", "2", "--collect"]) == 0
+    assert "no finished run or record for seeds 2 of synthetic/qbert4rec" in capsys.readouterr().err
+    records_path.write_bytes(saved)

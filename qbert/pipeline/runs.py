@@ -126,13 +126,19 @@ def config_differences(path: Path, cfg: PipelineConfig, ignore_reuse: bool = Fal
     if not path.is_file():
         return None
     try:
-        theirs = flatten_dict(PipelineConfig.from_yaml(path).to_dict())
+        theirs = comparable_settings(PipelineConfig.from_yaml(path), ignore_reuse)
     except ConfigError:
         return [f"{path.name} (unreadable with this version)"]
-    mine = flatten_dict(cfg.to_dict())
+    mine = comparable_settings(cfg, ignore_reuse)
+    return sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+
+
+def comparable_settings(cfg: PipelineConfig, ignore_reuse: bool = True) -> dict[str, Any]:
+    """``cfg`` as dotted keys, without the settings of where a run executes and ranking-only ones
+    (what :func:`config_differences` compares; ``ignore_reuse``: also without ``reuse.*``)."""
     skipped = ("resources.", "reuse.") if ignore_reuse else ("resources.",)
-    skip = lambda k: k.split(".")[-1] in _RUNTIME_KEYS or k.startswith(skipped)  # noqa: E731
-    return sorted(k for k in set(mine) | set(theirs) if not skip(k) and mine.get(k) != theirs.get(k))
+    return {k: v for k, v in flatten_dict(cfg.to_dict()).items()
+            if k.split(".")[-1] not in _RUNTIME_KEYS and not k.startswith(skipped)}
 
 
 def finished_test_run(run_dir: str | Path, cfg: PipelineConfig) -> dict[str, Any] | None:
