@@ -632,3 +632,70 @@ def test_finetune_with_a_sampled_softmax_learns_planted_transitions():
     assert res.history[-1]["loss"] < res.history[0]["loss"]
     # the next group holds 25 items: HR@10 at most about 0.4; random 0.05 (the full softmax: 0.42)
     assert evaluate_split(model, split, "test")["HR@10"] > 0.3
+
+
+def _content_cold_start_ranks(content_dim: int, pseudo_new: float, seed: int = 0) -> torch.Tensor:
+    """Ranks of the planted new test targets (benchmarks/prefix_cold_start.py's data) when the
+    semantic IDs say nothing of the cluster (codes shuffled across items) and only the content does."""
+    from qbert.eval.metrics import target_ranks
+
+    bench = _cold_start_bench()
+    codes, train, hist, tgt, n = bench.planted_cold_start(seed)
+    rng = np.random.default_rng(seed)
+    codes = codes[rng.permutation(n)]  # an item's codes now belong to a random item of any cluster
+    cluster = np.arange(n) // bench.PER
+    content = np.eye(bench.CLUSTERS, dtype=np.float32)[cluster] + 0.1 * rng.standard_normal((n, 8)).astype(np.float32)
+    torch.manual_seed(seed)
+    model = build_model(SeqRecConfig(hidden=32, layers=1, heads=2, dropout=0.0, new_items="own",
+                                     content_dim=content_dim), codes, 8, 10)
+    model.set_item_content(torch.as_tensor(content))
+    split = LeaveOneOutSplit(from_sequences("cold", train, n), 10)
+    finetune(model, split, FinetuneConfig(epochs=15, batch_size=64, lr=3e-3, patience=0, precision="fp32",
+                                          pseudo_new=pseudo_new), seed=seed, progress=False)
+    model.eval()
+    with torch.no_grad():
+        return target_ranks(model.score(torch.as_tensor(hist)), torch.as_tensor(tgt))
+
+
+def test_the_content_map_of_the_item_vectors_ranks_new_items_by_their_content():
+    """content_dim: a map shared by all items from content to item vectors (no item-indexed
+    parameter) carries new items whose semantic IDs say nothing; without it they stay unreachable."""
+    with_content = _content_cold_start_ranks(16, 0.2)
+    without = _content_cold_start_ranks(0, 0.2)
+    hr = {"content": float((with_content < 10).float().mean()), "none": float((without < 10).float().mean())}
+    # 80 items, 2 new per cluster of 10: ranking new items at random puts about 12% in a top 10
+    assert hr["content"] >= 0.6, hr
+    assert hr["none"] <= 0.3, hr
+
+
+def test_the_content_map_starts_at_zero_is_shared_and_needs_the_content():
+    torch.manual_seed(0)
+    codes = _codes(n=30)
+    kw = {"num_codes": 8, "hidden": 16, "layers": 1, "heads": 2, "dropout": 0.0, "max_len": 10}
+    m, plain = QBert4Rec(codes, **kw, content_dim=6).eval(), QBert4Rec(codes, **kw).eval()
+    plain.load_state_dict({k: v for k, v in m.state_dict().items() if not k.startswith("content_out")})
+    hist = torch.randint(1, 31, (4, 6), generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match="set_item_content"):
+        m.score(hist)
+    content = torch.randn(30, 40)  # wider than content_dim: randomly projected
+    m.set_item_content(content)
+    assert m.uses_content and m.content_reduced.shape == (30, 6)
+    torch.testing.assert_close(m.score(hist), plain.score(hist))  # zero at start: the model without content
+    with torch.no_grad():
+        m.content_out.weight.normal_()
+    vec, bias = m.item_vectors()
+    base_vec, base_bias = plain.item_vectors()
+    extra = m.content_out(m.content_reduced)
+    torch.testing.assert_close(vec, base_vec + extra[:, :-1])
+    torch.testing.assert_close(bias, base_bias + extra[:, -1])
+    assert m.item_indexed_parameters() == [] and m.content_out.weight.shape == (17, 6)  # not per item
+    # the projection is fixed by the content's width: a larger catalogue reads old items as before
+    first = m.content_reduced.clone()
+    m.set_catalogue(_codes(n=31))
+    assert m.content_reduced is None
+    m.set_item_content(torch.cat([content, torch.randn(1, 40)]))
+    torch.testing.assert_close(m.content_reduced[:30], first)
+    with pytest.raises(ValueError, match="content_dim"):
+        QBert4Rec(codes, **kw, content_dim=4, head="levels")
+    with pytest.raises(ValueError, match="content_dim"):
+        SeqRecConfig(content_dim=8, head="levels")

@@ -17,6 +17,7 @@ from qbert.eval.report import PROTOCOL_KEYS, by_protocol, cold_start_report, wri
 from qbert.pipeline.config import METRIC_KEYS, PipelineConfig
 from qbert.pipeline.data import (
     PipelineData,
+    content_vectors,
     pretraining_domains,
     pretraining_rows,
     stage_features,
@@ -110,6 +111,8 @@ def run_pretrain_stage(cfg: PipelineConfig, data: PipelineData, out_dir: str | P
     codes = read_codes(out, data.all_items.num_items)
     rows = pretraining_rows(cfg, data)
     model = _model_for(cfg, codes)
+    if model.content_out is not None:  # item vectors with a content term: every pretraining item's content
+        model.set_item_content(content_vectors(stage_features(cfg, data)))
     res = pretrain(model, rows, cfg.pretrain, device, seed=cfg.seed, callbacks=_cbs(callbacks),
                    checkpoint_dir=out / "checkpoints" / "pretrain", shard=shard, progress=cfg.progress)
     with atomic_path(out / "pretrain.pt") as tmp:
@@ -132,7 +135,7 @@ def run_finetune_stage(cfg: PipelineConfig, data: PipelineData, out_dir: str | P
     seed_everything(cfg.seed + 1)
     split = target_split(cfg, data)
     model = _model_for(cfg, read_codes(out, data.target.num_items))
-    if model.uses_content:  # the backoff rule's content term reads the items' content (ranking only)
+    if model.uses_content:  # content terms of the item vectors (content_dim) or of the backoff rule
         model.set_item_content(target_content(cfg, data))
     init = "scratch"
     pre = out / "pretrain.pt"

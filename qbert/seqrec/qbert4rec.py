@@ -85,7 +85,7 @@ class QBert4Rec(nn.Module):
                  level_sizes: list[int] | None = None, tie_codes: bool = False,
                  code_score_weight: float = 1.0, repeat_bias: bool = False, prefix_bias: bool = False,
                  new_items: str = "own", new_item_weight: float = 0.25, new_item_offset: float = 1.5,
-                 new_item_content: float = 0.0) -> None:
+                 new_item_content: float = 0.0, content_dim: int = 0) -> None:
         super().__init__()
         codes = torch.as_tensor(codes, dtype=torch.long)
         if codes.ndim != 2 or codes.shape[0] < 1 or codes.shape[1] < 1:
@@ -103,6 +103,8 @@ class QBert4Rec(nn.Module):
         lengths = list(range(2, self.K)) if prefix_lengths is None else sorted(set(prefix_lengths))
         if any(not 2 <= n <= self.K for n in lengths):
             raise ValueError(f"prefix_lengths must lie in [2, {self.K}] (length 1 is the level-1 code), got {prefix_lengths}")
+        if content_dim < 0 or (content_dim and head != "catalogue"):
+            raise ValueError(f"content_dim must be >= 0 and needs head='catalogue', got {content_dim}, {head!r}")
         if prefix_buckets < 1:
             raise ValueError(f"prefix_buckets must be >= 1, got {prefix_buckets}")
         self.id_head = item_id == "input_and_head"
@@ -125,8 +127,10 @@ class QBert4Rec(nn.Module):
         self.new_item_weight = float(new_item_weight)
         self.new_item_offset = float(new_item_offset)
         self.new_item_content = float(new_item_content)
-        # [N + 2, D] unit content vectors by token (set_item_content; ranking only, not saved)
+        # [N + 2, D] unit content vectors by token (set_item_content; data, not saved)
         self.register_buffer("item_content", None, persistent=False)
+        # [N, content_dim] the same through a fixed random projection (content_out's input)
+        self.register_buffer("content_reduced", None, persistent=False)
         self.code_loss_weight = float(code_loss_weight)
         self.prefix_lengths = lengths
         self.prefix_buckets = int(prefix_buckets)
@@ -150,7 +154,13 @@ class QBert4Rec(nn.Module):
         self.register_buffer("code_valid", torch.arange(self.C)[None, :] < sizes[:, None], persistent=False)
         self.item_emb: nn.Embedding | None = None
         self.item_bias: nn.Parameter | None = None
+        # content_dim > 0: one linear map, shared by all items, from an item's (reduced) content
+        # vector to a term of its output vector and bias (docs/method.md, "Content in the item vectors")
+        self.content_dim = int(content_dim)
+        self.content_out = nn.Linear(content_dim, hidden + 1, bias=False) if content_dim else None
         init_weights(self)
+        if self.content_out is not None:  # 0 at start: the model begins as the one without content
+            nn.init.zeros_(self.content_out.weight)
         if self.code_out is not None:
             nn.init.normal_(self.code_out, std=0.02)
         # learned logit shift of items already in the visible sequence (0 at start: no prior). A
@@ -199,7 +209,7 @@ class QBert4Rec(nn.Module):
         n = codes.shape[0]
         self.train_candidates = self.candidate_index = None  # they index the previous catalogue
         if getattr(self, "item_content", None) is not None and self.item_content.shape[0] != n + 2:
-            self.item_content = None  # content of another catalogue: set_item_content again
+            self.item_content = self.content_reduced = None  # content of another catalogue: set it again
         special = torch.tensor([[self.C] * self.K, [self.C + 1] * self.K], dtype=torch.long)
         # row 0 = padding codes, rows 1..N = items, row N+1 = [MASK] codes
         self.codes = codes.to(device)
@@ -227,9 +237,10 @@ class QBert4Rec(nn.Module):
 
     @property
     def uses_content(self) -> bool:
-        """Whether ranking reads the items' content: the backoff rule's content term is on."""
-        return (self.item_id == "none" and self.head == "catalogue" and self.new_items == "backoff"
-                and self.new_item_content > 0)
+        """Whether the model reads the items' content: the content term of its item vectors
+        (``content_dim``; training and ranking) or of the backoff rule (ranking only)."""
+        return self.content_out is not None or (self.item_id == "none" and self.head == "catalogue"
+                                                and self.new_items == "backoff" and self.new_item_content > 0)
 
     @property
     def catalogue_content(self) -> torch.Tensor | None:
@@ -238,10 +249,10 @@ class QBert4Rec(nn.Module):
 
     def set_item_content(self, content: torch.Tensor | np.ndarray | None) -> None:
         """Each catalogue item's content vector [N, D] (``qbert.pipeline.data.content_vectors`` of
-        stage 1's input features), read by the content term of the backoff rule
-        (``new_item_content``; ranking only, never trained, not in the state dict). None: no content."""
+        stage 1's input features), read by the content term of the item vectors (``content_dim``)
+        and of the backoff rule (``new_item_content``); data, not in the state dict. None: no content."""
         if content is None:
-            self.item_content = None
+            self.item_content = self.content_reduced = None
             return
         x = (content.detach().to("cpu", torch.float32) if torch.is_tensor(content)
              else torch.as_tensor(np.array(content, dtype=np.float32)))
@@ -249,7 +260,10 @@ class QBert4Rec(nn.Module):
             raise ValueError(f"item content must be [{self.num_items}, D] (one row per catalogue item), "
                              f"got shape {tuple(x.shape)}")
         blank = torch.zeros(1, x.shape[1])  # padding and [MASK] tokens carry no content
-        self.item_content = torch.cat([blank, F.normalize(x, dim=1), blank]).to(self.codes.device)
+        x = F.normalize(x, dim=1)
+        self.item_content = torch.cat([blank, x, blank]).to(self.codes.device)
+        if self.content_out is not None:
+            self.content_reduced = reduce_content(x, self.content_dim).to(self.codes.device)
 
     def set_train_candidates(self, items: torch.Tensor | None) -> None:
         """Normalise the training item softmax over ``items`` only (0-based; None: the whole
@@ -372,6 +386,12 @@ class QBert4Rec(nn.Module):
         if self.prefix is not None and self.prefix.with_out:
             vec = vec + _bag(prefix_rows, self.prefix.out, weights=keep)
             bias = bias + _bag(prefix_rows, self.prefix.out_bias.view(-1, 1), weights=keep)[:, 0]
+        if self.content_out is not None:  # shared by all items: new items keep it (pseudo_new too)
+            if self.content_reduced is None:
+                raise ValueError("content_dim > 0 composes item vectors from content: set_item_content first "
+                                 "(qbert.pipeline.data.content_vectors)")
+            extra = self.content_out(self.content_reduced if items is None else self.content_reduced[items])
+            vec, bias = vec + extra[:, :-1].to(vec.dtype), bias + extra[:, -1].to(bias.dtype)
         return vec, bias
 
     def item_specific_rows(self) -> torch.Tensor:
@@ -631,6 +651,17 @@ class QBert4Rec(nn.Module):
         the semantic-ID term weighted by ``code_score_weight``."""
         codes, ids = self.score_parts(history)
         return codes if ids is None else self.code_score_weight * codes + ids
+
+
+def reduce_content(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """[N, D] content vectors -> [N, dim]: through a fixed random Gaussian projection (the same for
+    every catalogue of the same D, so a trained map reads new items as it read the old) when D >
+    dim, else zero-padded; scaled so unit vectors stay about unit length."""
+    n, d = x.shape
+    if d <= dim:
+        return F.pad(x, (0, dim - d))
+    g = torch.Generator().manual_seed(d * 7919 + dim)
+    return x @ (torch.randn(d, dim, generator=g) / dim**0.5)
 
 
 _LEGACY_PREFIX_KEYS = {"prefix_in.weight": "prefix.inp_table", "prefix_out": "prefix.out_table",

@@ -69,9 +69,16 @@ class SeqRecConfig(Config):
     # > 0 (backoff only): add this times the cosine of a new item's content (stage 1's input features)
     # to the history's, which orders the new items of one cluster (chosen on valid; docs/method.md)
     new_item_content: float = Field(0.0, ge=0.0)
+    # > 0: each item's output vector and bias get a learned linear map of its content vector (stage
+    # 1's input features, randomly projected to this many dimensions); the map is shared by all
+    # items, so new items score from their content (not in the paper; docs/method.md)
+    content_dim: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _content_term(self) -> "SeqRecConfig":
+        if self.content_dim and self.head != "catalogue":
+            raise ValueError(f"content_dim ({self.content_dim}) adds to the catalogue head's item vectors: it needs "
+                             f"head: catalogue (got {self.head})")
         if self.new_item_content > 0 and (self.new_items != "backoff" or self.item_id != "none"
                                           or self.head != "catalogue"):
             raise ValueError(f"new_item_content ({self.new_item_content}) is a term of the backoff rule: it needs "
@@ -170,7 +177,8 @@ def build_model(cfg: SeqRecConfig, codes: np.ndarray | torch.Tensor, num_codes: 
                      ffn_mult=cfg.ffn_mult, pre_ln=cfg.pre_ln, level_sizes=sizes, tie_codes=cfg.tie_codes,
                      code_score_weight=cfg.code_score_weight, repeat_bias=cfg.repeat_bias,
                      prefix_bias=cfg.prefix_bias, new_items=cfg.new_items, new_item_weight=cfg.new_item_weight,
-                     new_item_offset=cfg.new_item_offset, new_item_content=cfg.new_item_content)
+                     new_item_offset=cfg.new_item_offset, new_item_content=cfg.new_item_content,
+                     content_dim=cfg.content_dim)
 
 
 def full_sequences(ds, max_len: int) -> np.ndarray:
