@@ -24,6 +24,10 @@ whether their test target is new. Rows, each under both ranking protocols:
 - ``qbert4rec-content``, ``qbert4rec-pseudo-new-content`` (only when listed): the run of the row
   without the suffix, re-scored with the ranking settings of ``--content-set`` (e.g. the backoff
   rule's content term, ``model.new_item_content``, and its offset); nothing is trained;
+- ``qbert4rec-content-map`` (only when listed): the paper's model with a content map in its item
+  vectors (``model.content_dim`` = ``--content-dim``; docs/method.md, "Content in the item
+  vectors"), fine-tuned with ``finetune.pseudo_new`` = ``--pseudo-new``; ``--content-map-set``
+  overrides apply to this row only (e.g. the ranking rule chosen on valid);
 - ``hybrid``: ``--hybrid-config`` (item-ID embedding and softmax next to semantic IDs);
 - ``sasrec``, ``bert4rec``: our ID-only baselines at their RecBole settings;
 - ``popularity``: training-view item counts (a new item has none);
@@ -261,13 +265,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="override for both Q-BERT4Rec runs")
     ap.add_argument("--models", default="qbert4rec,hybrid,sasrec,bert4rec,popularity,content_knn",
                     help="comma-separated; also qbert4rec-pseudo-new, qbert4rec-transfer (needs --pretrain-sources), "
-                         "qbert4rec-content and qbert4rec-pseudo-new-content (needs --content-set)")
+                         "qbert4rec-content and qbert4rec-pseudo-new-content (needs --content-set), "
+                         "qbert4rec-content-map")
     ap.add_argument("--pretrain-sources", nargs="*", default=[], help="other domains for qbert4rec-transfer")
     ap.add_argument("--reuse-from", type=Path, default=None,
                     help="a run over the same union of catalogues whose stages 1-2 qbert4rec-transfer reuses")
     ap.add_argument("--pseudo-new", type=float, default=0.1, help="finetune.pseudo_new of qbert4rec-pseudo-new")
     ap.add_argument("--pseudo-new-set", dest="pseudo_overrides", action="append", default=[],
                     help="override for the qbert4rec-pseudo-new run only")
+    ap.add_argument("--content-dim", type=int, default=128, help="model.content_dim of qbert4rec-content-map")
+    ap.add_argument("--content-map-set", dest="content_map_overrides", action="append", default=[],
+                    help="override for the qbert4rec-content-map run only")
     ap.add_argument("--content-set", dest="content_overrides", action="append", default=[],
                     help="ranking settings (model.new_item_*) of the *-content rows, which re-score the run of "
                          "the row without the suffix, e.g. model.new_item_content=6")
@@ -304,8 +312,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         content = parse_overrides(args.content_overrides)
+        content_map = cfg.override({"finetune.pseudo_new": args.pseudo_new, "model.content_dim": args.content_dim})
+        if args.content_map_overrides:
+            content_map = content_map.override(parse_overrides(args.content_map_overrides))
     except ConfigError as e:
-        print(f"error: --content-set: {e}", file=sys.stderr)
+        print(f"error: --content-set / --content-map-set / --content-dim: {e}", file=sys.stderr)
         return 2
     not_ranking = [k for k in content if k not in RANKING_KEYS]
     if not_ranking or (any(m.endswith("-content") for m in args.models.split(",")) and not content):
@@ -322,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         "qbert4rec-content": lambda: pipeline_row(cfg.override(content), data, args.runs_dir / "qbert4rec"),
         "qbert4rec-pseudo-new-content": lambda: pipeline_row(pseudo().override(content), data,
                                                              args.runs_dir / "qbert4rec-pseudo-new"),
+        "qbert4rec-content-map": lambda: pipeline_row(content_map, data, args.runs_dir / "qbert4rec-content-map"),
         "hybrid": lambda: pipeline_row(hybrid, data, args.runs_dir / "hybrid"),
         "sasrec": lambda: baseline_row("sasrec", cfg, data, args.runs_dir / "sasrec", args.quick),
         "bert4rec": lambda: baseline_row("bert4rec", cfg, data, args.runs_dir / "bert4rec", args.quick),
@@ -338,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     run_of = {"qbert4rec": ("qbert4rec", cfg), "qbert4rec-content": ("qbert4rec", cfg),
               "qbert4rec-transfer": ("qbert4rec-transfer", transfer), "qbert4rec-pseudo-new": ("qbert4rec-pseudo-new", cfg),
               "qbert4rec-pseudo-new-content": ("qbert4rec-pseudo-new", cfg), "hybrid": ("hybrid", hybrid),
+              "qbert4rec-content-map": ("qbert4rec-content-map", content_map),
               "sasrec": ("sasrec", None), "bert4rec": ("bert4rec", None)}
     try:  # before anything trains: a refusal late in the list would lose the rows before it
         for model in models:

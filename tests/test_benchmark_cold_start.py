@@ -166,3 +166,16 @@ def test_a_baseline_run_of_other_data_is_refused(tmp_path):
         bench._refuse_other_dataset(run, data)
     (run / "checkpoints" / "settings.json").write_text(json.dumps({"data_fingerprint": data.target.fingerprint()}))
     bench._refuse_other_dataset(run, data)
+
+
+def test_the_content_map_row_trains_the_paper_model_with_content_in_its_item_vectors(tmp_path):
+    bench = _bench("cold_start")
+    runs = tmp_path / "runs"
+    assert bench.main(["--quick", "--runs-dir", str(runs), "--models", "qbert4rec-content-map", "--content-dim", "16",
+                       "--pseudo-new", "0.2", "--content-map-set", "model.new_items=backoff"]) == 0
+    rows = json.loads((runs / "cold_start.json").read_text())["rows"]
+    assert [(r["model"], r["slice"], r["stage3_item_table"]) for r in rows] == [
+        ("qbert4rec-content-map", "new", False), ("qbert4rec-content-map", "known", False)]
+    cfg = yaml.safe_load((runs / "qbert4rec-content-map" / "config.yaml").read_text())
+    assert (cfg["model"]["content_dim"], cfg["finetune"]["pseudo_new"], cfg["model"]["new_items"]) == (16, 0.2, "backoff")
+    assert rows[0]["new_items"]["rule"] == "backoff" and rows[0]["test"]["users"] > 0
