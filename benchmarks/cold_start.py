@@ -310,11 +310,23 @@ def main(argv: list[str] | None = None) -> int:
             return out
         return reusing
 
+    def content_map() -> PipelineConfig:
+        """Stages 1-2 from the qbert4rec run when it made them with these settings (pretraining
+        reads content_dim, so it trains here), else trained here."""
+        out = cfg.override({"finetune.pseudo_new": args.pseudo_new, "model.content_dim": args.content_dim})
+        out = out.override(parse_overrides(args.content_map_overrides)) if args.content_map_overrides else out
+        reusing = out.override({"reuse.from_run": str(args.runs_dir / "qbert4rec"),
+                                "reuse.stages": ["fusion", "quantize"]})
+        try:
+            check_reuse(reusing)
+        except ConfigError as e:
+            log.info("qbert4rec-content-map trains every stage: %s", e)
+            return out
+        return reusing
+
     try:
         content = parse_overrides(args.content_overrides)
-        content_map = cfg.override({"finetune.pseudo_new": args.pseudo_new, "model.content_dim": args.content_dim})
-        if args.content_map_overrides:
-            content_map = content_map.override(parse_overrides(args.content_map_overrides))
+        mapped = content_map() if "qbert4rec-content-map" in args.models.split(",") else None
     except ConfigError as e:
         print(f"error: --content-set / --content-map-set / --content-dim: {e}", file=sys.stderr)
         return 2
@@ -333,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         "qbert4rec-content": lambda: pipeline_row(cfg.override(content), data, args.runs_dir / "qbert4rec"),
         "qbert4rec-pseudo-new-content": lambda: pipeline_row(pseudo().override(content), data,
                                                              args.runs_dir / "qbert4rec-pseudo-new"),
-        "qbert4rec-content-map": lambda: pipeline_row(content_map, data, args.runs_dir / "qbert4rec-content-map"),
+        "qbert4rec-content-map": lambda: pipeline_row(mapped, data, args.runs_dir / "qbert4rec-content-map"),
         "hybrid": lambda: pipeline_row(hybrid, data, args.runs_dir / "hybrid"),
         "sasrec": lambda: baseline_row("sasrec", cfg, data, args.runs_dir / "sasrec", args.quick),
         "bert4rec": lambda: baseline_row("bert4rec", cfg, data, args.runs_dir / "bert4rec", args.quick),
@@ -350,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     run_of = {"qbert4rec": ("qbert4rec", cfg), "qbert4rec-content": ("qbert4rec", cfg),
               "qbert4rec-transfer": ("qbert4rec-transfer", transfer), "qbert4rec-pseudo-new": ("qbert4rec-pseudo-new", cfg),
               "qbert4rec-pseudo-new-content": ("qbert4rec-pseudo-new", cfg), "hybrid": ("hybrid", hybrid),
-              "qbert4rec-content-map": ("qbert4rec-content-map", content_map),
+              "qbert4rec-content-map": ("qbert4rec-content-map", mapped),
               "sasrec": ("sasrec", None), "bert4rec": ("bert4rec", None)}
     try:  # before anything trains: a refusal late in the list would lose the rows before it
         for model in models:

@@ -24,11 +24,13 @@ the paper; history excluded), the standard deviations, the per-seed numbers, the
 git commit.
 
 Each finished seed is also kept in ``benchmarks/results/table2_seeds.json`` (its numbers, the
-settings compared, the data fingerprints, git commit, machine and date), so a row can be completed
-across machines and sessions whose runs directories are gone: a seed with no finished run is read
-from its record when the settings and the data are the same, and only trained when neither exists.
-``--collect`` trains nothing: it writes the records of the finished runs it finds, and the row
-when every seed has a run or a record.
+settings compared, ranking ones included, the data fingerprints, git commit, machine, device,
+precision and date), so a row can be completed across machines and sessions whose runs
+directories are gone: a seed with no finished run is read from its record when the settings and
+the data are the same, and only trained when neither exists (``--ignore-records``: train it).
+Records of other settings stay beside it. ``--collect`` trains nothing: it writes the records of
+the finished runs it finds, and the row when every seed has a run or a record (exit status 3
+when some seed has neither).
 
 ``--all-rows`` runs a domain's four rows one after the other: the paper's model (``--config``),
 the hybrid (``--hybrid-config``, default ``--config`` with item IDs), SASRec and BERT4Rec, each
@@ -41,6 +43,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import sys
@@ -87,7 +90,9 @@ def run_record(run: Path, metrics: dict[str, Any], baseline: bool) -> dict[str, 
     info = metrics if baseline else json.loads((run / "summary.json").read_text())
     data = info.get("data", {})
     timing = metrics["timing"]["train_seconds"] if baseline else info.get("timings", {}).get("total")
+    precision = (metrics.get("config") or {}).get("precision") if baseline else info.get("precision")
     return {"git_commit": info.get("git_commit"), "machine": info.get("machine"), "seconds": timing,
+            "device": info.get("device"), "precision": precision,
             "data": {"target": data.get("fingerprint"),
                      "pretrain_sources": [d["fingerprint"] for d in data.get("pretrain_sources", [])]},
             "run": str(run), "started_utc": info.get("started_utc"),
@@ -107,10 +112,15 @@ def read_seed_records(path: Path) -> list[dict[str, Any]]:
     return json.loads(path.read_text())["records"] if path.is_file() else []
 
 
+def _settings_key(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(_plain(settings), sort_keys=True).encode()).hexdigest()[:16]
+
+
 def save_seed_record(path: Path, record: dict[str, Any]) -> None:
-    """Add ``record`` to ``path``, replacing the one of the same dataset, model and seed (a record
-    of the same run is kept as it is: reading a finished run again changes nothing)."""
-    key = lambda r: (r["dataset"], r["model"], r["seed"])  # noqa: E731
+    """Add ``record`` to ``path``, replacing the one of the same dataset, model, seed and settings
+    (a record of the same run is kept as it is: reading a finished run again changes nothing);
+    records of other settings stay."""
+    key = lambda r: (r["dataset"], r["model"], r["seed"], _settings_key(r["settings"]))  # noqa: E731
     same_run = lambda r: {k: v for k, v in r.items() if k not in ("command", "date")}  # noqa: E731
     with _locked(path):
         old = read_seed_records(path)
@@ -173,18 +183,22 @@ def _all_rows(args: argparse.Namespace) -> int:
     common = ["--runs-dir", str(args.runs_dir), "--seeds", *map(str, args.seeds),
               *(["--dataset-name", args.dataset_name] if args.dataset_name else []),
               *[a for o in args.overrides for a in ("--set", o)], *(["--quick"] if args.quick else []),
-              *(["--threads", str(args.threads)] if args.threads else []), *(["--collect"] if args.collect else [])]
+              *(["--threads", str(args.threads)] if args.threads else []), *(["--collect"] if args.collect else []),
+              *(["--ignore-records"] if args.ignore_records else [])]
     config = ["--config", str(args.config)] if args.config else []
     hybrid = ["--config", str(args.hybrid_config)] if args.hybrid_config else \
         [*config, *[a for k, v in HYBRID_OVERRIDES.items() for a in ("--set", f"{k}={v}")]]
     rows = [[*config, "--model", "qbert4rec"], [*hybrid, "--model", "hybrid"],
             [*config, "--baseline", "sasrec"], [*config, "--baseline", "bert4rec"]]
+    missing = 0
     for row in rows:
         log.info("row: %s", " ".join(row))
         rc = main([*row, *common])
-        if rc:
+        if rc == 3 and args.collect:  # a row not complete yet: the others are still collected
+            missing = 3
+        elif rc:
             return rc
-    return 0
+    return missing
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--collect", action="store_true",
                     help="train nothing: record the finished runs, write the row if every seed has a run or record")
+    ap.add_argument("--ignore-records", action="store_true",
+                    help="train a seed with no finished run even when table2_seeds.json has its record")
     ap.add_argument("--all-rows", action="store_true",
                     help="the paper's model, the hybrid, SASRec and BERT4Rec, one after the other")
     ap.add_argument("--hybrid-config", type=Path, default=None,
@@ -237,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     def data_now() -> dict[str, Any]:  # the data this command reads, fingerprinted once and only if needed
         if not fingerprints:
             d = data or load_data(base)
-            fingerprints.update(target=d.target.fingerprint(), pretrain_sources=[x.fingerprint() for x in d.sources])
+            fingerprints.update(target=d.target.fingerprint(),  # a baseline trains on the target alone
+                                pretrain_sources=[] if args.baseline else [x.fingerprint() for x in d.sources])
         return fingerprints
 
     per_seed, missing = [], []
@@ -250,10 +267,10 @@ def main(argv: list[str] | None = None) -> int:
             metrics = _finished_baseline(run, bcfg.resolved())
         else:
             cfg = base.override({"seed": seed})
-            settings = comparable_settings(cfg)
+            settings = comparable_settings(cfg, ranking=True)  # test ranks depend on the ranking settings
             metrics = finished_test_run(run, cfg)
         record = None
-        if metrics is None:
+        if metrics is None and not args.ignore_records:
             record = find_seed_record(read_seed_records(records_path), name, model, seed, settings)
             if record is not None and record["data"] != data_now():
                 log.warning("%s, seed %d: the record in %s was made on other data; not used", model, seed,
@@ -280,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"no finished run or record for seeds {' '.join(map(str, missing))} of {name}/{model} "
               f"(without --collect they are trained); the row was not written", file=sys.stderr)
-        return 0
+        return 3
     row = {"dataset": name, "model": model, "stage3_item_table": item_table, "seeds": list(args.seeds),
            **aggregate(per_seed), "per_seed": per_seed,
            **benchmark_meta("benchmarks/table2.py", argv, REPO)}

@@ -105,15 +105,28 @@ def _seed_records_outlive_their_runs(bench, runs, rows, capsys):
 
     capsys.readouterr()
     before = (runs / "table2.json").read_text()
-    # other settings: no record applies; --collect trains nothing and leaves the row alone
-    assert bench.main(["--quick", "--runs-dir", str(runs), "--seeds", "1", "2", "--collect",
-                       "--set", "finetune.epochs=2"]) == 0
-    assert "no finished run or record for seeds 1 2 of synthetic/qbert4rec" in capsys.readouterr().err
-    assert (runs / "table2.json").read_text() == before and not (runs / "synthetic").exists()
+    # other settings, a ranking-only one included: no record applies; --collect trains nothing,
+    # leaves the row alone and says so in its exit status
+    for other in ("finetune.epochs=2", "model.new_items=backoff"):
+        assert bench.main(["--quick", "--runs-dir", str(runs), "--seeds", "1", "2", "--collect",
+                           "--set", other]) == 3
+        assert "no finished run or record for seeds 1 2 of synthetic/qbert4rec" in capsys.readouterr().err
+        assert (runs / "table2.json").read_text() == before and not (runs / "synthetic").exists()
+    assert records_path.read_bytes() == saved
+    # a run of other settings adds its record beside the others, which stay usable
+    assert bench.main(["--quick", "--runs-dir", str(runs), "--seeds", "1", "--set", "finetune.epochs=2"]) == 0
+    records = json.loads(records_path.read_text())["records"]
+    assert sorted((r["model"], r["seed"], r["settings"].get("finetune.epochs")) for r in records) == [
+        ("qbert4rec", 1, 2), ("qbert4rec", 1, 3), ("qbert4rec", 2, 3), ("sasrec", 1, None)]
+    shutil.rmtree(runs / "synthetic")
+    assert bench.main(["--quick", "--runs-dir", str(runs), "--seeds", "1", "2", "--collect"]) == 0
+    again = {r["model"]: r for r in json.loads((runs / "table2.json").read_text())["rows"]}
+    assert again["qbert4rec"]["test"] == rows[0]["test"]
+    records_path.write_bytes(saved)
     # a record made on other data is not used
     tampered = json.loads(records_path.read_text())
     tampered["records"][1]["data"]["target"] = "0" * 16
     records_path.write_text(json.dumps(tampered))
-    assert bench.main(["--quick", "--runs-dir", str(runs), "--seeds", "1", "2", "--collect"]) == 0
+    assert bench.main(["--quick", "--runs-dir", str(runs), "--seeds", "1", "2", "--collect"]) == 3
     assert "no finished run or record for seeds 2 of synthetic/qbert4rec" in capsys.readouterr().err
     records_path.write_bytes(saved)

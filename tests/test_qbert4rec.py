@@ -699,3 +699,10 @@ def test_the_content_map_starts_at_zero_is_shared_and_needs_the_content():
         QBert4Rec(codes, **kw, content_dim=4, head="levels")
     with pytest.raises(ValueError, match="content_dim"):
         SeqRecConfig(content_dim=8, head="levels")
+    with pytest.raises(ValueError, match="content_dim"):  # the item-ID head, not the catalogue head, is trained
+        SeqRecConfig(content_dim=8, item_id="input_and_head")
+    from qbert.config import ConfigError
+    from qbert.pipeline import quickstart_config
+
+    with pytest.raises((ConfigError, ValueError), match="content_dim"):  # no content to read
+        quickstart_config().override({"data.modalities": ["id"], "model.content_dim": 8})

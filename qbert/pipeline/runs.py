@@ -28,8 +28,9 @@ from qbert.utils.runtime import git_commit, seed_everything
 log = logging.getLogger(__name__)
 
 # where a stage ran, not what it computed; and settings only ranking reads (no stage output depends on them)
-_RUNTIME_KEYS = {"device", "progress", "code_score_weight", "new_items", "new_item_weight", "new_item_offset",
-                 "new_item_content"}
+_WHERE_KEYS = {"device", "progress"}
+_RUNTIME_KEYS = _WHERE_KEYS | {"code_score_weight", "new_items", "new_item_weight", "new_item_offset",
+                              "new_item_content"}
 # settings added after run directories existed: they enter a stage's hash only when set to another
 # value than their default, so those directories keep their hashes (stay resumable and reusable)
 _HASHED_WHEN_SET = {"finetune.pseudo_new", "pretrain.num_negatives", "finetune.num_negatives", "model.content_dim"}
@@ -133,19 +134,28 @@ def config_differences(path: Path, cfg: PipelineConfig, ignore_reuse: bool = Fal
     return sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
 
 
-def comparable_settings(cfg: PipelineConfig, ignore_reuse: bool = True) -> dict[str, Any]:
+def comparable_settings(cfg: PipelineConfig, ignore_reuse: bool = True, ranking: bool = False) -> dict[str, Any]:
     """``cfg`` as dotted keys, without the settings of where a run executes and ranking-only ones
-    (what :func:`config_differences` compares; ``ignore_reuse``: also without ``reuse.*``)."""
+    (what :func:`config_differences` compares; ``ignore_reuse``: also without ``reuse.*``;
+    ``ranking``: with the ranking-only ones, which the run's scores depend on)."""
     skipped = ("resources.", "reuse.") if ignore_reuse else ("resources.",)
+    drop = _WHERE_KEYS if ranking else _RUNTIME_KEYS
     return {k: v for k, v in flatten_dict(cfg.to_dict()).items()
-            if k.split(".")[-1] not in _RUNTIME_KEYS and not k.startswith(skipped)}
+            if k.split(".")[-1] not in drop and not k.startswith(skipped)}
 
 
 def finished_test_run(run_dir: str | Path, cfg: PipelineConfig) -> dict[str, Any] | None:
-    """``metrics.json`` of a finished run in ``run_dir`` made with ``cfg``'s settings and with test
-    scored, else None (benchmarks read such a run instead of training it again)."""
+    """``metrics.json`` of a finished run in ``run_dir`` made with ``cfg``'s settings, ranking ones
+    included (its scores depend on them), and with test scored, else None (benchmarks read such a
+    run instead of training it again)."""
     run = Path(run_dir)
-    if not (run / "metrics.json").is_file() or config_differences(run / "config.yaml", cfg, ignore_reuse=True) != []:
+    if not (run / "metrics.json").is_file() or not (run / "config.yaml").is_file():
+        return None
+    try:
+        theirs = comparable_settings(PipelineConfig.from_yaml(run / "config.yaml"), ranking=True)
+    except ConfigError:
+        return None
+    if theirs != comparable_settings(cfg, ranking=True):
         return None
     metrics = json.loads((run / "metrics.json").read_text())
     return metrics if metrics.get("test") else None
@@ -289,7 +299,7 @@ def _load_run(run_dir: str | Path, device: str | torch.device = "cpu"):
     model = build_model(cfg.model, codes, cfg.quantize.sizes, cfg.data.max_len)
     model.load_state_dict(payload["model"])
     model.code_score_weight = float(payload.get("code_score_weight", cfg.model.code_score_weight))  # chosen on valid
-    if model.uses_content:  # the backoff rule's content term: the run's stored vectors, else the dataset's
+    if model.uses_content:  # content terms (content_dim, backoff rule): the run's stored vectors, else the dataset's
         model.set_item_content(run_content(run_dir, cfg, model.num_items))
     rest = {k: v for k, v in payload.items() if k != "model"}
     rest["records_trained_items"] = "trained_items" in payload["model"]

@@ -103,8 +103,9 @@ class QBert4Rec(nn.Module):
         lengths = list(range(2, self.K)) if prefix_lengths is None else sorted(set(prefix_lengths))
         if any(not 2 <= n <= self.K for n in lengths):
             raise ValueError(f"prefix_lengths must lie in [2, {self.K}] (length 1 is the level-1 code), got {prefix_lengths}")
-        if content_dim < 0 or (content_dim and head != "catalogue"):
-            raise ValueError(f"content_dim must be >= 0 and needs head='catalogue', got {content_dim}, {head!r}")
+        if content_dim < 0 or (content_dim and (head != "catalogue" or item_id == "input_and_head")):
+            raise ValueError(f"content_dim must be >= 0 and needs head='catalogue' without the item-ID head, got "
+                             f"{content_dim}, {head!r}, {item_id!r}")
         if prefix_buckets < 1:
             raise ValueError(f"prefix_buckets must be >= 1, got {prefix_buckets}")
         self.id_head = item_id == "input_and_head"

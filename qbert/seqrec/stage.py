@@ -76,9 +76,9 @@ class SeqRecConfig(Config):
 
     @model_validator(mode="after")
     def _content_term(self) -> "SeqRecConfig":
-        if self.content_dim and self.head != "catalogue":
+        if self.content_dim and (self.head != "catalogue" or self.item_id == "input_and_head"):
             raise ValueError(f"content_dim ({self.content_dim}) adds to the catalogue head's item vectors: it needs "
-                             f"head: catalogue (got {self.head})")
+                             f"head: catalogue and no item-ID head (got head {self.head}, item_id {self.item_id})")
         if self.new_item_content > 0 and (self.new_items != "backoff" or self.item_id != "none"
                                           or self.head != "catalogue"):
             raise ValueError(f"new_item_content ({self.new_item_content}) is a term of the backoff rule: it needs "
