@@ -70,6 +70,15 @@ def test_all_rows_of_a_domain_in_one_command(tmp_path, capsys):
     assert bench.main(argv) == 0 and _mtimes(runs) == before
     again = {r["model"]: r for r in json.loads((runs / "table2.json").read_text())["rows"]}
     assert again["hybrid"]["test"] == hybrid["test"] and again["hybrid"]["command"] == hybrid["command"]
+    # --collect over the four rows: complete from the runs; an empty runs directory (and no records
+    # there) trains nothing, goes through every row and says that rows are missing
+    assert bench.main(["--quick", "--runs-dir", str(runs), "--seeds", "1", "--all-rows", "--collect"]) == 0
+    assert _mtimes(runs) == before
+    empty = tmp_path / "empty"
+    capsys.readouterr()
+    assert bench.main(["--quick", "--runs-dir", str(empty), "--seeds", "1", "--all-rows", "--collect"]) == 3
+    assert capsys.readouterr().err.count("no finished run or record for seeds 1") == 4
+    assert not (empty / "synthetic").exists() and not (empty / "table2.json").exists()
     capsys.readouterr()
     assert bench.main(["--quick", "--runs-dir", str(runs), "--all-rows", "--baseline", "sasrec"]) == 2
     assert capsys.readouterr().err.startswith("error: --all-rows names its rows itself")
