@@ -103,6 +103,11 @@ def _seed_records_outlive_their_runs(bench, runs, rows, capsys):
     assert bench.main(["--quick", "--runs-dir", str(runs), "--seeds", "1", "2"]) == 0
     assert records_path.read_bytes() == saved  # reading finished runs again leaves their records as they were
 
+    # a finished run scored with other ranking settings is not this row's run either
+    assert bench.main(["--quick", "--runs-dir", str(runs), "--seeds", "1", "2", "--collect",
+                       "--set", "model.new_items=backoff"]) == 3
+    assert records_path.read_bytes() == saved
+
     shutil.rmtree(runs / "synthetic")  # the runs are gone (a new machine); the records stay
     (runs / "table2.json").unlink()
     assert bench.main(["--quick", "--runs-dir", str(runs), "--seeds", "1", "2", "--collect"]) == 0
