@@ -43,6 +43,13 @@ class _CommitGate:
 
     def __init__(self) -> None:
         self.open, self.active = True, 0
+        self.actors: list[Any] = []  # the encoder actors, so a failed run can stop them (_stop_actors)
+
+    def register(self, actor: Any) -> None:
+        self.actors.append(actor)
+
+    def registered(self) -> list[Any]:
+        return list(self.actors)
 
     def enter(self) -> bool:
         if self.open:
@@ -96,6 +103,9 @@ class _EncodeActor:
     """Stateful ``map_batches`` callable: the encoder is built once per actor."""
 
     def __init__(self, cfg: dict[str, Any], modality: str, endpoint: str | None, gate: Any):
+        import ray
+
+        gate.register.remote(ray.get_runtime_context().current_actor)
         self.committer = BatchCommitter(FeatureConfig.from_dict(cfg), modality, "auto", endpoint,
                                         guard=lambda: _gated(gate))
 
@@ -174,7 +184,7 @@ def extract_modality(cfg: FeatureConfig, modality: str) -> dict[str, Any]:
     except BaseException as e:  # a failed batch, a timeout, Ctrl-C: the writes already begun finish first
         open_writes = _settle(gate, SETTLE_TIMEOUT_S)
         _release(rows)  # the actor pool holds its CPUs until its executor shuts down: a resume in this
-        # Ray session would otherwise wait for them forever on a small node
+        _stop_actors(gate)  # Ray session would otherwise wait for them forever on a small node
         if open_writes:
             log.warning("%s: %d batch write(s) did not finish within %ss of the failure; a re-run checks "
                         "what was committed", modality, open_writes, SETTLE_TIMEOUT_S)
@@ -202,6 +212,19 @@ def extract_modality(cfg: FeatureConfig, modality: str) -> dict[str, Any]:
     log.info("%s: encoded %d items in %.1fs (%.1f items/s, %d actor(s)); %d skipped as done",
              modality, report["encoded"], report["seconds"], report["items_per_s"], actors, report["skipped_done"])
     return report
+
+
+def _stop_actors(gate: Any) -> None:
+    """Kill the encoder actors of a failed run. Closing its row iterator does not always shut the
+    actor pool down at once (its executor can outlive the iterator until garbage collection), and
+    while the pool holds its CPUs a resume in the same Ray session waits for them forever on a
+    small node. Never raises (another exception is propagating)."""
+    import ray
+
+    with contextlib.suppress(Exception):
+        for actor in ray.get(gate.registered.remote(), timeout=30):
+            with contextlib.suppress(Exception):
+                ray.kill(actor, no_restart=True)
 
 
 def _release(rows: Any) -> None:
