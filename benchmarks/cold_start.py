@@ -130,6 +130,21 @@ def _finished(run: Path, cfg_dict: dict[str, Any]) -> dict[str, Any] | None:
     return json.loads((run / "metrics.json").read_text())
 
 
+def _reusing_qbert4rec(cfg: PipelineConfig, settings: dict[str, Any], overrides: list[str], runs_dir: Path,
+                       stages: list[str], row: str) -> PipelineConfig:
+    """``cfg`` with a row's ``settings`` and ``overrides``, reusing ``stages`` of the qbert4rec run in
+    ``runs_dir`` when it made them with the same settings (else every stage trains)."""
+    out = cfg.override(settings)
+    out = out.override(parse_overrides(overrides)) if overrides else out
+    reusing = out.override({"reuse.from_run": str(runs_dir / "qbert4rec"), "reuse.stages": stages})
+    try:
+        check_reuse(reusing)
+    except ConfigError as e:
+        log.info("%s trains every stage: %s", row, e)
+        return out
+    return reusing
+
+
 def pipeline_row(cfg: PipelineConfig, data, run: Path) -> dict[str, Any]:
     """Train the run unless ``run`` holds one of these settings (whether it scored test or not), then
     score valid and test from its ``model.pt`` with ``cfg``'s ranking settings (``model.new_items``...),
@@ -299,30 +314,15 @@ def main(argv: list[str] | None = None) -> int:
     def pseudo() -> PipelineConfig:
         """Stages 1-3 from the qbert4rec run when it made them with these settings (they do not read
         pseudo_new), else trained here."""
-        out = cfg.override({"finetune.pseudo_new": args.pseudo_new})
-        out = out.override(parse_overrides(args.pseudo_overrides)) if args.pseudo_overrides else out
-        reusing = out.override({"reuse.from_run": str(args.runs_dir / "qbert4rec"),
-                                "reuse.stages": ["fusion", "quantize", "pretrain"]})
-        try:
-            check_reuse(reusing)
-        except ConfigError as e:
-            log.info("qbert4rec-pseudo-new trains every stage: %s", e)
-            return out
-        return reusing
+        return _reusing_qbert4rec(cfg, {"finetune.pseudo_new": args.pseudo_new}, args.pseudo_overrides,
+                                  args.runs_dir, ["fusion", "quantize", "pretrain"], "qbert4rec-pseudo-new")
 
     def content_map() -> PipelineConfig:
         """Stages 1-2 from the qbert4rec run when it made them with these settings (pretraining
         reads content_dim, so it trains here), else trained here."""
-        out = cfg.override({"finetune.pseudo_new": args.pseudo_new, "model.content_dim": args.content_dim})
-        out = out.override(parse_overrides(args.content_map_overrides)) if args.content_map_overrides else out
-        reusing = out.override({"reuse.from_run": str(args.runs_dir / "qbert4rec"),
-                                "reuse.stages": ["fusion", "quantize"]})
-        try:
-            check_reuse(reusing)
-        except ConfigError as e:
-            log.info("qbert4rec-content-map trains every stage: %s", e)
-            return out
-        return reusing
+        return _reusing_qbert4rec(cfg, {"finetune.pseudo_new": args.pseudo_new, "model.content_dim": args.content_dim},
+                                  args.content_map_overrides, args.runs_dir, ["fusion", "quantize"],
+                                  "qbert4rec-content-map")
 
     try:
         content = parse_overrides(args.content_overrides)
