@@ -24,6 +24,10 @@ whether their test target is new. Rows, each under both ranking protocols:
 - ``qbert4rec-content``, ``qbert4rec-pseudo-new-content`` (only when listed): the run of the row
   without the suffix, re-scored with the ranking settings of ``--content-set`` (e.g. the backoff
   rule's content term, ``model.new_item_content``, and its offset); nothing is trained;
+- ``qbert4rec-mixture`` (only when listed): the ``qbert4rec`` run re-scored with the mixture rule
+  (``model.new_items: mixture``; docs/method.md): P(next is new) and the content softmax's
+  temperature fitted on that run's valid targets by likelihood (``qbert.seqrec.new_items``);
+  nothing is trained;
 - ``qbert4rec-content-map`` (only when listed): the paper's model with a content map in its item
   vectors (``model.content_dim`` = ``--content-dim``; docs/method.md, "Content in the item
   vectors"), fine-tuned with ``finetune.pseudo_new`` = ``--pseudo-new``; ``--content-map-set``
@@ -72,14 +76,15 @@ from qbert.eval.report import cold_start_report  # noqa: E402
 from qbert.pipeline import (HYBRID_OVERRIDES, PipelineConfig, config_differences, load_data,  # noqa: E402
                             quickstart_config, run_pipeline)
 from qbert.pipeline.data import target_content  # noqa: E402
-from qbert.pipeline.runs import check_reuse, rescoring_model  # noqa: E402
+from qbert.pipeline.runs import NEW_ITEM_KEYS, check_reuse, rescoring_model, run_content  # noqa: E402
 from qbert.utils.runtime import pick_device  # noqa: E402
+from qbert.seqrec.new_items import fit_mixture  # noqa: E402
 from qbert.seqrec.stage import split_ranks  # noqa: E402
 from qbert.pipeline.data import target_split  # noqa: E402
 from qbert.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
 from qbert.utils.runtime import benchmark_meta  # noqa: E402
 
-RANKING_KEYS = ("model.new_items", "model.new_item_weight", "model.new_item_offset", "model.new_item_content")
+RANKING_KEYS = tuple(f"model.{k}" for k in NEW_ITEM_KEYS)
 log = logging.getLogger("bench.cold_start")
 DEFAULT_OUT = REPO / "benchmarks" / "results"
 METRICS = ("HR@10", "NDCG@10")
@@ -145,17 +150,25 @@ def _reusing_qbert4rec(cfg: PipelineConfig, settings: dict[str, Any], overrides:
     return reusing
 
 
-def pipeline_row(cfg: PipelineConfig, data, run: Path) -> dict[str, Any]:
+def pipeline_row(cfg: PipelineConfig, data, run: Path, fit: bool = False) -> dict[str, Any]:
     """Train the run unless ``run`` holds one of these settings (whether it scored test or not), then
     score valid and test from its ``model.pt`` with ``cfg``'s ranking settings (``model.new_items``...),
     on the run's device and at its fine-tuning precision (as the run scored itself). ``main`` has
-    refused a ``run`` of other data before anything trained."""
+    refused a ``run`` of other data before anything trained. ``fit``: score with the mixture rule,
+    pi and tau fitted on valid (``fit_mixture``), instead of ``cfg``'s rule (which trains the run)."""
     diffs = config_differences(run / "config.yaml", cfg, ignore_reuse=True) if (run / "model.pt").is_file() else None
     if diffs is None or [k for k in diffs if k != "eval.test"]:
         run_pipeline(cfg, run, overwrite=True)
     device = pick_device(cfg.device)
     split = target_split(cfg, data)
     model = rescoring_model(run, cfg, split, device, data)
+    fitted = None
+    if fit:
+        if model.item_content is None:
+            model.set_item_content(run_content(run, cfg, model.num_items, data))
+        fitted = fit_mixture(model, split, "valid", cfg.eval.batch_size)
+        model.new_items, model.new_item_share, model.new_item_temperature = "mixture", fitted.share, fitted.temperature
+        log.info("mixture rule fitted on valid: %s", fitted)
     with torch.no_grad():
         ranks = {w: split_ranks(model, split, w, cfg.eval.batch_size, device, ("kept", "excluded"),
                                 cfg.finetune.precision) for w in ("valid", "test")}
@@ -164,6 +177,9 @@ def pipeline_row(cfg: PipelineConfig, data, run: Path) -> dict[str, Any]:
             "concentration": _concentration(split, {w: r["kept"] for w, r in ranks.items()}),
             "new_items": {"rule": model.new_items, "weight": model.new_item_weight, "offset": model.new_item_offset,
                           "content": model.new_item_content,
+                          **({"share": model.new_item_share, "temperature": model.new_item_temperature}
+                             if model.new_items == "mixture" else {}),
+                          **({"fit": vars(fitted)} if fitted is not None else {}),
                           "untrained": int((~model.trained_items).sum())} if model.item_id == "none" else None}
 
 
@@ -280,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="override for both Q-BERT4Rec runs")
     ap.add_argument("--models", default="qbert4rec,hybrid,sasrec,bert4rec,popularity,content_knn",
                     help="comma-separated; also qbert4rec-pseudo-new, qbert4rec-transfer (needs --pretrain-sources), "
-                         "qbert4rec-content and qbert4rec-pseudo-new-content (needs --content-set), "
+                         "qbert4rec-content and qbert4rec-pseudo-new-content (needs --content-set), qbert4rec-mixture, "
                          "qbert4rec-content-map")
     ap.add_argument("--pretrain-sources", nargs="*", default=[], help="other domains for qbert4rec-transfer")
     ap.add_argument("--reuse-from", type=Path, default=None,
@@ -335,6 +351,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --content-set: {'; '.join(not_ranking) + ' would retrain' if not_ranking else 'missing'}"
               f" (the content rows re-score a finished run: set only {', '.join(RANKING_KEYS)})", file=sys.stderr)
         return 2
+    if "qbert4rec-mixture" in args.models.split(",") and (
+            cfg.model.item_id != "none" or cfg.model.head != "catalogue" or not cfg.fusion.feature_modalities):
+        print("error: --models qbert4rec-mixture: the mixture rule needs the paper's model (model.item_id: none, "
+              "model.head: catalogue) with a text or image modality (data.modalities)", file=sys.stderr)
+        return 2
     data = load_data(cfg)
     name = args.dataset_name or (Path(cfg.data.source).name if cfg.data.source != "synthetic" else "synthetic")
     makers = {
@@ -345,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         "qbert4rec-content": lambda: pipeline_row(cfg.override(content), data, args.runs_dir / "qbert4rec"),
         "qbert4rec-pseudo-new-content": lambda: pipeline_row(pseudo().override(content), data,
                                                              args.runs_dir / "qbert4rec-pseudo-new"),
+        "qbert4rec-mixture": lambda: pipeline_row(cfg, data, args.runs_dir / "qbert4rec", fit=True),
         "qbert4rec-content-map": lambda: pipeline_row(mapped, data, args.runs_dir / "qbert4rec-content-map"),
         "hybrid": lambda: pipeline_row(hybrid, data, args.runs_dir / "hybrid"),
         "sasrec": lambda: baseline_row("sasrec", cfg, data, args.runs_dir / "sasrec", args.quick),
@@ -360,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
               if unknown else "qbert4rec-transfer needs --pretrain-sources"), file=sys.stderr)
         return 2
     run_of = {"qbert4rec": ("qbert4rec", cfg), "qbert4rec-content": ("qbert4rec", cfg),
+              "qbert4rec-mixture": ("qbert4rec", cfg),
               "qbert4rec-transfer": ("qbert4rec-transfer", transfer), "qbert4rec-pseudo-new": ("qbert4rec-pseudo-new", cfg),
               "qbert4rec-pseudo-new-content": ("qbert4rec-pseudo-new", cfg), "hybrid": ("hybrid", hybrid),
               "qbert4rec-content-map": ("qbert4rec-content-map", mapped),

@@ -9,7 +9,10 @@ constant logit offset for those items would trade, and the choice of ``model.new
 valid targets are ranked with ``score + delta`` on the items fine-tuning did not train (the paper's
 rule at delta 0). Rows ``rule: backoff``: every pair of ``--backoff-weights`` x ``--backoff-offsets``
 (``QBert4Rec.new_item_scores``), each with every ``--backoff-contents`` weight of the content term
-(``model.new_item_content``; default 0: none). Each row reports the new / known slices, with the median rank of
+(``model.new_item_content``; default 0: none). ``--mixture``: rows ``rule: mixture``
+(``model.new_items: mixture``, ``QBert4Rec.mixture_scores``) with pi and tau fitted on valid by
+likelihood (``qbert.seqrec.new_items.fit_mixture``), then each of ``--mixture-scales`` times the
+fitted pi (sensitivity; 1 = the fit). Each row reports the new / known slices, with the median rank of
 the new targets (content signal: random would be N / 2). Valid is scored as the run scores it (its
 device, batch size, fine-tuning precision and record of trained items). Test is never scored. Writes
 ``benchmarks/results/new_item_offset.{json,md}``.
@@ -31,6 +34,7 @@ from qbert.eval.metrics import target_concentration  # noqa: E402
 from qbert.pipeline import PipelineConfig, load_data  # noqa: E402
 from qbert.pipeline.data import target_split  # noqa: E402
 from qbert.pipeline.runs import rescoring_model, run_content  # noqa: E402
+from qbert.seqrec.new_items import fit_mixture  # noqa: E402
 from qbert.seqrec.stage import split_ranks  # noqa: E402
 from qbert.utils.runtime import pick_device  # noqa: E402
 from qbert.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
@@ -58,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backoff-weights", type=float, nargs="*", default=[])
     ap.add_argument("--backoff-offsets", type=float, nargs="*", default=[])
     ap.add_argument("--backoff-contents", type=float, nargs="*", default=[0.0])
+    ap.add_argument("--mixture", action="store_true", help="fit the mixture rule's pi and tau on valid")
+    ap.add_argument("--mixture-scales", type=float, nargs="*", default=[1.0],
+                    help="rows with the fitted pi times each of these (clipped below 1)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results")
     args = ap.parse_args(argv)
@@ -71,17 +78,25 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = pick_device(cfg.device)
     model = rescoring_model(args.run, cfg, split, device)  # the items fine-tuning trained, as it recorded them
-    if any(args.backoff_contents):
+    if any(args.backoff_contents) or args.mixture:
         model.set_item_content(run_content(args.run, cfg, model.num_items, data))
+    fit = fit_mixture(model, split, "valid", cfg.eval.batch_size) if args.mixture else None
+    if fit is not None:
+        print(f"mixture fitted on valid: {fit}")
     new = np.isin(split.targets("valid"), split.withheld)
     rows = []
     # own + delta: the item's own score shifted by delta = the backoff rule with all weight on the own score
     settings = [("own", 1.0, delta, 0.0) for delta in args.deltas]
     settings += [("backoff", w, off, c) for w in args.backoff_weights for c in args.backoff_contents
                  for off in args.backoff_offsets]
+    settings += [("mixture", min(fit.share * scale, 0.999), fit.temperature, 0.0)
+                 for scale in args.mixture_scales] if fit is not None else []
     for rule, weight, offset, content in settings:
-        model.new_items, model.new_item_weight, model.new_item_offset = "backoff", weight, offset
-        model.new_item_content = content
+        if rule == "mixture":  # weight: pi, offset: tau
+            model.new_items, model.new_item_share, model.new_item_temperature = "mixture", weight, offset
+        else:
+            model.new_items, model.new_item_weight, model.new_item_offset = "backoff", weight, offset
+            model.new_item_content = content
         with torch.no_grad():  # as the run scores valid: its device, batch size and fine-tuning precision
             ranks = split_ranks(model, split, "valid", cfg.eval.batch_size, device, ("kept",),
                                 cfg.finetune.precision)["kept"].numpy()
@@ -89,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                      "new": {**_metrics(ranks[new]), **_item_macro(ranks, split)},
                      "known": _metrics(ranks[~new]), "all": _metrics(ranks)})
         print(rows[-1])
-    md = ["| rule | weight of own score | offset | content weight | new HR@10 | new NDCG@10 | new median rank | "
+    md = ["| rule | weight of own score (mixture: pi) | offset (mixture: tau) | content weight | new HR@10 | new NDCG@10 | new median rank | "
           "new item-macro HR@10 | new item-macro NDCG@10 | known HR@10 | known NDCG@10 | all NDCG@10 |",
           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     md += [f"| {r['rule']} | {'' if r['weight'] is None else format(r['weight'], 'g')} | {r['delta']:g} | "
@@ -99,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     md.append(f"\nValid only; {split.num_items} items, {int(new.sum())} users whose valid target is new. "
               "Run: " + str(args.run))
     result = {"rows": rows, "split": "valid", "run": str(args.run), "num_items": split.num_items,
+              **({"mixture_fit": vars(fit) | {"overrides": fit.overrides()}} if fit is not None else {}),
               **benchmark_meta("benchmarks/new_item_offset.py", argv, REPO)}
     atomic_write_json(args.out_dir / "new_item_offset.json", result)
     atomic_write_text(args.out_dir / "new_item_offset.md", "\n".join(md) + "\n")

@@ -132,10 +132,18 @@ def save_seed_record(path: Path, record: dict[str, Any]) -> None:
 
 
 def find_seed_record(records: list[dict[str, Any]], dataset: str, model: str, seed: int,
-                     settings: dict[str, Any]) -> dict[str, Any] | None:
-    """The record of this row's seed made with the same settings, else None."""
+                     settings: dict[str, Any], defaults: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The record of this row's seed made with the same settings, else None. A setting the record
+    lacks matches when ``settings`` has it at its value in ``defaults`` (a setting added to the code
+    after the record was made, left at the default that reproduces the code of then)."""
+    mine = _plain(settings)
+    base = _plain(defaults or {})
+
+    def same(theirs: dict[str, Any]) -> bool:
+        return theirs == {k: v for k, v in mine.items() if k in theirs or k not in base or v != base[k]}
+
     return next((r for r in records if (r["dataset"], r["model"], r["seed"]) == (dataset, model, seed)
-                 and r["settings"] == _plain(settings)), None)
+                 and same(r["settings"])), None)
 
 
 def seed_result(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -264,14 +272,16 @@ def main(argv: list[str] | None = None) -> int:
             bcfg = BaselineConfig(model=args.baseline, max_len=base.data.max_len, seed=seed, progress=False,
                                   **({"epochs": 3, "patience": 0} if args.quick else {}))
             settings = {k: v for k, v in bcfg.resolved().to_dict().items() if k != "num_threads"}
+            defaults = {k: v for k, v in BaselineConfig(model=args.baseline).resolved().to_dict().items()}
             metrics = _finished_baseline(run, bcfg.resolved())
         else:
             cfg = base.override({"seed": seed})
             settings = comparable_settings(cfg, ranking=True)  # test ranks depend on the ranking settings
+            defaults = comparable_settings(PipelineConfig(), ranking=True)
             metrics = finished_test_run(run, cfg)
         record = None
         if metrics is None and not args.ignore_records:
-            record = find_seed_record(read_seed_records(records_path), name, model, seed, settings)
+            record = find_seed_record(read_seed_records(records_path), name, model, seed, settings, defaults)
             if record is not None and record["data"] != data_now():
                 log.warning("%s, seed %d: the record in %s was made on other data; not used", model, seed,
                             records_path)
@@ -286,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
             log.info("%s, seed %d: %s", model, seed, run)
             metrics = (run_baseline(bcfg, data.target, run, resume=True) if args.baseline
                        else run_pipeline(cfg, run, overwrite=True))
+        if record is None and metrics is not None:  # a run its record (made before a setting was added) holds
+            same = find_seed_record(read_seed_records(records_path), name, model, seed, settings, defaults)
+            record = same if same is not None and same["result"] == seed_result(metrics) else None
         if record is None:
             meta = benchmark_meta("benchmarks/table2.py", argv, REPO)  # its git and machine: the run's, below
             record = {"dataset": name, "model": model, "seed": seed, "settings": _plain(settings),

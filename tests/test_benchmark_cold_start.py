@@ -68,6 +68,26 @@ def test_rows_new_items_ranked_by_the_semantic_id_model_and_rescored_without_tra
     assert both[("qbert4rec-content", "new")]["new_items"]["content"] == 4.0
     assert both[("qbert4rec-content", "new")]["valid"] != both[("qbert4rec", "new")]["valid"]
     assert both[("qbert4rec", "new")]["test"] == by[("qbert4rec", "new")]["test"]
+    # the mixture row re-scores the same run with pi and tau fitted on valid; the probe fits the same
+    assert bench.main(["--quick", "--runs-dir", str(runs), "--models", "qbert4rec-mixture"]) == 0
+    assert (runs / "qbert4rec" / "model.pt").stat().st_mtime_ns == stamp
+    mix = {(r["model"], r["slice"]): r for r in json.loads((runs / "cold_start.json").read_text())["rows"]}
+    rule, valid = mix[("qbert4rec-mixture", "new")]["new_items"], mix[("qbert4rec-mixture", "new")]["valid"]
+    users = valid["users"] + mix[("qbert4rec-mixture", "known")]["valid"]["users"]
+    # pi: the share of valid targets no training row held (the withheld items, and any item seen only
+    # as a valid or test target)
+    assert rule["rule"] == "mixture" and rule["fit"]["users"] == users and rule["temperature"] > 0
+    assert rule["share"] == pytest.approx(rule["fit"]["new_targets"] / users) and rule["fit"]["new_targets"] >= valid["users"]
+    assert probe.main(["--run", str(runs / "qbert4rec"), "--deltas", "--mixture", "--mixture-scales", "1", "0.5",
+                       "--out-dir", str(tmp_path)]) == 0
+    probed = json.loads((tmp_path / "new_item_offset.json").read_text())
+    assert probed["mixture_fit"]["temperature"] == pytest.approx(rule["temperature"])
+    fitted, half = probed["rows"]
+    assert fitted["rule"] == "mixture" and fitted["new"]["HR@10"] == pytest.approx(valid["HR@10"])
+    assert half["weight"] == pytest.approx(rule["share"] / 2) and half["new"]["HR@10"] <= fitted["new"]["HR@10"]
+    assert bench.main(["--quick", "--runs-dir", str(runs), "--models", "qbert4rec-mixture",
+                       "--set", "model.item_id=input_and_head"]) == 2
+    assert "needs the paper's model" in capsys.readouterr().err
     # pseudo-new fine-tuning: stages 1-3 are the qbert4rec run's, only fine-tuning trains again
     assert bench.main(["--quick", "--runs-dir", str(runs), "--models", "qbert4rec-pseudo-new",
                        "--pseudo-new", "0.3"]) == 0
@@ -109,7 +129,8 @@ def test_rows_new_items_ranked_by_the_semantic_id_model_and_rescored_without_tra
     assert not (other / "cold_start.json").exists() and not (other / "popularity").exists()
     # re-running some models replaces only their rows: the others stay, each with its own command
     rows = json.loads((runs / "cold_start.json").read_text())["rows"]
-    assert {r["model"] for r in rows} == {*models.split(","), "qbert4rec-content", "qbert4rec-pseudo-new", "sasrec"}
+    assert {r["model"] for r in rows} == {*models.split(","), "qbert4rec-content", "qbert4rec-mixture",
+                                         "qbert4rec-pseudo-new", "sasrec"}
     assert all(r["command"].startswith("python benchmarks/cold_start.py --quick") for r in rows)
     pseudo_rows = [r for r in rows if r["model"] == "qbert4rec-pseudo-new"]
     assert len(pseudo_rows) == 2 and all("pretrain.epochs=2" in r["command"] for r in pseudo_rows)

@@ -144,3 +144,20 @@ def _seed_records_outlive_their_runs(bench, runs, rows, capsys):
     assert bench.main(["--quick", "--runs-dir", str(runs), "--seeds", "1", "2", "--collect"]) == 3
     assert "no finished run or record for seeds 2 of synthetic/qbert4rec" in capsys.readouterr().err
     records_path.write_bytes(saved)
+
+
+def test_a_record_made_before_a_setting_existed_matches_that_setting_at_its_default():
+    bench = _bench("table2")
+    from qbert.pipeline import PipelineConfig
+    from qbert.pipeline.runs import comparable_settings
+
+    defaults = comparable_settings(PipelineConfig(), ranking=True)
+    mine = comparable_settings(PipelineConfig().override({"seed": 43}), ranking=True)
+    old = {k: v for k, v in mine.items() if k != "model.new_item_share"}  # recorded before the setting existed
+    records = [{"dataset": "d", "model": "qbert4rec", "seed": 43, "settings": bench._plain(old)}]
+    assert bench.find_seed_record(records, "d", "qbert4rec", 43, mine, defaults) is records[0]
+    assert bench.find_seed_record(records, "d", "qbert4rec", 43, mine) is None  # without defaults: exact only
+    other = comparable_settings(PipelineConfig().override({"seed": 43, "model.new_item_share": 0.3}), ranking=True)
+    assert bench.find_seed_record(records, "d", "qbert4rec", 43, other, defaults) is None  # set away from it
+    changed = {**old, "finetune.epochs": 7}  # a setting the record has, at another value
+    assert bench.find_seed_record([{**records[0], "settings": changed}], "d", "qbert4rec", 43, mine, defaults) is None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -706,3 +708,100 @@ def test_the_content_map_starts_at_zero_is_shared_and_needs_the_content():
 
     with pytest.raises((ConfigError, ValueError), match="content_dim"):  # no content to read
         quickstart_config().override({"data.modalities": ["id"], "model.content_dim": 8})
+
+
+def test_the_mixture_rule_scores_log_probabilities_of_known_then_new_items():
+    torch.manual_seed(0)
+    codes = _codes(n=30)
+    kw = {"num_codes": 8, "hidden": 16, "layers": 1, "heads": 2, "dropout": 0.0, "max_len": 10}
+    m = QBert4Rec(codes, **kw, new_items="mixture", new_item_share=0.2, new_item_temperature=3.0).eval()
+    plain = QBert4Rec(codes, **kw).eval()
+    plain.load_state_dict(m.state_dict())
+    trained = torch.ones(30, dtype=torch.bool)
+    new = [3, 11, 17, 25]
+    trained[new] = False
+    for model in (m, plain):
+        model.set_trained_items(trained.nonzero()[:, 0])
+    hist = torch.randint(1, 31, (4, 6), generator=torch.Generator().manual_seed(1))
+    hist[0, :3] = 0  # left padding carries no content
+    hist[1, 2] = 11 + 1  # a new item already in the history
+    content = torch.randn(30, 5)
+    m.set_item_content(content)
+    got, base = m.score(hist), plain.score(hist)
+    # a distribution over the catalogue: known items share 1 - pi, new items pi
+    torch.testing.assert_close(got[:, trained].exp().sum(1), torch.full((4,), 0.8))
+    seen_new = [sorted({int(t) - 1 for t in hist[b] if t > 0} & set(new)) for b in range(4)]
+    unseen_mass = torch.stack([got[b, [i for i in new if i not in seen_new[b]]].exp().sum() for b in range(4)])
+    torch.testing.assert_close(unseen_mass, torch.full((4,), 0.2))
+    # known items keep the model's order and ratios
+    want_known = base[:, trained] - torch.logsumexp(base[:, trained], 1, keepdim=True) + math.log(0.8)
+    torch.testing.assert_close(got[:, trained], want_known)
+    unit = F.normalize(content, dim=1)
+    for b in range(4):  # brute force: new items by a softmax of tau x cosine to the history's content
+        items = [int(t) - 1 for t in hist[b, -(10 - 1):] if t > 0]
+        profile = F.normalize(unit[items].sum(0), dim=0)
+        cand = [i for i in new if i not in seen_new[b]]
+        logits = 3.0 * (unit[cand] @ profile)
+        torch.testing.assert_close(got[b, cand], math.log(0.2) + torch.log_softmax(logits, 0))
+        for i in seen_new[b]:  # a new item the user already had ranks below every other item
+            assert got[b, i] < got[b, [j for j in range(30) if j != i]].min()
+    assert seen_new[1] == [11]
+    with pytest.raises(ValueError, match="new_item_share"):
+        QBert4Rec(codes, **kw, new_items="mixture", new_item_share=1.0)
+    with pytest.raises(ValueError, match="mixture"):
+        SeqRecConfig(new_items="mixture", item_id="input_and_head")
+    from qbert.config import ConfigError
+    from qbert.pipeline import quickstart_config
+
+    with pytest.raises((ConfigError, ValueError), match="mixture"):  # no content to read
+        quickstart_config().override({"data.modalities": ["id"], "model.new_items": "mixture"})
+
+
+def test_the_mixture_is_fitted_on_valid_by_likelihood():
+    """pi is the share of valid targets that are new; tau recovers the sharpness of planted data."""
+    from qbert.seqrec.new_items import fit_mixture
+
+    rng = np.random.default_rng(0)
+    n_items, users, dim = 40, 400, 8
+    content = rng.standard_normal((n_items, dim)).astype(np.float32)
+    content /= np.linalg.norm(content, axis=1, keepdims=True)
+    new = np.arange(30, 40)  # untrained items
+    # each user's history holds 3 known items; the valid target is new for 30% of users, drawn by a
+    # softmax of tau_true x cosine to the history's content
+    tau_true = 6.0
+    hist = rng.integers(0, 30, (users, 3))
+    profile = content[hist].sum(1)
+    profile /= np.linalg.norm(profile, axis=1, keepdims=True)
+    logits = tau_true * profile @ content[new].T
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    is_new = rng.random(users) < 0.3
+    target = np.where(is_new, new[(p.cumsum(1) > rng.random((users, 1))).argmax(1)], rng.integers(0, 30, users))
+
+    class Split:  # the two views fit_mixture reads
+        def targets(self, which):
+            return target
+
+        def history(self, which, pad, shift, max_len=None):
+            return hist + shift
+
+    codes = _codes(n=n_items)
+    m = QBert4Rec(codes, num_codes=8, hidden=16, layers=1, heads=2, dropout=0.0, max_len=10)
+    m.set_trained_items(np.arange(30))
+    m.set_item_content(torch.as_tensor(content))
+    fit = fit_mixture(m, Split())
+    assert fit.share == pytest.approx(is_new.mean())
+    assert fit.new_targets == fit.fitted_targets == int(is_new.sum())
+    assert 3.0 < fit.temperature < 12.0, fit  # the planted 6, from ~120 draws
+    m.new_item_temperature = fit.temperature  # the fit is the maximum of the likelihood it reports
+    for tau in (fit.temperature / 2, fit.temperature * 2):
+        m2 = QBert4Rec(codes, num_codes=8, hidden=16, layers=1, heads=2, dropout=0.0, max_len=10,
+                       new_item_temperature=tau)
+        m2.set_trained_items(np.arange(30))
+        m2.set_item_content(torch.as_tensor(content))
+        lp = m2.new_item_log_probs(torch.as_tensor(hist[is_new] + 1), torch.as_tensor(new))
+        col = np.searchsorted(new, target[is_new])
+        assert float(lp[np.arange(len(col)), col].mean()) < fit.log_likelihood
+    with pytest.raises(ValueError, match="no valid target"):
+        m.set_trained_items(np.arange(n_items))
+        fit_mixture(m, Split())

@@ -29,8 +29,9 @@ log = logging.getLogger(__name__)
 
 # where a stage ran, not what it computed; and settings only ranking reads (no stage output depends on them)
 _WHERE_KEYS = {"device", "progress"}
-_RUNTIME_KEYS = _WHERE_KEYS | {"code_score_weight", "new_items", "new_item_weight", "new_item_offset",
-                              "new_item_content"}
+NEW_ITEM_KEYS = ("new_items", "new_item_weight", "new_item_offset", "new_item_content", "new_item_share",
+                 "new_item_temperature")  # model.* settings only ranking reads
+_RUNTIME_KEYS = _WHERE_KEYS | {"code_score_weight", *NEW_ITEM_KEYS}
 # settings added after run directories existed: they enter a stage's hash only when set to another
 # value than their default, so those directories keep their hashes (stay resumable and reusable)
 _HASHED_WHEN_SET = {"finetune.pseudo_new", "pretrain.num_negatives", "finetune.num_negatives", "model.content_dim"}
@@ -333,7 +334,7 @@ def rescoring_model(run_dir: str | Path, cfg: PipelineConfig, split, device: str
     model, _, payload = _load_run(run_dir, device)
     if not payload["records_trained_items"]:
         model.set_trained_items(trained_items_of(cfg, split))
-    for key in ("new_items", "new_item_weight", "new_item_offset", "new_item_content"):
+    for key in NEW_ITEM_KEYS:
         setattr(model, key, getattr(cfg.model, key))
     if model.uses_content and model.item_content is None:
         model.set_item_content(run_content(run_dir, cfg, model.num_items, data))

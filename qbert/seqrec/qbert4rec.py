@@ -54,6 +54,8 @@ touched: that is why the full-length prefix is off by default).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -69,7 +71,7 @@ IGNORE = -100  # cross-entropy target of a row that is not a masked position
 REPEAT_SCALE = 10.0  # repeat_weight = REPEAT_SCALE * repeat_raw, so Adam moves it ~10 x lr per step
 ITEM_ID_MODES = ("none", "input", "input_and_head")
 HEADS = ("catalogue", "levels")
-NEW_ITEM_RULES = ("backoff", "own")
+NEW_ITEM_RULES = ("backoff", "own", "mixture")
 class QBert4Rec(nn.Module):
     """Bidirectional encoder over semantic-ID item sequences."""
 
@@ -85,7 +87,8 @@ class QBert4Rec(nn.Module):
                  level_sizes: list[int] | None = None, tie_codes: bool = False,
                  code_score_weight: float = 1.0, repeat_bias: bool = False, prefix_bias: bool = False,
                  new_items: str = "own", new_item_weight: float = 0.25, new_item_offset: float = 1.5,
-                 new_item_content: float = 0.0, content_dim: int = 0) -> None:
+                 new_item_content: float = 0.0, content_dim: int = 0, new_item_share: float = 0.1,
+                 new_item_temperature: float = 10.0) -> None:
         super().__init__()
         codes = torch.as_tensor(codes, dtype=torch.long)
         if codes.ndim != 2 or codes.shape[0] < 1 or codes.shape[1] < 1:
@@ -99,6 +102,9 @@ class QBert4Rec(nn.Module):
         if new_items not in NEW_ITEM_RULES or not 0.0 <= new_item_weight <= 1.0 or new_item_content < 0:
             raise ValueError(f"new_items must be one of {NEW_ITEM_RULES}, new_item_weight in [0, 1] and "
                              f"new_item_content >= 0, got {new_items!r}, {new_item_weight}, {new_item_content}")
+        if not 0.0 < new_item_share < 1.0 or new_item_temperature < 0:
+            raise ValueError(f"new_item_share must lie in (0, 1) and new_item_temperature be >= 0, got "
+                             f"{new_item_share}, {new_item_temperature}")
         self.K = int(codes.shape[1])
         lengths = list(range(2, self.K)) if prefix_lengths is None else sorted(set(prefix_lengths))
         if any(not 2 <= n <= self.K for n in lengths):
@@ -128,6 +134,8 @@ class QBert4Rec(nn.Module):
         self.new_item_weight = float(new_item_weight)
         self.new_item_offset = float(new_item_offset)
         self.new_item_content = float(new_item_content)
+        self.new_item_share = float(new_item_share)  # the mixture rule's (see mixture_scores)
+        self.new_item_temperature = float(new_item_temperature)
         # [N + 2, D] unit content vectors by token (set_item_content; data, not saved)
         self.register_buffer("item_content", None, persistent=False)
         # [N, content_dim] the same through a fixed random projection (content_out's input)
@@ -240,8 +248,9 @@ class QBert4Rec(nn.Module):
     def uses_content(self) -> bool:
         """Whether the model reads the items' content: the content term of its item vectors
         (``content_dim``; training and ranking) or of the backoff rule (ranking only)."""
-        return self.content_out is not None or (self.item_id == "none" and self.head == "catalogue"
-                                                and self.new_items == "backoff" and self.new_item_content > 0)
+        rule = self.item_id == "none" and self.head == "catalogue" and (
+            self.new_items == "mixture" or self.new_items == "backoff" and self.new_item_content > 0)
+        return self.content_out is not None or rule
 
     @property
     def catalogue_content(self) -> torch.Tensor | None:
@@ -592,6 +601,8 @@ class QBert4Rec(nn.Module):
                 codes = F.log_softmax(self.catalogue_logits(h, None if self.id_head else inp), dim=-1)
                 if self.item_id == "none" and self.new_items == "backoff":
                     codes = self.new_item_scores(codes, inp)
+                elif self.item_id == "none" and self.new_items == "mixture":
+                    codes = self.mixture_scores(codes, inp)
             else:
                 lp = F.log_softmax(self.code_logits(h), dim=-1)
                 level = torch.arange(self.K, device=lp.device)
@@ -626,6 +637,43 @@ class QBert4Rec(nn.Module):
         if self.new_item_content:
             out[:, new] += self.new_item_content * self.content_similarity(tokens, new)
         return out
+
+    def mixture_scores(self, log_p: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Scores [B, N] as log-probabilities of a two-part mixture (``new_items: mixture``; ours).
+
+        The next item is new with probability pi = ``new_item_share``. A trained item i scores
+        ``log(1 - pi) + log P(i | history, trained)`` (``log_p`` renormalised over the trained
+        items); an untrained item j scores ``log pi + log softmax_j(tau * cos(c_j, history))``, the
+        softmax over the untrained items not in the history, tau = ``new_item_temperature`` (an
+        untrained item already in the history gets the lowest score). pi and tau are fitted on
+        valid by likelihood (:func:`qbert.seqrec.new_items.fit_mixture`), not chosen by a ranking
+        metric. ``tokens`` [B, L]: the model's input (content from :meth:`set_item_content`).
+        """
+        new = torch.nonzero(~self.trained_items)[:, 0]
+        if not new.numel():
+            return log_p
+        trained = self.trained_items
+        out = log_p - torch.logsumexp(log_p[:, trained], dim=1, keepdim=True) + math.log1p(-self.new_item_share)
+        out[:, new] = math.log(self.new_item_share) + self.new_item_log_probs(tokens, new)
+        return out
+
+    def new_item_log_probs(self, tokens: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """[B, U] log softmax of ``new_item_temperature`` x content cosine over the items ``new``
+        (0-based) that are not among ``tokens``' items; those in ``tokens`` get a floor far below."""
+        cos, seen = self.new_item_cosines(tokens, new)
+        logits = (self.new_item_temperature * cos).masked_fill(seen, float("-inf"))
+        out = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+        return torch.nan_to_num(out, nan=-1e4, neginf=-1e4)  # every new item seen: all at the floor
+
+    def new_item_cosines(self, tokens: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """([B, U] content cosine of each item of ``new`` (0-based) to the history ``tokens`` [B, L],
+        [B, U] whether the item is among the tokens)."""
+        cos = self.content_similarity(tokens, new)
+        slot = torch.full((self.num_items + 2,), -1, dtype=torch.long, device=tokens.device)
+        slot[new + 1] = torch.arange(new.numel(), device=tokens.device)
+        where = slot[tokens]  # [B, L] the column of each token's item among ``new``, -1 for the rest
+        seen = torch.zeros_like(cos).scatter_add_(1, where.clamp(min=0), (where >= 0).to(cos.dtype)) > 0
+        return cos, seen
 
     def content_similarity(self, tokens: torch.Tensor | None, items: torch.Tensor) -> torch.Tensor:
         """[B, len(items)] cosine of each item's content to the sum of the content of ``tokens``' items."""

@@ -62,13 +62,18 @@ class SeqRecConfig(Config):
     prefix_bias: bool = False  # and one per code-prefix length for items sharing a prefix with them
     # ranking of items no training row held (cold-start items; paper's model only): "own" = their
     # composed score (the paper's rule); "backoff" to the trained items sharing their first code
-    # (QBert4Rec.new_item_scores; weight and offset chosen on Instruments valid, docs/results.md)
-    new_items: Literal["own", "backoff"] = "own"
+    # (QBert4Rec.new_item_scores; weight and offset chosen on Instruments valid, docs/results.md);
+    # "mixture": P(next is new) = new_item_share, then a softmax of new_item_temperature x content
+    # cosine over the new items (QBert4Rec.mixture_scores; both fitted on valid by likelihood:
+    # benchmarks/new_item_offset.py --mixture)
+    new_items: Literal["own", "backoff", "mixture"] = "own"
     new_item_weight: float = Field(0.25, ge=0.0, le=1.0)
     new_item_offset: float = 1.5
     # > 0 (backoff only): add this times the cosine of a new item's content (stage 1's input features)
     # to the history's, which orders the new items of one cluster (chosen on valid; docs/method.md)
     new_item_content: float = Field(0.0, ge=0.0)
+    new_item_share: float = Field(0.1, gt=0.0, lt=1.0)  # mixture only
+    new_item_temperature: float = Field(10.0, ge=0.0)  # mixture only
     # > 0: each item's output vector and bias get a learned linear map of its content vector (stage
     # 1's input features, randomly projected to this many dimensions); the map is shared by all
     # items, so new items score from their content (not in the paper; docs/method.md)
@@ -84,6 +89,9 @@ class SeqRecConfig(Config):
             raise ValueError(f"new_item_content ({self.new_item_content}) is a term of the backoff rule: it needs "
                              f"new_items: backoff, item_id: none and head: catalogue (got {self.new_items}, "
                              f"{self.item_id}, {self.head})")
+        if self.new_items == "mixture" and (self.item_id != "none" or self.head != "catalogue"):
+            raise ValueError(f"new_items: mixture mixes the catalogue softmax of the paper's model with a content "
+                             f"softmax: it needs item_id: none and head: catalogue (got {self.item_id}, {self.head})")
         return self
 
 
@@ -178,7 +186,8 @@ def build_model(cfg: SeqRecConfig, codes: np.ndarray | torch.Tensor, num_codes: 
                      code_score_weight=cfg.code_score_weight, repeat_bias=cfg.repeat_bias,
                      prefix_bias=cfg.prefix_bias, new_items=cfg.new_items, new_item_weight=cfg.new_item_weight,
                      new_item_offset=cfg.new_item_offset, new_item_content=cfg.new_item_content,
-                     content_dim=cfg.content_dim)
+                     content_dim=cfg.content_dim, new_item_share=cfg.new_item_share,
+                     new_item_temperature=cfg.new_item_temperature)
 
 
 def full_sequences(ds, max_len: int) -> np.ndarray:
