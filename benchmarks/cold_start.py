@@ -95,6 +95,10 @@ def _cold(cfg: PipelineConfig, fraction: float, seed: int, overrides: list[str])
     return cfg.override(parse_overrides(overrides)) if overrides else cfg
 
 
+class NothingToFit(Exception):
+    """The mixture rule found no valid target to fit on (no untrained valid target)."""
+
+
 class OtherDataset(Exception):
     """A run directory holds a run of other data (one RUNS_DIR per dataset and draw of new items)."""
 
@@ -166,7 +170,10 @@ def pipeline_row(cfg: PipelineConfig, data, run: Path, fit: bool = False) -> dic
     if fit:
         if model.item_content is None:
             model.set_item_content(run_content(run, cfg, model.num_items, data))
-        fitted = fit_mixture(model, split, "valid", cfg.eval.batch_size)
+        try:
+            fitted = fit_mixture(model, split, "valid", cfg.eval.batch_size)
+        except ValueError as e:
+            raise NothingToFit(f"{run}: {e}") from None
         model.new_items, model.new_item_share, model.new_item_temperature = "mixture", fitted.share, fitted.temperature
         log.info("mixture rule fitted on valid: %s", fitted)
     with torch.no_grad():
@@ -316,17 +323,24 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    base = PipelineConfig.from_yaml(args.config) if args.config else quickstart_config()
     if args.quick:
         args.overrides = ["finetune.epochs=3", "pretrain.epochs=1", "plots=false", *args.overrides]
-    cfg = _cold(base, args.fraction, args.seed, args.overrides)
-    hybrid = _cold(PipelineConfig.from_yaml(args.hybrid_config), args.fraction, args.seed, args.overrides) \
-        if args.hybrid_config else cfg.override(HYBRID_OVERRIDES)
-    # the paper's model pretrained on other domains too (one vocabulary; docs/method.md), stages 1-2
-    # optionally taken from a run over the same union of catalogues
-    transfer = cfg.override({"pretrain_sources": args.pretrain_sources,
-                             **({"reuse.from_run": str(args.reuse_from), "reuse.stages": ["fusion", "quantize"]}
-                                if args.reuse_from else {})})
+    # the rules for new items are the paper's model's: the hybrid ranks with its item-ID head
+    paper_only = {"model.new_items": "own", "model.new_item_content": 0.0}
+    try:
+        base = PipelineConfig.from_yaml(args.config) if args.config else quickstart_config()
+        cfg = _cold(base, args.fraction, args.seed, args.overrides)
+        hybrid = _cold(PipelineConfig.from_yaml(args.hybrid_config).override(paper_only), args.fraction, args.seed,
+                       [o for o in args.overrides if not o.startswith(tuple(paper_only))]) \
+            if args.hybrid_config else cfg.override({**HYBRID_OVERRIDES, **paper_only})
+        # the paper's model pretrained on other domains too (one vocabulary; docs/method.md), stages 1-2
+        # optionally taken from a run over the same union of catalogues
+        transfer = cfg.override({"pretrain_sources": args.pretrain_sources,
+                                 **({"reuse.from_run": str(args.reuse_from), "reuse.stages": ["fusion", "quantize"]}
+                                    if args.reuse_from else {})})
+    except ConfigError as e:
+        print(f"error: --config / --hybrid-config / --set: {e}", file=sys.stderr)
+        return 2
     def pseudo() -> PipelineConfig:
         """Stages 1-3 from the qbert4rec run when it made them with these settings (they do not read
         pseudo_new), else trained here."""
@@ -395,9 +409,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --runs-dir: {e}", file=sys.stderr)
         return 2
     meta = benchmark_meta("benchmarks/cold_start.py", argv, REPO)
+    failed = []
     for model in models:
         log.info("cold-start row: %s", model)
-        res = makers[model]()
+        try:
+            res = makers[model]()
+        except NothingToFit as e:  # the other rows are still written
+            print(f"error: {model}: {e}", file=sys.stderr)
+            failed.append(model)
+            continue
         for slice_name in ("new", "known"):
             rows.append({"dataset": name, "model": model, "stage3_item_table": res["stage3_item_table"],
                          "slice": slice_name, "fraction": args.fraction, "seed": args.seed, **meta,
@@ -411,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_json(out / "cold_start.json", {"rows": rows})
     atomic_write_text(out / "cold_start.md", render(rows))
     print(render(rows))
-    return 0
+    return 2 if failed else 0
 
 
 if __name__ == "__main__":

@@ -76,11 +76,20 @@ def main(argv: list[str] | None = None) -> int:
     if not split.withheld.size:
         print(f"error: {args.run} was not trained under the cold-start protocol (data.cold_start)", file=sys.stderr)
         return 2
+    if args.mixture and (cfg.model.item_id != "none" or cfg.model.head != "catalogue"
+                         or not cfg.fusion.feature_modalities or min(args.mixture_scales, default=1) <= 0):
+        print(f"error: --mixture: {args.run} must be a run of the paper's model (model.item_id: none, model.head: "
+              "catalogue) with a text or image modality, and --mixture-scales must be > 0", file=sys.stderr)
+        return 2
     device = pick_device(cfg.device)
     model = rescoring_model(args.run, cfg, split, device)  # the items fine-tuning trained, as it recorded them
     if any(args.backoff_contents) or args.mixture:
         model.set_item_content(run_content(args.run, cfg, model.num_items, data))
-    fit = fit_mixture(model, split, "valid", cfg.eval.batch_size) if args.mixture else None
+    try:
+        fit = fit_mixture(model, split, "valid", cfg.eval.batch_size) if args.mixture else None
+    except ValueError as e:
+        print(f"error: --mixture: {args.run}: {e}", file=sys.stderr)
+        return 2
     if fit is not None:
         print(f"mixture fitted on valid: {fit}")
     new = np.isin(split.targets("valid"), split.withheld)

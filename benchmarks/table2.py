@@ -142,8 +142,8 @@ def find_seed_record(records: list[dict[str, Any]], dataset: str, model: str, se
     def same(theirs: dict[str, Any]) -> bool:
         return theirs == {k: v for k, v in mine.items() if k in theirs or k not in base or v != base[k]}
 
-    return next((r for r in records if (r["dataset"], r["model"], r["seed"]) == (dataset, model, seed)
-                 and same(r["settings"])), None)
+    ours = [r for r in records if (r["dataset"], r["model"], r["seed"]) == (dataset, model, seed)]
+    return next((r for r in ours if r["settings"] == mine), None) or next((r for r in ours if same(r["settings"])), None)
 
 
 def seed_result(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -296,9 +296,13 @@ def main(argv: list[str] | None = None) -> int:
             log.info("%s, seed %d: %s", model, seed, run)
             metrics = (run_baseline(bcfg, data.target, run, resume=True) if args.baseline
                        else run_pipeline(cfg, run, overwrite=True))
-        if record is None and metrics is not None:  # a run its record (made before a setting was added) holds
+        if record is None and metrics is not None and not args.ignore_records:
+            # a run whose record was made before a setting was added (at its default now): keep that
+            # record rather than add a second one of the same run under the longer settings
             same = find_seed_record(read_seed_records(records_path), name, model, seed, settings, defaults)
-            record = same if same is not None and same["result"] == seed_result(metrics) else None
+            if (same is not None and same["settings"] != _plain(settings) and same["data"] == data_now()
+                    and same["result"] == seed_result(metrics)):
+                record = same
         if record is None:
             meta = benchmark_meta("benchmarks/table2.py", argv, REPO)  # its git and machine: the run's, below
             record = {"dataset": name, "model": model, "seed": seed, "settings": _plain(settings),

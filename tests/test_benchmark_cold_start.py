@@ -76,7 +76,8 @@ def test_rows_new_items_ranked_by_the_semantic_id_model_and_rescored_without_tra
     users = valid["users"] + mix[("qbert4rec-mixture", "known")]["valid"]["users"]
     # pi: the share of valid targets no training row held (the withheld items, and any item seen only
     # as a valid or test target)
-    assert rule["rule"] == "mixture" and rule["fit"]["users"] == users and rule["temperature"] > 0
+    assert rule["rule"] == "mixture" and rule["fit"]["users"] == users
+    assert rule["temperature"] == rule["fit"]["temperature"] and rule["fit"]["fitted_targets"] <= rule["fit"]["new_targets"]
     assert rule["share"] == pytest.approx(rule["fit"]["new_targets"] / users) and rule["fit"]["new_targets"] >= valid["users"]
     assert probe.main(["--run", str(runs / "qbert4rec"), "--deltas", "--mixture", "--mixture-scales", "1", "0.5",
                        "--out-dir", str(tmp_path)]) == 0
@@ -85,9 +86,18 @@ def test_rows_new_items_ranked_by_the_semantic_id_model_and_rescored_without_tra
     fitted, half = probed["rows"]
     assert fitted["rule"] == "mixture" and fitted["new"]["HR@10"] == pytest.approx(valid["HR@10"])
     assert half["weight"] == pytest.approx(rule["share"] / 2) and half["new"]["HR@10"] <= fitted["new"]["HR@10"]
+    capsys.readouterr()
     assert bench.main(["--quick", "--runs-dir", str(runs), "--models", "qbert4rec-mixture",
                        "--set", "model.item_id=input_and_head"]) == 2
     assert "needs the paper's model" in capsys.readouterr().err
+    assert probe.main(["--run", str(runs / "hybrid"), "--deltas", "--mixture", "--out-dir", str(tmp_path)]) == 2
+    assert probe.main(["--run", str(runs / "qbert4rec"), "--deltas", "--mixture", "--mixture-scales", "0",
+                       "--out-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error: --mixture: ") == 2 and "Traceback" not in err
+    # a rule of the paper's model set for both runs does not reach the hybrid (which has its own head)
+    assert bench.main(["--quick", "--runs-dir", str(runs), "--models", "popularity",
+                       "--set", "model.new_items=mixture"]) == 0
     # pseudo-new fine-tuning: stages 1-3 are the qbert4rec run's, only fine-tuning trains again
     assert bench.main(["--quick", "--runs-dir", str(runs), "--models", "qbert4rec-pseudo-new",
                        "--pseudo-new", "0.3"]) == 0

@@ -725,6 +725,8 @@ def test_the_mixture_rule_scores_log_probabilities_of_known_then_new_items():
     hist = torch.randint(1, 31, (4, 6), generator=torch.Generator().manual_seed(1))
     hist[0, :3] = 0  # left padding carries no content
     hist[1, 2] = 11 + 1  # a new item already in the history
+    nine = torch.tensor([[1, 2, 5, 6, 7, 8, 9, 10, 14]])  # known items only (tokens = item + 1)
+    long = torch.cat([torch.tensor([[17 + 1]]), nine], 1)  # new item 17 only where the model does not read
     content = torch.randn(30, 5)
     m.set_item_content(content)
     got, base = m.score(hist), plain.score(hist)
@@ -746,6 +748,9 @@ def test_the_mixture_rule_scores_log_probabilities_of_known_then_new_items():
         for i in seen_new[b]:  # a new item the user already had ranks below every other item
             assert got[b, i] < got[b, [j for j in range(30) if j != i]].min()
     assert seen_new[1] == [11]
+    # the model reads the last max_len - 1 items: item 17 beyond them is not "already had"
+    torch.testing.assert_close(m.score(long), m.score(nine))
+    assert m.score(torch.cat([nine[:, 1:], torch.tensor([[17 + 1]])], 1))[0, 17] < -1e3  # read: at the floor
     with pytest.raises(ValueError, match="new_item_share"):
         QBert4Rec(codes, **kw, new_items="mixture", new_item_share=1.0)
     with pytest.raises(ValueError, match="mixture"):
@@ -778,7 +783,13 @@ def test_the_mixture_is_fitted_on_valid_by_likelihood():
     is_new = rng.random(users) < 0.3
     target = np.where(is_new, new[(p.cumsum(1) > rng.random((users, 1))).argmax(1)], rng.integers(0, 30, users))
 
-    class Split:  # the two views fit_mixture reads
+    hist[0] = [new[0], 1, 2]  # a new target already in its history: counted in pi, not in tau's fit
+    target[0] = new[0]
+    is_new[0] = True
+
+    class Split:  # the views fit_mixture reads
+        num_items = n_items
+
         def targets(self, which):
             return target
 
@@ -791,9 +802,9 @@ def test_the_mixture_is_fitted_on_valid_by_likelihood():
     m.set_item_content(torch.as_tensor(content))
     fit = fit_mixture(m, Split())
     assert fit.share == pytest.approx(is_new.mean())
-    assert fit.new_targets == fit.fitted_targets == int(is_new.sum())
+    assert fit.new_targets == int(is_new.sum()) == fit.fitted_targets + 1
     assert 3.0 < fit.temperature < 12.0, fit  # the planted 6, from ~120 draws
-    m.new_item_temperature = fit.temperature  # the fit is the maximum of the likelihood it reports
+    is_new[0] = False  # the fit is the maximum of the likelihood it reports, over the targets it fitted
     for tau in (fit.temperature / 2, fit.temperature * 2):
         m2 = QBert4Rec(codes, num_codes=8, hidden=16, layers=1, heads=2, dropout=0.0, max_len=10,
                        new_item_temperature=tau)

@@ -13,6 +13,7 @@ chosen by a ranking metric:
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -20,6 +21,8 @@ import numpy as np
 import torch
 
 __all__ = ["MixtureFit", "fit_mixture"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,8 @@ def fit_mixture(model, split, which: str = "valid", batch_size: int = 1024, boun
 
     ``model`` needs its record of trained items and the items' content (``set_item_content``).
     """
+    if model.num_items != split.num_items:
+        raise ValueError(f"the model's catalogue has {model.num_items} items, the split {split.num_items}")
     trained = model.trained_items.cpu().numpy()
     targets = np.asarray(split.targets(which))
     is_new = ~trained[targets]
@@ -85,5 +90,7 @@ def fit_mixture(model, split, which: str = "valid", batch_size: int = 1024, boun
             a = hi - g * (hi - lo)
             fa = loglik(a)
     log_tau = (lo + hi) / 2
+    if min(log_tau - math.log(bounds[0]), math.log(bounds[1]) - log_tau) < 1e-3:
+        log.warning("the mixture's temperature %.4g sits at the bound of its search %s", math.exp(log_tau), bounds)
     return MixtureFit(share=float(is_new.mean()), temperature=math.exp(log_tau), users=int(len(targets)),
                       new_targets=int(is_new.sum()), fitted_targets=int(len(target)), log_likelihood=loglik(log_tau))

@@ -236,7 +236,7 @@ class QBert4Rec(nn.Module):
         self.register_buffer("item_code_rows", (codes + torch.arange(self.K) * self.C).to(device), persistent=False)
         # which items training rows held (set by fine-tuning; saved with the model): all until told
         self.register_buffer("trained_items", torch.ones(n, dtype=torch.bool, device=device))
-        self._untrained_key = None
+        self._untrained_key = self._slots_key = None
         if self.item_id != "none" and (self.item_emb is None or self.item_emb.num_embeddings != n + 2):
             self.item_emb = nn.Embedding(n + 2, self.hidden, padding_idx=PAD).to(device)
             nn.init.normal_(self.item_emb.weight, std=0.02)
@@ -247,7 +247,7 @@ class QBert4Rec(nn.Module):
     @property
     def uses_content(self) -> bool:
         """Whether the model reads the items' content: the content term of its item vectors
-        (``content_dim``; training and ranking) or of the backoff rule (ranking only)."""
+        (``content_dim``; training and ranking), of the backoff rule or of the mixture rule (ranking only)."""
         rule = self.item_id == "none" and self.head == "catalogue" and (
             self.new_items == "mixture" or self.new_items == "backoff" and self.new_item_content > 0)
         return self.content_out is not None or rule
@@ -301,10 +301,10 @@ class QBert4Rec(nn.Module):
         flags = torch.zeros(self.num_items, dtype=torch.bool, device=self.codes.device)
         flags[items.to(device=flags.device, dtype=torch.long)] = True
         self.trained_items = flags
-        self._untrained_key = None
+        self._untrained_key = self._slots_key = None
 
     def _forget_trained_caches(self) -> None:
-        self._untrained_key = None
+        self._untrained_key = self._slots_key = None
         self._specific = None
 
     def _all_trained_if_unrecorded(self, state: dict[str, torch.Tensor], prefix: str, *args) -> None:  # noqa: ANN002
@@ -649,7 +649,7 @@ class QBert4Rec(nn.Module):
         valid by likelihood (:func:`qbert.seqrec.new_items.fit_mixture`), not chosen by a ranking
         metric. ``tokens`` [B, L]: the model's input (content from :meth:`set_item_content`).
         """
-        new = torch.nonzero(~self.trained_items)[:, 0]
+        new, _ = self._untrained_slots()
         if not new.numel():
             return log_p
         trained = self.trained_items
@@ -669,8 +669,10 @@ class QBert4Rec(nn.Module):
         """([B, U] content cosine of each item of ``new`` (0-based) to the history ``tokens`` [B, L],
         [B, U] whether the item is among the tokens)."""
         cos = self.content_similarity(tokens, new)
-        slot = torch.full((self.num_items + 2,), -1, dtype=torch.long, device=tokens.device)
-        slot[new + 1] = torch.arange(new.numel(), device=tokens.device)
+        all_new, slot = self._untrained_slots()
+        if not torch.equal(new, all_new):  # another set of items than the untrained ones (not cached)
+            slot = torch.full((self.num_items + 2,), -1, dtype=torch.long, device=tokens.device)
+            slot[new + 1] = torch.arange(new.numel(), device=tokens.device)
         where = slot[tokens]  # [B, L] the column of each token's item among ``new``, -1 for the rest
         seen = torch.zeros_like(cos).scatter_add_(1, where.clamp(min=0), (where >= 0).to(cos.dtype)) > 0
         return cos, seen
@@ -683,6 +685,17 @@ class QBert4Rec(nn.Module):
         # [B, D] without a [B, L, D] gather; the padding and [MASK] rows are 0
         profile = F.normalize(F.embedding_bag(tokens, self.item_content, mode="sum"), dim=1)
         return profile @ self.item_content[items + 1].T
+
+    def _untrained_slots(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(every untrained item, 0-based; [N + 2] its column among them by token, -1 for the other
+        tokens), cached per ``trained_items`` record like :meth:`_untrained`."""
+        key = (self.trained_items.data_ptr(), self.trained_items._version, self.codes.data_ptr())
+        if getattr(self, "_slots_key", None) != key:
+            new = torch.nonzero(~self.trained_items)[:, 0]
+            slot = torch.full((self.num_items + 2,), -1, dtype=torch.long, device=new.device)
+            slot[new + 1] = torch.arange(new.numel(), device=new.device)
+            self._slots_cache, self._slots_key = (new, slot), key
+        return self._slots_cache
 
     def _untrained(self) -> torch.Tensor:
         """Indices of the untrained items whose first code some trained item has (cached per
