@@ -25,8 +25,8 @@ whether their test target is new. Rows, each under both ranking protocols:
   without the suffix, re-scored with the ranking settings of ``--content-set`` (e.g. the backoff
   rule's content term, ``model.new_item_content``, and its offset); nothing is trained;
 - ``qbert4rec-mixture`` (only when listed): the ``qbert4rec`` run re-scored with the mixture rule
-  (``model.new_items: mixture``; docs/method.md): P(next is new) and the content softmax's
-  temperature fitted on that run's valid targets by likelihood (``qbert.seqrec.new_items``);
+  (``model.new_items: mixture``; docs/method.md): P(next is new) and the weights of the new
+  items' softmax fitted on that run's valid targets by likelihood (``qbert.seqrec.new_items``);
   nothing is trained;
 - ``qbert4rec-content-map`` (only when listed): the paper's model with a content map in its item
   vectors (``model.content_dim`` = ``--content-dim``; docs/method.md, "Content in the item
@@ -78,7 +78,7 @@ from qbert.pipeline import (HYBRID_OVERRIDES, PipelineConfig, config_differences
 from qbert.pipeline.data import target_content  # noqa: E402
 from qbert.pipeline.runs import NEW_ITEM_KEYS, check_reuse, rescoring_model, run_content  # noqa: E402
 from qbert.utils.runtime import pick_device  # noqa: E402
-from qbert.seqrec.new_items import fit_mixture  # noqa: E402
+from qbert.seqrec.new_items import FEATURES, fit_mixture  # noqa: E402
 from qbert.seqrec.stage import split_ranks  # noqa: E402
 from qbert.pipeline.data import target_split  # noqa: E402
 from qbert.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
@@ -159,7 +159,7 @@ def pipeline_row(cfg: PipelineConfig, data, run: Path, fit: bool = False) -> dic
     score valid and test from its ``model.pt`` with ``cfg``'s ranking settings (``model.new_items``...),
     on the run's device and at its fine-tuning precision (as the run scored itself). ``main`` has
     refused a ``run`` of other data before anything trained. ``fit``: score with the mixture rule,
-    pi and tau fitted on valid (``fit_mixture``), instead of ``cfg``'s rule (which trains the run)."""
+    pi and the weights fitted on valid (``fit_mixture``), instead of ``cfg``'s rule (which trains the run)."""
     diffs = config_differences(run / "config.yaml", cfg, ignore_reuse=True) if (run / "model.pt").is_file() else None
     if diffs is None or [k for k in diffs if k != "eval.test"]:
         run_pipeline(cfg, run, overwrite=True)
@@ -174,7 +174,7 @@ def pipeline_row(cfg: PipelineConfig, data, run: Path, fit: bool = False) -> dic
             fitted = fit_mixture(model, split, "valid", cfg.eval.batch_size)
         except ValueError as e:
             raise NothingToFit(f"{run}: {e}") from None
-        model.new_items, model.new_item_share, model.new_item_temperature = "mixture", fitted.share, fitted.temperature
+        fitted.apply(model)
         log.info("mixture rule fitted on valid: %s", fitted)
     with torch.no_grad():
         ranks = {w: split_ranks(model, split, w, cfg.eval.batch_size, device, ("kept", "excluded"),
@@ -184,7 +184,8 @@ def pipeline_row(cfg: PipelineConfig, data, run: Path, fit: bool = False) -> dic
             "concentration": _concentration(split, {w: r["kept"] for w, r in ranks.items()}),
             "new_items": {"rule": model.new_items, "weight": model.new_item_weight, "offset": model.new_item_offset,
                           "content": model.new_item_content,
-                          **({"share": model.new_item_share, "temperature": model.new_item_temperature}
+                          **({"share": model.new_item_share,
+                              **{k.removeprefix("new_item_"): getattr(model, k) for k in FEATURES}}
                              if model.new_items == "mixture" else {}),
                           **({"fit": vars(fitted)} if fitted is not None else {}),
                           "untrained": int((~model.trained_items).sum())} if model.item_id == "none" else None}

@@ -10,9 +10,9 @@ valid targets are ranked with ``score + delta`` on the items fine-tuning did not
 rule at delta 0). Rows ``rule: backoff``: every pair of ``--backoff-weights`` x ``--backoff-offsets``
 (``QBert4Rec.new_item_scores``), each with every ``--backoff-contents`` weight of the content term
 (``model.new_item_content``; default 0: none). ``--mixture``: rows ``rule: mixture``
-(``model.new_items: mixture``, ``QBert4Rec.mixture_scores``) with pi and tau fitted on valid by
-likelihood (``qbert.seqrec.new_items.fit_mixture``), then each of ``--mixture-scales`` times the
-fitted pi (sensitivity; 1 = the fit). Each row reports the new / known slices, with the median rank of
+(``model.new_items: mixture``, ``QBert4Rec.mixture_scores``) with pi and the weights of each
+``--mixture-features`` subset fitted on valid by likelihood (``qbert.seqrec.new_items.fit_mixture``),
+each also with ``--mixture-scales`` times the fitted pi (sensitivity; 1 = the fit). Each row reports the new / known slices, with the median rank of
 the new targets (content signal: random would be N / 2). Valid is scored as the run scores it (its
 device, batch size, fine-tuning precision and record of trained items). Test is never scored. Writes
 ``benchmarks/results/new_item_offset.{json,md}``.
@@ -34,7 +34,7 @@ from qbert.eval.metrics import target_concentration  # noqa: E402
 from qbert.pipeline import PipelineConfig, load_data  # noqa: E402
 from qbert.pipeline.data import target_split  # noqa: E402
 from qbert.pipeline.runs import rescoring_model, run_content  # noqa: E402
-from qbert.seqrec.new_items import fit_mixture  # noqa: E402
+from qbert.seqrec.new_items import FEATURES, fit_mixture  # noqa: E402
 from qbert.seqrec.stage import split_ranks  # noqa: E402
 from qbert.utils.runtime import pick_device  # noqa: E402
 from qbert.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
@@ -62,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backoff-weights", type=float, nargs="*", default=[])
     ap.add_argument("--backoff-offsets", type=float, nargs="*", default=[])
     ap.add_argument("--backoff-contents", type=float, nargs="*", default=[0.0])
-    ap.add_argument("--mixture", action="store_true", help="fit the mixture rule's pi and tau on valid")
+    ap.add_argument("--mixture", action="store_true", help="fit the mixture rule's pi and weights on valid")
+    ap.add_argument("--mixture-features", nargs="*", default=[",".join(FEATURES)],
+                    help=f"comma-separated subsets of {', '.join(FEATURES)} to fit (the others stay 0)")
     ap.add_argument("--mixture-scales", type=float, nargs="*", default=[1.0],
                     help="rows with the fitted pi times each of these (clipped below 1)")
     ap.add_argument("--threads", type=int, default=None)
@@ -77,20 +79,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.run} was not trained under the cold-start protocol (data.cold_start)", file=sys.stderr)
         return 2
     if args.mixture and (cfg.model.item_id != "none" or cfg.model.head != "catalogue"
-                         or not cfg.fusion.feature_modalities or min(args.mixture_scales, default=1) <= 0):
+                         or not cfg.fusion.feature_modalities or min(args.mixture_scales, default=1) <= 0
+                         or any(f not in FEATURES for sub in args.mixture_features for f in sub.split(","))):
         print(f"error: --mixture: {args.run} must be a run of the paper's model (model.item_id: none, model.head: "
-              "catalogue) with a text or image modality, and --mixture-scales must be > 0", file=sys.stderr)
+              "catalogue) with a text or image modality, --mixture-scales must be > 0 and --mixture-features name "
+              f"{', '.join(FEATURES)}", file=sys.stderr)
         return 2
     device = pick_device(cfg.device)
     model = rescoring_model(args.run, cfg, split, device)  # the items fine-tuning trained, as it recorded them
     if any(args.backoff_contents) or args.mixture:
         model.set_item_content(run_content(args.run, cfg, model.num_items, data))
     try:
-        fit = fit_mixture(model, split, "valid", cfg.eval.batch_size) if args.mixture else None
+        fits = [fit_mixture(model, split, "valid", cfg.eval.batch_size, tuple(sub.split(",")))
+                for sub in args.mixture_features] if args.mixture else []
     except ValueError as e:
         print(f"error: --mixture: {args.run}: {e}", file=sys.stderr)
         return 2
-    if fit is not None:
+    for fit in fits:
         print(f"mixture fitted on valid: {fit}")
     new = np.isin(split.targets("valid"), split.withheld)
     rows = []
@@ -98,11 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     settings = [("own", 1.0, delta, 0.0) for delta in args.deltas]
     settings += [("backoff", w, off, c) for w in args.backoff_weights for c in args.backoff_contents
                  for off in args.backoff_offsets]
-    settings += [("mixture", min(fit.share * scale, 0.999), fit.temperature, 0.0)
-                 for scale in args.mixture_scales] if fit is not None else []
+    settings += [("mixture", min(fit.share * scale, 0.999), fit, 0.0) for fit in fits for scale in args.mixture_scales]
     for rule, weight, offset, content in settings:
-        if rule == "mixture":  # weight: pi, offset: tau
-            model.new_items, model.new_item_share, model.new_item_temperature = "mixture", weight, offset
+        if rule == "mixture":  # weight: pi, offset: the fit
+            offset.apply(model)
+            model.new_item_share = weight
+            offset = offset.weights
         else:
             model.new_items, model.new_item_weight, model.new_item_offset = "backoff", weight, offset
             model.new_item_content = content
@@ -113,17 +119,19 @@ def main(argv: list[str] | None = None) -> int:
                      "new": {**_metrics(ranks[new]), **_item_macro(ranks, split)},
                      "known": _metrics(ranks[~new]), "all": _metrics(ranks)})
         print(rows[-1])
-    md = ["| rule | weight of own score (mixture: pi) | offset (mixture: tau) | content weight | new HR@10 | new NDCG@10 | new median rank | "
+    md = ["| rule | weight of own score (mixture: pi) | offset (mixture: fitted weights) | content weight | new HR@10 | new NDCG@10 | new median rank | "
           "new item-macro HR@10 | new item-macro NDCG@10 | known HR@10 | known NDCG@10 | all NDCG@10 |",
           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    md += [f"| {r['rule']} | {'' if r['weight'] is None else format(r['weight'], 'g')} | {r['delta']:g} | "
+    md += [f"| {r['rule']} | {'' if r['weight'] is None else format(r['weight'], '.4g')} | "
+           + (" ".join(f"{k.removeprefix('new_item_')} {v:.3g}" for k, v in r['delta'].items() if v)
+              if isinstance(r['delta'], dict) else format(r['delta'], 'g')) + " | "
            f"{r['content']:g} | {r['new']['HR@10']:.4f} | {r['new']['NDCG@10']:.4f} | {r['new']['median_rank']:.0f} | "
            f"{r['new']['item_macro_HR@10']:.4f} | {r['new']['item_macro_NDCG@10']:.4f} | "
            f"{r['known']['HR@10']:.4f} | {r['known']['NDCG@10']:.4f} | {r['all']['NDCG@10']:.4f} |" for r in rows]
     md.append(f"\nValid only; {split.num_items} items, {int(new.sum())} users whose valid target is new. "
               "Run: " + str(args.run))
     result = {"rows": rows, "split": "valid", "run": str(args.run), "num_items": split.num_items,
-              **({"mixture_fit": vars(fit) | {"overrides": fit.overrides()}} if fit is not None else {}),
+              **({"mixture_fits": [vars(fit) | {"overrides": fit.overrides()} for fit in fits]} if fits else {}),
               **benchmark_meta("benchmarks/new_item_offset.py", argv, REPO)}
     atomic_write_json(args.out_dir / "new_item_offset.json", result)
     atomic_write_text(args.out_dir / "new_item_offset.md", "\n".join(md) + "\n")

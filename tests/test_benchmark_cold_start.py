@@ -77,12 +77,14 @@ def test_rows_new_items_ranked_by_the_semantic_id_model_and_rescored_without_tra
     # pi: the share of valid targets no training row held (the withheld items, and any item seen only
     # as a valid or test target)
     assert rule["rule"] == "mixture" and rule["fit"]["users"] == users
-    assert rule["temperature"] == rule["fit"]["temperature"] and rule["fit"]["fitted_targets"] <= rule["fit"]["new_targets"]
+    assert rule["temperature"] == rule["fit"]["weights"]["new_item_temperature"]
+    assert rule["fit"]["fitted_targets"] <= rule["fit"]["new_targets"]
+    assert rule["fit"]["log_likelihood"] > rule["fit"]["uniform_log_likelihood"]  # the fit beats no weights
     assert rule["share"] == pytest.approx(rule["fit"]["new_targets"] / users) and rule["fit"]["new_targets"] >= valid["users"]
     assert probe.main(["--run", str(runs / "qbert4rec"), "--deltas", "--mixture", "--mixture-scales", "1", "0.5",
                        "--out-dir", str(tmp_path)]) == 0
     probed = json.loads((tmp_path / "new_item_offset.json").read_text())
-    assert probed["mixture_fit"]["temperature"] == pytest.approx(rule["temperature"])
+    assert probed["mixture_fits"][0]["weights"]["new_item_temperature"] == pytest.approx(rule["temperature"])
     fitted, half = probed["rows"]
     assert fitted["rule"] == "mixture" and fitted["new"]["HR@10"] == pytest.approx(valid["HR@10"])
     assert half["weight"] == pytest.approx(rule["share"] / 2) and half["new"]["HR@10"] <= fitted["new"]["HR@10"]

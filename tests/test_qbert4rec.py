@@ -714,7 +714,8 @@ def test_the_mixture_rule_scores_log_probabilities_of_known_then_new_items():
     torch.manual_seed(0)
     codes = _codes(n=30)
     kw = {"num_codes": 8, "hidden": 16, "layers": 1, "heads": 2, "dropout": 0.0, "max_len": 10}
-    m = QBert4Rec(codes, **kw, new_items="mixture", new_item_share=0.2, new_item_temperature=3.0).eval()
+    m = QBert4Rec(codes, **kw, new_items="mixture", new_item_share=0.2, new_item_temperature=3.0,
+                  new_item_recency=1.5, new_item_cluster=0.5).eval()
     plain = QBert4Rec(codes, **kw).eval()
     plain.load_state_dict(m.state_dict())
     trained = torch.ones(30, dtype=torch.bool)
@@ -739,11 +740,16 @@ def test_the_mixture_rule_scores_log_probabilities_of_known_then_new_items():
     want_known = base[:, trained] - torch.logsumexp(base[:, trained], 1, keepdim=True) + math.log(0.8)
     torch.testing.assert_close(got[:, trained], want_known)
     unit = F.normalize(content, dim=1)
-    for b in range(4):  # brute force: new items by a softmax of tau x cosine to the history's content
+    p = base.exp()
+    for b in range(4):  # brute force: new items by a softmax of the weighted content cosines and cluster share
         items = [int(t) - 1 for t in hist[b, -(10 - 1):] if t > 0]
         profile = F.normalize(unit[items].sum(0), dim=0)
         cand = [i for i in new if i not in seen_new[b]]
-        logits = 3.0 * (unit[cand] @ profile)
+        share = []
+        for i in cand:  # the mean probability of the trained items of its first code (all trained: none)
+            peers = [j for j in range(30) if trained[j] and codes[j, 0] == codes[i, 0]] or trained.nonzero()[:, 0].tolist()
+            share.append(torch.log(p[b, peers].mean()))
+        logits = 3.0 * (unit[cand] @ profile) + 1.5 * (unit[cand] @ unit[items[-1]]) + 0.5 * torch.stack(share)
         torch.testing.assert_close(got[b, cand], math.log(0.2) + torch.log_softmax(logits, 0))
         for i in seen_new[b]:  # a new item the user already had ranks below every other item
             assert got[b, i] < got[b, [j for j in range(30) if j != i]].min()
@@ -800,17 +806,22 @@ def test_the_mixture_is_fitted_on_valid_by_likelihood():
     m = QBert4Rec(codes, num_codes=8, hidden=16, layers=1, heads=2, dropout=0.0, max_len=10)
     m.set_trained_items(np.arange(30))
     m.set_item_content(torch.as_tensor(content))
-    fit = fit_mixture(m, Split())
+    fit = fit_mixture(m, Split(), features=("new_item_temperature",))
     assert fit.share == pytest.approx(is_new.mean())
+    assert fit.weights["new_item_recency"] == fit.weights["new_item_cluster"] == 0.0  # not fitted
+    full = fit_mixture(m, Split())  # more features fit the same targets at least as well
+    assert full.log_likelihood >= fit.log_likelihood - 1e-9 > fit.uniform_log_likelihood
     assert fit.new_targets == int(is_new.sum()) == fit.fitted_targets + 1
-    assert 3.0 < fit.temperature < 12.0, fit  # the planted 6, from ~120 draws
+    tau_fit = fit.weights["new_item_temperature"]
+    assert 3.0 < tau_fit < 12.0, fit  # the planted 6, from ~120 draws
     is_new[0] = False  # the fit is the maximum of the likelihood it reports, over the targets it fitted
-    for tau in (fit.temperature / 2, fit.temperature * 2):
+    for tau in (tau_fit / 2, tau_fit * 2):
         m2 = QBert4Rec(codes, num_codes=8, hidden=16, layers=1, heads=2, dropout=0.0, max_len=10,
                        new_item_temperature=tau)
         m2.set_trained_items(np.arange(30))
         m2.set_item_content(torch.as_tensor(content))
-        lp = m2.new_item_log_probs(torch.as_tensor(hist[is_new] + 1), torch.as_tensor(new))
+        tokens = m2.append_mask(torch.as_tensor(hist[is_new] + 1))
+        lp = m2.new_item_log_probs(torch.zeros(len(tokens), n_items), tokens, torch.as_tensor(new))
         col = np.searchsorted(new, target[is_new])
         assert float(lp[np.arange(len(col)), col].mean()) < fit.log_likelihood
     with pytest.raises(ValueError, match="no valid target"):

@@ -88,7 +88,8 @@ class QBert4Rec(nn.Module):
                  code_score_weight: float = 1.0, repeat_bias: bool = False, prefix_bias: bool = False,
                  new_items: str = "own", new_item_weight: float = 0.25, new_item_offset: float = 1.5,
                  new_item_content: float = 0.0, content_dim: int = 0, new_item_share: float = 0.1,
-                 new_item_temperature: float = 10.0) -> None:
+                 new_item_temperature: float = 10.0, new_item_recency: float = 0.0,
+                 new_item_cluster: float = 0.0) -> None:
         super().__init__()
         codes = torch.as_tensor(codes, dtype=torch.long)
         if codes.ndim != 2 or codes.shape[0] < 1 or codes.shape[1] < 1:
@@ -102,9 +103,8 @@ class QBert4Rec(nn.Module):
         if new_items not in NEW_ITEM_RULES or not 0.0 <= new_item_weight <= 1.0 or new_item_content < 0:
             raise ValueError(f"new_items must be one of {NEW_ITEM_RULES}, new_item_weight in [0, 1] and "
                              f"new_item_content >= 0, got {new_items!r}, {new_item_weight}, {new_item_content}")
-        if not 0.0 < new_item_share < 1.0 or new_item_temperature < 0:
-            raise ValueError(f"new_item_share must lie in (0, 1) and new_item_temperature be >= 0, got "
-                             f"{new_item_share}, {new_item_temperature}")
+        if not 0.0 < new_item_share < 1.0:
+            raise ValueError(f"new_item_share must lie in (0, 1), got {new_item_share}")
         self.K = int(codes.shape[1])
         lengths = list(range(2, self.K)) if prefix_lengths is None else sorted(set(prefix_lengths))
         if any(not 2 <= n <= self.K for n in lengths):
@@ -135,7 +135,9 @@ class QBert4Rec(nn.Module):
         self.new_item_offset = float(new_item_offset)
         self.new_item_content = float(new_item_content)
         self.new_item_share = float(new_item_share)  # the mixture rule's (see mixture_scores)
-        self.new_item_temperature = float(new_item_temperature)
+        self.new_item_temperature = float(new_item_temperature)  # weights of new_item_features
+        self.new_item_recency = float(new_item_recency)
+        self.new_item_cluster = float(new_item_cluster)
         # [N + 2, D] unit content vectors by token (set_item_content; data, not saved)
         self.register_buffer("item_content", None, persistent=False)
         # [N, content_dim] the same through a fixed random projection (content_out's input)
@@ -643,27 +645,56 @@ class QBert4Rec(nn.Module):
 
         The next item is new with probability pi = ``new_item_share``. A trained item i scores
         ``log(1 - pi) + log P(i | history, trained)`` (``log_p`` renormalised over the trained
-        items); an untrained item j scores ``log pi + log softmax_j(tau * cos(c_j, history))``, the
-        softmax over the untrained items not in the history, tau = ``new_item_temperature`` (an
-        untrained item already in the history gets the lowest score). pi and tau are fitted on
-        valid by likelihood (:func:`qbert.seqrec.new_items.fit_mixture`), not chosen by a ranking
-        metric. ``tokens`` [B, L]: the model's input (content from :meth:`set_item_content`).
+        items); an untrained item j scores ``log pi + log q_j``, where q is a softmax over the
+        untrained items not in the history (:meth:`new_item_log_probs`; one already in the history
+        gets the lowest score). pi and q's weights are fitted on valid by likelihood
+        (:func:`qbert.seqrec.new_items.fit_mixture`), not chosen by a ranking metric. ``tokens``
+        [B, L]: the model's input (content from :meth:`set_item_content`).
         """
         new, _ = self._untrained_slots()
         if not new.numel():
             return log_p
         trained = self.trained_items
         out = log_p - torch.logsumexp(log_p[:, trained], dim=1, keepdim=True) + math.log1p(-self.new_item_share)
-        out[:, new] = math.log(self.new_item_share) + self.new_item_log_probs(tokens, new)
+        out[:, new] = math.log(self.new_item_share) + self.new_item_log_probs(log_p, tokens, new)
         return out
 
-    def new_item_log_probs(self, tokens: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-        """[B, U] log softmax of ``new_item_temperature`` x content cosine over the items ``new``
-        (0-based) that are not among ``tokens``' items; those in ``tokens`` get a floor far below."""
-        cos, seen = self.new_item_cosines(tokens, new)
-        logits = (self.new_item_temperature * cos).masked_fill(seen, float("-inf"))
+    @property
+    def new_item_weights(self) -> torch.Tensor:
+        """[3] the mixture's weights of :meth:`new_item_features`: ``new_item_temperature``,
+        ``new_item_recency``, ``new_item_cluster``."""
+        return torch.tensor([self.new_item_temperature, self.new_item_recency, self.new_item_cluster])
+
+    def new_item_log_probs(self, log_p: torch.Tensor, tokens: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """[B, U] the mixture's log q over the items ``new`` (0-based): a softmax of the weighted
+        :meth:`new_item_features` over those not among ``tokens``' items; those get a floor far below."""
+        feats, seen = self.new_item_features(log_p, tokens, new)
+        logits = torch.einsum("k,kbu->bu", self.new_item_weights.to(feats), feats).masked_fill(seen, float("-inf"))
         out = logits - torch.logsumexp(logits, dim=1, keepdim=True)
         return torch.nan_to_num(out, nan=-1e4, neginf=-1e4)  # every new item seen: all at the floor
+
+    def new_item_features(self, log_p: torch.Tensor, tokens: torch.Tensor,
+                          new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """([3, B, U] what the mixture's q reads of each item of ``new`` (0-based), [B, U] whether the
+        item is among ``tokens``' items).
+
+        The features: the cosine of the item's content to the history's (the sum of the content of
+        ``tokens``' items), to the last history item's, and the log of the mean of ``log_p``'s
+        probability over the trained items with its first code (the backoff rule's cluster share;
+        over all trained items when none has it).
+        """
+        cos, seen = self.new_item_cosines(tokens, new)
+        last = tokens[:, -2] if tokens.shape[1] > 1 else torch.zeros_like(tokens[:, 0])  # before the [MASK]
+        cos_last = F.normalize(self.item_content[last], dim=1) @ self.item_content[new + 1].T
+        trained = self.trained_items.to(log_p.dtype)
+        p = log_p.exp() * trained
+        group = self.codes[:, 0]
+        mass = log_p.new_zeros(len(log_p), self.C).index_add_(1, group, p)
+        count = log_p.new_zeros(self.C).index_add_(0, group, trained)
+        fallback = p.sum(1, keepdim=True) / trained.sum().clamp(min=1)
+        has = count[group[new]] > 0
+        share = torch.where(has, mass[:, group[new]] / count[group[new]].clamp(min=1), fallback)
+        return torch.stack([cos, cos_last, torch.log(share.clamp(min=1e-30))]), seen
 
     def new_item_cosines(self, tokens: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """([B, U] content cosine of each item of ``new`` (0-based) to the history ``tokens`` [B, L],

@@ -63,9 +63,10 @@ class SeqRecConfig(Config):
     # ranking of items no training row held (cold-start items; paper's model only): "own" = their
     # composed score (the paper's rule); "backoff" to the trained items sharing their first code
     # (QBert4Rec.new_item_scores; weight and offset chosen on Instruments valid, docs/results.md);
-    # "mixture": P(next is new) = new_item_share, then a softmax of new_item_temperature x content
-    # cosine over the new items (QBert4Rec.mixture_scores; both fitted on valid by likelihood:
-    # benchmarks/new_item_offset.py --mixture)
+    # "mixture": P(next is new) = new_item_share, then a softmax over the new items of
+    # new_item_temperature x content cosine to the history + new_item_recency x to the last item +
+    # new_item_cluster x log cluster share (QBert4Rec.mixture_scores; all fitted on valid by
+    # likelihood: benchmarks/new_item_offset.py --mixture)
     new_items: Literal["own", "backoff", "mixture"] = "own"
     new_item_weight: float = Field(0.25, ge=0.0, le=1.0)
     new_item_offset: float = 1.5
@@ -73,7 +74,9 @@ class SeqRecConfig(Config):
     # to the history's, which orders the new items of one cluster (chosen on valid; docs/method.md)
     new_item_content: float = Field(0.0, ge=0.0)
     new_item_share: float = Field(0.1, gt=0.0, lt=1.0)  # mixture only
-    new_item_temperature: float = Field(10.0, ge=0.0)  # mixture only
+    new_item_temperature: float = 10.0  # mixture only
+    new_item_recency: float = 0.0  # mixture only
+    new_item_cluster: float = 0.0  # mixture only
     # > 0: each item's output vector and bias get a learned linear map of its content vector (stage
     # 1's input features, randomly projected to this many dimensions); the map is shared by all
     # items, so new items score from their content (not in the paper; docs/method.md)
@@ -187,7 +190,8 @@ def build_model(cfg: SeqRecConfig, codes: np.ndarray | torch.Tensor, num_codes: 
                      prefix_bias=cfg.prefix_bias, new_items=cfg.new_items, new_item_weight=cfg.new_item_weight,
                      new_item_offset=cfg.new_item_offset, new_item_content=cfg.new_item_content,
                      content_dim=cfg.content_dim, new_item_share=cfg.new_item_share,
-                     new_item_temperature=cfg.new_item_temperature)
+                     new_item_temperature=cfg.new_item_temperature, new_item_recency=cfg.new_item_recency,
+                     new_item_cluster=cfg.new_item_cluster)
 
 
 def full_sequences(ds, max_len: int) -> np.ndarray:
