@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
             bcfg = BaselineConfig(model=args.baseline, max_len=base.data.max_len, seed=seed, progress=False,
                                   **({"epochs": 3, "patience": 0} if args.quick else {}))
             settings = {k: v for k, v in bcfg.resolved().to_dict().items() if k != "num_threads"}
-            defaults = {k: v for k, v in BaselineConfig(model=args.baseline).resolved().to_dict().items()}
+            defaults = BaselineConfig(model=args.baseline).resolved().to_dict()
             metrics = _finished_baseline(run, bcfg.resolved())
         else:
             cfg = base.override({"seed": seed})

@@ -629,11 +629,7 @@ class QBert4Rec(nn.Module):
         new = self._untrained()  # [U] untrained items whose first code a trained item has
         if not new.numel():
             return log_p
-        trained = self.trained_items.to(log_p.dtype)
-        group = self.codes[:, 0]
-        mass = log_p.new_zeros(len(log_p), self.C).index_add_(1, group, log_p.exp() * trained)
-        count = log_p.new_zeros(self.C).index_add_(0, group, trained)
-        share = torch.log((mass[:, group[new]] / count[group[new]]).clamp(min=1e-30))  # [B, U]
+        share = self.cluster_log_share(log_p, new)  # [B, U]
         out = log_p.clone()
         out[:, new] = (1.0 - self.new_item_weight) * share + self.new_item_weight * log_p[:, new] + self.new_item_offset
         if self.new_item_content:
@@ -686,15 +682,20 @@ class QBert4Rec(nn.Module):
         cos, seen = self.new_item_cosines(tokens, new)
         last = tokens[:, -2] if tokens.shape[1] > 1 else torch.zeros_like(tokens[:, 0])  # before the [MASK]
         cos_last = F.normalize(self.item_content[last], dim=1) @ self.item_content[new + 1].T
+        return torch.stack([cos, cos_last, self.cluster_log_share(log_p, new)]), seen
+
+    def cluster_log_share(self, log_p: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """[B, len(items)] log of the mean probability (``log_p`` [B, N]) of the trained items that
+        share each item's first code; over all trained items for an item whose first code none has."""
         trained = self.trained_items.to(log_p.dtype)
         p = log_p.exp() * trained
         group = self.codes[:, 0]
         mass = log_p.new_zeros(len(log_p), self.C).index_add_(1, group, p)
         count = log_p.new_zeros(self.C).index_add_(0, group, trained)
         fallback = p.sum(1, keepdim=True) / trained.sum().clamp(min=1)
-        has = count[group[new]] > 0
-        share = torch.where(has, mass[:, group[new]] / count[group[new]].clamp(min=1), fallback)
-        return torch.stack([cos, cos_last, torch.log(share.clamp(min=1e-30))]), seen
+        peers = count[group[items]]
+        share = torch.where(peers > 0, mass[:, group[items]] / peers.clamp(min=1), fallback)
+        return torch.log(share.clamp(min=1e-30))
 
     def new_item_cosines(self, tokens: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """([B, U] content cosine of each item of ``new`` (0-based) to the history ``tokens`` [B, L],
