@@ -194,7 +194,8 @@ def pipeline_row(cfg: PipelineConfig, data, run: Path, fit: bool = False) -> dic
 def baseline_row(model: str, cfg: PipelineConfig, data, run: Path, quick: bool) -> dict[str, Any]:
     bcfg = BaselineConfig(model=model, max_len=cfg.data.max_len, cold_start=cfg.data.cold_start, progress=False,
                           **({"epochs": 3, "patience": 0} if quick else {"epochs": 100, "patience": 10}))
-    metrics = _finished(run, bcfg.resolved().to_dict()) or run_baseline(bcfg, data.target, run)
+    metrics = (_finished(run, bcfg.resolved().to_dict())
+               or run_baseline(bcfg, data.target, run, data_source=cfg.data.source))
     ranks = pq.read_table(run / "test_ranks.parquet", columns=["target", "rank_history_kept"])
     split = target_split(cfg, data)
     if not np.array_equal(ranks.column("target").to_numpy(), split.targets("test")):

@@ -294,8 +294,8 @@ def main(argv: list[str] | None = None) -> int:
                 missing.append(seed)
                 continue
             log.info("%s, seed %d: %s", model, seed, run)
-            metrics = (run_baseline(bcfg, data.target, run, resume=True) if args.baseline
-                       else run_pipeline(cfg, run, overwrite=True))
+            metrics = (run_baseline(bcfg, data.target, run, data_source=base.data.source, resume=True)
+                       if args.baseline else run_pipeline(cfg, run, overwrite=True))
         if record is None and metrics is not None and not args.ignore_records:
             # a run whose record was made before a setting was added (at its default now): keep that
             # record rather than add a second one of the same run under the longer settings

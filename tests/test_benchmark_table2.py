@@ -46,6 +46,7 @@ def test_rows_over_seeds_resume_and_merge(tmp_path, capsys):
     assert [(r["model"], r["stage3_item_table"]) for r in rows] == [("qbert4rec", False), ("sasrec", True)]
     assert rows[1]["test_std"]["HR@10"] == 0.0
 
+    _slices_of_the_two_runs(runs, tmp_path, capsys)
     _seed_records_outlive_their_runs(bench, runs, rows, capsys)
 
     capsys.readouterr()
@@ -82,6 +83,34 @@ def test_all_rows_of_a_domain_in_one_command(tmp_path, capsys):
     capsys.readouterr()
     assert bench.main(["--quick", "--runs-dir", str(runs), "--all-rows", "--baseline", "sasrec"]) == 2
     assert capsys.readouterr().err.startswith("error: --all-rows names its rows itself")
+
+
+def _slices_of_the_two_runs(runs, tmp_path, capsys):
+    """benchmarks/slices.py re-scores a pipeline run and a baseline run: its buckets add up to all
+    users, and each run's overall numbers are those the run recorded for the same split and protocol."""
+    slices = _bench("slices")
+    q, s = runs / "synthetic" / "qbert4rec" / "seed1", runs / "synthetic" / "sasrec" / "seed1"
+    for split, protocol in (("valid", "excluded"), ("test", "kept")):
+        argv = ["--runs", str(q), str(s), "--split", split, "--protocol", protocol, "--out-dir", str(tmp_path)]
+        assert slices.main(argv) == 0
+        res = json.loads((tmp_path / "slices.json").read_text())
+        assert [r["label"] for r in res["runs"]] == ["qbert4rec", "sasrec"]
+        for run, label in ((q, "qbert4rec"), (s, "sasrec")):
+            recorded = json.loads((run / "metrics.json").read_text())["by_protocol"][split][f"history_{protocol}"]
+            for m in ("HR@10", "NDCG@10"):
+                assert res["all"][label][m] == pytest.approx(recorded[m], abs=1e-9)
+        for key in ("target_train_count", "history_length"):
+            rows = [r for r in res["slices"] if r["key"] == key]
+            assert len(rows) >= 2 and sum(r["users"] for r in rows) == res["users"]
+            assert all(a["hi"] < b["lo"] for a, b in zip(rows, rows[1:]))  # disjoint, ordered buckets
+            for label in ("qbert4rec", "sasrec"):
+                weighted = sum(r["users"] * r["metrics"][label]["NDCG@10"] for r in rows) / res["users"]
+                assert weighted == pytest.approx(res["all"][label]["NDCG@10"])
+        assert "| target_train_count |" in (tmp_path / "slices.md").read_text()
+    capsys.readouterr()
+    assert slices.main(["--runs", str(q), str(runs / "nowhere"), "--out-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "nowhere" in err
 
 
 def _seed_records_outlive_their_runs(bench, runs, rows, capsys):

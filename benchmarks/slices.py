@@ -1,0 +1,184 @@
+"""Where one model beats another: HR@10 / NDCG@10 of finished runs per slice of the users, on VALID.
+
+    python benchmarks/slices.py --runs runs/t2/games/qbert4rec/seed42 runs/t2/games/sasrec/seed42 \
+        --name games_slices
+
+Each ``--runs`` entry is a finished run of the same dataset: a ``qbert pipeline`` run (the paper's
+model or the hybrid) or a ``qbert baseline`` run (SASRec, BERT4Rec). Every run is re-scored on
+valid from its ``model.pt`` under one protocol (``--protocol``, default ``excluded``: history items
+left out of the ranking, where a learned repeat bias buys nothing), and the users are cut into
+quantile buckets by two keys:
+
+- ``target_train_count``: how often the target item occurs in the training parts (tail against
+  popular targets);
+- ``history_length``: the number of items before the target (capped at the model's window only
+  in what the models read, not here).
+
+``--split test`` reads test instead; use it only on final setups whose test was already scored,
+as a description, never to choose anything. Writes ``benchmarks/results/<name>.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from qbert.config import ConfigError  # noqa: E402
+from qbert.data.errors import DataError  # noqa: E402
+from qbert.data.split import LeaveOneOutSplit  # noqa: E402
+from qbert.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
+from qbert.utils.runtime import benchmark_meta, pick_device  # noqa: E402
+
+KEYS = ("target_train_count", "history_length")
+QUANTILES = (0.25, 0.5, 0.75, 0.9)
+
+
+def pipeline_ranks(run: Path, which: str, protocol: str):
+    """(model name, 0-based target ranks of ``which``, the split they index, the dataset) of a
+    finished ``qbert pipeline`` run, re-scored from its ``model.pt`` as the run scored valid."""
+    from qbert.pipeline import PipelineConfig, load_data
+    from qbert.pipeline.data import target_split
+    from qbert.pipeline.runs import rescoring_model
+    from qbert.seqrec.stage import split_ranks
+
+    cfg = PipelineConfig.from_yaml(run / "config.yaml")
+    data = load_data(cfg)
+    split = target_split(cfg, data)
+    device = pick_device(cfg.device)
+    model = rescoring_model(run, cfg, split, device, data)
+    with torch.no_grad():  # its batch size and fine-tuning precision
+        ranks = split_ranks(model, split, which, cfg.eval.batch_size, device, (protocol,), cfg.finetune.precision)
+    return ("qbert4rec" if cfg.model.item_id == "none" else "hybrid"), ranks[protocol].numpy(), split, data.target
+
+
+def baseline_ranks(run: Path, which: str, protocol: str, known: list):
+    """The same for a ``qbert baseline`` run. Its data: one of ``known`` (the datasets of the other
+    runs) with the run's fingerprint, else the data source it records."""
+    from qbert.baselines import load_run, model_ranks
+    from qbert.data.readers import read_source
+
+    model, bcfg, payload = load_run(run, "auto")
+    fingerprint = payload.get("data_fingerprint")
+    dataset = next((d for d in known if d.fingerprint() == fingerprint), None)
+    if dataset is None:
+        if not payload.get("data_source"):
+            raise ConfigError(f"{run}: the run records no data source; list a pipeline run of its data first")
+        dataset = read_source(payload["data_source"])
+        if fingerprint not in (None, dataset.fingerprint()):
+            raise DataError(f"{run}: {payload['data_source']} is not the data the run was trained on")
+    split = bcfg.cold_start.apply(LeaveOneOutSplit(dataset, max_len=bcfg.max_len))
+    device = next(model.parameters()).device
+    ranks = model_ranks(model, bcfg.model, split, which, bcfg.max_len, device, bcfg.eval_batch_size, (protocol,))
+    return bcfg.model, ranks[protocol].numpy(), split, dataset
+
+
+def score_runs(runs: list[Path], which: str, protocol: str) -> list[tuple]:
+    """:func:`pipeline_ranks` / :func:`baseline_ranks` of every run, in the order given (pipeline
+    runs are scored first, so the baselines can use their data)."""
+    for run in runs:
+        if not (run / "model.pt").is_file():
+            raise ConfigError(f"{run}: no model.pt (not a finished pipeline or baseline run)")
+    pipeline = {run: pipeline_ranks(run, which, protocol) for run in runs if (run / "semantic_ids.parquet").is_file()}
+    known = [p[3] for p in pipeline.values()]
+    return [pipeline[run] if run in pipeline else baseline_ranks(run, which, protocol, known) for run in runs]
+
+
+def slice_keys(split: LeaveOneOutSplit, which: str) -> dict[str, np.ndarray]:
+    """Per user: the target's count in the training parts, and the number of items before the target."""
+    flat = np.asarray(split.train_items)
+    edges = np.zeros(flat.size + 1, dtype=np.int64)  # +1 where a training part starts, -1 where it ends
+    np.add.at(edges, np.asarray(split.train_start), 1)
+    np.add.at(edges, np.asarray(split.train_end), -1)
+    counts = np.bincount(flat[np.cumsum(edges)[:-1] > 0], minlength=split.num_items)
+    lengths = np.asarray(split.train_end) - np.asarray(split.train_start) + (1 if which == "test" else 0)
+    return {"target_train_count": counts[split.targets(which)], "history_length": lengths}
+
+
+def bucket_edges(values: np.ndarray) -> np.ndarray:
+    """Upper bucket boundaries: the distinct quantiles of ``values`` (a bucket holds v <= edge)."""
+    return np.unique(np.quantile(values, QUANTILES, method="lower"))
+
+
+def metrics(ranks: np.ndarray) -> dict[str, float]:
+    hit = ranks < 10
+    return {"HR@10": float(hit.mean()), "NDCG@10": float(np.where(hit, 1 / np.log2(ranks + 2.0), 0.0).mean())}
+
+
+def slice_table(ranks: dict[str, np.ndarray], keys: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    """One row per (key, bucket): its bounds, users and each run's metrics."""
+    rows = []
+    for key, values in keys.items():
+        bucket = np.searchsorted(bucket_edges(values), values, side="left")
+        for b in np.unique(bucket):
+            m = bucket == b
+            rows.append({"key": key, "lo": int(values[m].min()), "hi": int(values[m].max()), "users": int(m.sum()),
+                         "metrics": {label: metrics(r[m]) for label, r in ranks.items()}})
+    return rows
+
+
+def labels_for(runs: list[Path], names: list[str]) -> list[str]:
+    """The model name, with the run directory's name where two runs share one."""
+    return [f"{n} ({r.name})" if names.count(n) > 1 else n for r, n in zip(runs, names)]
+
+
+def markdown(result: dict[str, Any]) -> str:
+    labels = [r["label"] for r in result["runs"]]
+    head = " | ".join(f"{label} {m}" for m in ("NDCG@10", "HR@10") for label in labels)
+    lines = [f"Split: {result['split']}, history {result['protocol']}.", "",
+             f"| slice | bucket | users | {head} |", "|---|---|---|" + "---|" * (2 * len(labels))]
+    for r in [{"key": "all", "lo": None, "hi": None, "users": result["users"], "metrics": result["all"]},
+              *result["slices"]]:
+        bounds = "" if r["lo"] is None else f"{r['lo']}–{r['hi']}"
+        cells = " | ".join(f"{r['metrics'][label][m]:.4f}" for m in ("NDCG@10", "HR@10") for label in labels)
+        lines.append(f"| {r['key']} | {bounds} | {r['users']:,} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", type=Path, nargs="+", required=True, help="finished runs of one dataset")
+    ap.add_argument("--split", choices=("valid", "test"), default="valid")
+    ap.add_argument("--protocol", choices=("kept", "excluded"), default="excluded",
+                    help="history items kept in or excluded from the ranking")
+    ap.add_argument("--name", default="slices", help="writes <out-dir>/<name>.{json,md}")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        scored = score_runs(args.runs, args.split, args.protocol)
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    split = scored[0][2]
+    targets = split.targets(args.split)
+    for run, (_, _, other, _) in zip(args.runs[1:], scored[1:]):
+        if not np.array_equal(other.targets(args.split), targets):
+            print(f"error: {run}: its {args.split} targets differ from {args.runs[0]}'s (another dataset or split)",
+                  file=sys.stderr)
+            return 2
+    labels = labels_for(args.runs, [s[0] for s in scored])
+    ranks = {label: s[1] for label, s in zip(labels, scored)}
+    result = {"split": args.split, "protocol": args.protocol, "users": int(targets.size),
+              "runs": [{"label": label, "run": str(run)} for label, run in zip(labels, args.runs)],
+              "all": {label: metrics(r) for label, r in ranks.items()},
+              "slices": slice_table(ranks, slice_keys(split, args.split)),
+              "meta": benchmark_meta("benchmarks/slices.py", argv, REPO)}
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.out_dir / f"{args.name}.json", result)
+    atomic_write_text(args.out_dir / f"{args.name}.md", markdown(result))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
