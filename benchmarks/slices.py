@@ -14,6 +14,7 @@ quantile buckets by two keys:
 - ``history_length``: the number of items before the target (capped at the model's window only
   in what the models read, not here).
 
+Every run must have the same targets and the same withheld items (``data.cold_start``).
 ``--split test`` reads test instead; use it only on final setups whose test was already scored,
 as a description, never to choose anything. Writes ``benchmarks/results/<name>.{json,md}``.
 """
@@ -34,10 +35,14 @@ sys.path.insert(0, str(REPO))
 from qbert.config import ConfigError  # noqa: E402
 from qbert.data.errors import DataError  # noqa: E402
 from qbert.data.split import LeaveOneOutSplit  # noqa: E402
-from qbert.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
+from qbert.utils.io import atomic_write_json, atomic_write_text, load_weights  # noqa: E402
 from qbert.utils.runtime import benchmark_meta, pick_device  # noqa: E402
 
 KEYS = ("target_train_count", "history_length")
+
+
+class RunError(Exception):
+    """A run that cannot be scored, with its path in the message."""
 QUANTILES = (0.25, 0.5, 0.75, 0.9)
 
 
@@ -51,6 +56,9 @@ def pipeline_ranks(run: Path, which: str, protocol: str):
 
     cfg = PipelineConfig.from_yaml(run / "config.yaml")
     data = load_data(cfg)
+    trained_on = load_weights(run / "model.pt", "model file").get("data_fingerprint")
+    if trained_on not in (None, data.target.fingerprint()):
+        raise DataError(f"{cfg.data.source} is not the data the run was trained on (fingerprint differs)")
     split = target_split(cfg, data)
     device = pick_device(cfg.device)
     model = rescoring_model(run, cfg, split, device, data)
@@ -70,10 +78,10 @@ def baseline_ranks(run: Path, which: str, protocol: str, known: list):
     dataset = next((d for d in known if d.fingerprint() == fingerprint), None)
     if dataset is None:
         if not payload.get("data_source"):
-            raise ConfigError(f"{run}: the run records no data source; list a pipeline run of its data first")
+            raise ConfigError("the run records no data source; also list a pipeline run of its data")
         dataset = read_source(payload["data_source"])
         if fingerprint not in (None, dataset.fingerprint()):
-            raise DataError(f"{run}: {payload['data_source']} is not the data the run was trained on")
+            raise DataError(f"{payload['data_source']} is not the data the run was trained on")
     split = bcfg.cold_start.apply(LeaveOneOutSplit(dataset, max_len=bcfg.max_len))
     device = next(model.parameters()).device
     ranks = model_ranks(model, bcfg.model, split, which, bcfg.max_len, device, bcfg.eval_batch_size, (protocol,))
@@ -83,22 +91,29 @@ def baseline_ranks(run: Path, which: str, protocol: str, known: list):
 def score_runs(runs: list[Path], which: str, protocol: str) -> list[tuple]:
     """:func:`pipeline_ranks` / :func:`baseline_ranks` of every run, in the order given (pipeline
     runs are scored first, so the baselines can use their data)."""
+    def named(run: Path, score, *rest):
+        try:
+            return score(run, which, protocol, *rest)
+        except (ConfigError, DataError, OSError, RuntimeError, KeyError, ValueError) as e:
+            raise RunError(f"{run}: {e}") from e
+
     for run in runs:
         if not (run / "model.pt").is_file():
-            raise ConfigError(f"{run}: no model.pt (not a finished pipeline or baseline run)")
-    pipeline = {run: pipeline_ranks(run, which, protocol) for run in runs if (run / "semantic_ids.parquet").is_file()}
+            raise RunError(f"{run}: no model.pt (not a finished pipeline or baseline run)")
+    pipeline = {run: named(run, pipeline_ranks) for run in runs if (run / "semantic_ids.parquet").is_file()}
     known = [p[3] for p in pipeline.values()]
-    return [pipeline[run] if run in pipeline else baseline_ranks(run, which, protocol, known) for run in runs]
+    return [pipeline[run] if run in pipeline else named(run, baseline_ranks, known) for run in runs]
 
 
 def slice_keys(split: LeaveOneOutSplit, which: str) -> dict[str, np.ndarray]:
-    """Per user: the target's count in the training parts, and the number of items before the target."""
+    """Per user: the target's count in the training parts (without withheld items under the
+    cold-start protocol), and the number of items before the target in the real sequence."""
     flat = np.asarray(split.train_items)
     edges = np.zeros(flat.size + 1, dtype=np.int64)  # +1 where a training part starts, -1 where it ends
     np.add.at(edges, np.asarray(split.train_start), 1)
     np.add.at(edges, np.asarray(split.train_end), -1)
     counts = np.bincount(flat[np.cumsum(edges)[:-1] > 0], minlength=split.num_items)
-    lengths = np.asarray(split.train_end) - np.asarray(split.train_start) + (1 if which == "test" else 0)
+    lengths = split.valid_pos - split.user_start + (1 if which == "test" else 0)  # the real history, also cold start
     return {"target_train_count": counts[split.targets(which)], "history_length": lengths}
 
 
@@ -126,7 +141,8 @@ def slice_table(ranks: dict[str, np.ndarray], keys: dict[str, np.ndarray]) -> li
 
 def labels_for(runs: list[Path], names: list[str]) -> list[str]:
     """The model name, with the run directory's name where two runs share one."""
-    return [f"{n} ({r.name})" if names.count(n) > 1 else n for r, n in zip(runs, names)]
+    labels = [f"{n} ({r.name})" if names.count(n) > 1 else n for r, n in zip(runs, names)]
+    return [f"{n} ({r})" if labels.count(label) > 1 else label for r, n, label in zip(runs, names, labels)]
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -154,17 +170,20 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if len(set(args.runs)) < len(args.runs):
+        print("error: --runs lists a run twice", file=sys.stderr)
+        return 2
     try:
         scored = score_runs(args.runs, args.split, args.protocol)
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
+    except RunError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     split = scored[0][2]
     targets = split.targets(args.split)
     for run, (_, _, other, _) in zip(args.runs[1:], scored[1:]):
-        if not np.array_equal(other.targets(args.split), targets):
-            print(f"error: {run}: its {args.split} targets differ from {args.runs[0]}'s (another dataset or split)",
-                  file=sys.stderr)
+        if not np.array_equal(other.targets(args.split), targets) or not np.array_equal(other.withheld, split.withheld):
+            print(f"error: {run}: its {args.split} targets or withheld new items differ from {args.runs[0]}'s "
+                  "(another dataset, split or cold-start draw)", file=sys.stderr)
             return 2
     labels = labels_for(args.runs, [s[0] for s in scored])
     ranks = {label: s[1] for label, s in zip(labels, scored)}

@@ -172,8 +172,12 @@ def run_baseline(cfg: BaselineConfig, dataset: SeqDataset, out_dir: str | Path, 
     """Train, early-stop on valid NDCG@10, evaluate the best epoch; write the run directory.
 
     ``cfg.num_threads`` applies for the duration of the run (torch's setting is process-wide).
+    ``data_source`` is recorded in ``model.pt`` (a local path made absolute, so the run can be
+    re-scored from any directory).
     """
     cfg = cfg.resolved()
+    if data_source and Path(data_source).exists():
+        data_source = str(Path(data_source).resolve())
     prev_threads = torch.get_num_threads()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)

@@ -111,6 +111,27 @@ def _slices_of_the_two_runs(runs, tmp_path, capsys):
     assert slices.main(["--runs", str(q), str(runs / "nowhere"), "--out-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "nowhere" in err
+    assert slices.main(["--runs", str(q), str(q), "--out-dir", str(tmp_path)]) == 2
+    assert "twice" in capsys.readouterr().err
+
+
+def test_slice_keys_count_training_parts_and_real_histories():
+    """The target's count in the training parts only (never a valid or test item; withheld new items
+    not at all), and the history length of the real sequence, also under the cold-start protocol."""
+    from qbert.data import LeaveOneOutSplit, from_sequences
+
+    slices = _bench("slices")
+    ds = from_sequences("t", [[5, 1, 2, 3], [4, 4, 0], [2, 1, 1, 5]], num_items=6)
+    split = LeaveOneOutSplit(ds)  # training parts [5, 1], [4], [2, 1]; valid 2, 4, 1; test 3, 0, 5
+    valid, test = slices.slice_keys(split, "valid"), slices.slice_keys(split, "test")
+    assert valid["target_train_count"].tolist() == [1, 1, 2] and valid["history_length"].tolist() == [2, 1, 2]
+    assert test["target_train_count"].tolist() == [0, 0, 1] and test["history_length"].tolist() == [3, 2, 3]
+    cold = slices.slice_keys(split.withhold(np.array([1])), "valid")  # item 1 leaves the training parts
+    assert cold["target_train_count"].tolist() == [1, 1, 0] and cold["history_length"].tolist() == [2, 1, 2]
+    values = np.array([1, 1, 1, 2, 3, 9])  # quantile edges 1, 2, 3: buckets <= 1, (1, 2], (2, 3], > 3
+    rows = slices.slice_table({"m": np.array([0, 20, 20, 0, 20, 20])}, {"k": values})
+    assert [(r["lo"], r["hi"], r["users"]) for r in rows] == [(1, 1, 3), (2, 2, 1), (3, 3, 1), (9, 9, 1)]
+    assert [r["metrics"]["m"]["HR@10"] for r in rows] == pytest.approx([1 / 3, 1, 0, 0])
 
 
 def _seed_records_outlive_their_runs(bench, runs, rows, capsys):
