@@ -218,16 +218,8 @@ def _concentration(split, ranks: dict[str, Any]) -> dict[str, Any]:
 
 
 def popularity_fn(cfg: PipelineConfig, data) -> Callable[[torch.Tensor], torch.Tensor]:
-    pop = torch.as_tensor(np.log1p(_train_counts(target_split(cfg, data))), dtype=torch.float32)
+    pop = torch.as_tensor(np.log1p(target_split(cfg, data).train_counts()), dtype=torch.float32)
     return lambda h: pop.expand(len(h), -1)
-
-
-def _train_counts(split) -> np.ndarray:
-    """How often each item occurs in the training views (the withheld items: never)."""
-    lengths = split.train_end - split.train_start
-    owner = np.repeat(np.arange(split.num_users), lengths)
-    pos = split.train_start[owner] + (np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths))
-    return np.bincount(split.train_items[pos], minlength=split.num_items)
 
 
 def content_knn_fn(cfg: PipelineConfig, data) -> Callable[[torch.Tensor], torch.Tensor]:

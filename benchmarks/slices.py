@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO))
 from qbert.config import ConfigError  # noqa: E402
 from qbert.data.errors import DataError  # noqa: E402
 from qbert.data.split import LeaveOneOutSplit  # noqa: E402
+from qbert.eval.metrics import metrics_from_ranks  # noqa: E402
 from qbert.utils.io import atomic_write_json, atomic_write_text, load_weights  # noqa: E402
 from qbert.utils.runtime import benchmark_meta, pick_device  # noqa: E402
 
@@ -108,11 +109,7 @@ def score_runs(runs: list[Path], which: str, protocol: str) -> list[tuple]:
 def slice_keys(split: LeaveOneOutSplit, which: str) -> dict[str, np.ndarray]:
     """Per user: the target's count in the training parts (without withheld items under the
     cold-start protocol), and the number of items before the target in the real sequence."""
-    flat = np.asarray(split.train_items)
-    edges = np.zeros(flat.size + 1, dtype=np.int64)  # +1 where a training part starts, -1 where it ends
-    np.add.at(edges, np.asarray(split.train_start), 1)
-    np.add.at(edges, np.asarray(split.train_end), -1)
-    counts = np.bincount(flat[np.cumsum(edges)[:-1] > 0], minlength=split.num_items)
+    counts = split.train_counts()
     lengths = split.valid_pos - split.user_start + (1 if which == "test" else 0)  # the real history, also cold start
     return {"target_train_count": counts[split.targets(which)], "history_length": lengths}
 
@@ -123,8 +120,7 @@ def bucket_edges(values: np.ndarray) -> np.ndarray:
 
 
 def metrics(ranks: np.ndarray) -> dict[str, float]:
-    hit = ranks < 10
-    return {"HR@10": float(hit.mean()), "NDCG@10": float(np.where(hit, 1 / np.log2(ranks + 2.0), 0.0).mean())}
+    return {k: v for k, v in metrics_from_ranks(ranks).items() if k in ("HR@10", "NDCG@10")}
 
 
 def slice_table(ranks: dict[str, np.ndarray], keys: dict[str, np.ndarray]) -> list[dict[str, Any]]:

@@ -100,6 +100,14 @@ class LeaveOneOutSplit:
         out.withheld = items
         return out
 
+    def train_counts(self) -> np.ndarray:
+        """[N] how often each item occurs in the training parts (withheld items: never)."""
+        lengths = self.train_end - self.train_start
+        owner = np.repeat(np.arange(self.num_users), lengths)
+        within = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        pos = self.train_start[owner] + within
+        return np.bincount(self.train_items[pos], minlength=self.num_items)
+
     def train_owner(self, positions: np.ndarray) -> np.ndarray:
         """The user of each position of ``train_items``."""
         return np.searchsorted(self.train_start, positions, side="right") - 1
