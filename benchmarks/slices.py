@@ -14,6 +14,10 @@ quantile buckets by two keys:
 - ``history_length``: the number of items before the target (capped at the model's window only
   in what the models read, not here).
 
+``--popularity-adjust TAU`` ranks every run by its score minus TAU * log(1 + the item's count in
+the training parts) instead (post-hoc logit adjustment, Menon et al. 2021, "Long-tail learning via
+logit adjustment"): a diagnostic of whether a model's tail loses to its popularity prior.
+
 Every run must have the same targets and the same withheld items (``data.cold_start``).
 ``--split test`` reads test instead; use it only on final setups whose test was already scored,
 as a description, never to choose anything. Writes ``benchmarks/results/<name>.{json,md}``.
@@ -47,9 +51,22 @@ class RunError(Exception):
 QUANTILES = (0.25, 0.5, 0.75, 0.9)
 
 
-def pipeline_ranks(run: Path, which: str, protocol: str):
+def popularity_adjusted(score_fn, counts: np.ndarray, tau: float):
+    """``score_fn`` ([B, L] histories -> [B, N] scores) minus ``tau`` * log(1 + counts) of every item."""
+    if tau == 0:
+        return score_fn
+    shift = tau * torch.log1p(torch.as_tensor(counts, dtype=torch.float32))
+
+    def adjusted(histories: torch.Tensor) -> torch.Tensor:
+        scores = score_fn(histories)
+        return scores.float() - shift.to(scores.device)
+    return adjusted
+
+
+def pipeline_ranks(run: Path, which: str, protocol: str, tau: float = 0.0):
     """(model name, 0-based target ranks of ``which``, the split they index, the dataset) of a
-    finished ``qbert pipeline`` run, re-scored from its ``model.pt`` as the run scored valid."""
+    finished ``qbert pipeline`` run, re-scored from its ``model.pt`` as the run scored valid
+    (with ``tau``: :func:`popularity_adjusted`)."""
     from qbert.pipeline import PipelineConfig, load_data
     from qbert.pipeline.data import target_split
     from qbert.pipeline.runs import rescoring_model
@@ -63,12 +80,13 @@ def pipeline_ranks(run: Path, which: str, protocol: str):
     split = target_split(cfg, data)
     device = pick_device(cfg.device)
     model = rescoring_model(run, cfg, split, device, data)
+    model.score = popularity_adjusted(model.score, split.train_counts(), tau)
     with torch.no_grad():  # its batch size and fine-tuning precision
         ranks = split_ranks(model, split, which, cfg.eval.batch_size, device, (protocol,), cfg.finetune.precision)
     return ("qbert4rec" if cfg.model.item_id == "none" else "hybrid"), ranks[protocol].numpy(), split, data.target
 
 
-def baseline_ranks(run: Path, which: str, protocol: str, known: list):
+def baseline_ranks(run: Path, which: str, protocol: str, known: list, tau: float = 0.0):
     """The same for a ``qbert baseline`` run. Its data: one of ``known`` (the datasets of the other
     runs) with the run's fingerprint, else the data source it records."""
     from qbert.baselines import load_run, model_ranks
@@ -85,16 +103,17 @@ def baseline_ranks(run: Path, which: str, protocol: str, known: list):
             raise DataError(f"{payload['data_source']} is not the data the run was trained on")
     split = bcfg.cold_start.apply(LeaveOneOutSplit(dataset, max_len=bcfg.max_len))
     device = next(model.parameters()).device
+    model.score = popularity_adjusted(model.score, split.train_counts(), tau)
     ranks = model_ranks(model, bcfg.model, split, which, bcfg.max_len, device, bcfg.eval_batch_size, (protocol,))
     return bcfg.model, ranks[protocol].numpy(), split, dataset
 
 
-def score_runs(runs: list[Path], which: str, protocol: str) -> list[tuple]:
+def score_runs(runs: list[Path], which: str, protocol: str, tau: float = 0.0) -> list[tuple]:
     """:func:`pipeline_ranks` / :func:`baseline_ranks` of every run, in the order given (pipeline
     runs are scored first, so the baselines can use their data)."""
     def named(run: Path, score, *rest):
         try:
-            return score(run, which, protocol, *rest)
+            return score(run, which, protocol, *rest, tau=tau)
         except (ConfigError, DataError, OSError, RuntimeError, KeyError, ValueError) as e:
             raise RunError(f"{run}: {e}") from e
 
@@ -144,7 +163,8 @@ def labels_for(runs: list[Path], names: list[str]) -> list[str]:
 def markdown(result: dict[str, Any]) -> str:
     labels = [r["label"] for r in result["runs"]]
     head = " | ".join(f"{label} {m}" for m in ("NDCG@10", "HR@10") for label in labels)
-    lines = [f"Split: {result['split']}, history {result['protocol']}.", "",
+    adjust = f", scores minus {result['popularity_adjust']} * log(1 + train count)" if result["popularity_adjust"] else ""
+    lines = [f"Split: {result['split']}, history {result['protocol']}{adjust}.", "",
              f"| slice | bucket | users | {head} |", "|---|---|---|" + "---|" * (2 * len(labels))]
     for r in [{"key": "all", "lo": None, "hi": None, "users": result["users"], "metrics": result["all"]},
               *result["slices"]]:
@@ -160,17 +180,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--split", choices=("valid", "test"), default="valid")
     ap.add_argument("--protocol", choices=("kept", "excluded"), default="excluded",
                     help="history items kept in or excluded from the ranking")
+    ap.add_argument("--popularity-adjust", type=float, default=0.0, metavar="TAU",
+                    help="rank by score - TAU * log(1 + the item's training count) (a diagnostic; default 0)")
     ap.add_argument("--name", default="slices", help="writes <out-dir>/<name>.{json,md}")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.popularity_adjust < 0:
+        print(f"error: --popularity-adjust must be >= 0, got {args.popularity_adjust}", file=sys.stderr)
+        return 2
     if len(set(args.runs)) < len(args.runs):
         print("error: --runs lists a run twice", file=sys.stderr)
         return 2
     try:
-        scored = score_runs(args.runs, args.split, args.protocol)
+        scored = score_runs(args.runs, args.split, args.protocol, args.popularity_adjust)
     except RunError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -183,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     labels = labels_for(args.runs, [s[0] for s in scored])
     ranks = {label: s[1] for label, s in zip(labels, scored)}
-    result = {"split": args.split, "protocol": args.protocol, "users": int(targets.size),
+    result = {"split": args.split, "protocol": args.protocol, "popularity_adjust": args.popularity_adjust,
+              "users": int(targets.size),
               "runs": [{"label": label, "run": str(run)} for label, run in zip(labels, args.runs)],
               "all": {label: metrics(r) for label, r in ranks.items()},
               "slices": slice_table(ranks, slice_keys(split, args.split)),

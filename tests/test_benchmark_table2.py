@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from test_benchmark_qbert4rec import _bench, one_thread  # noqa: F401 - the module's autouse fixture
 
 TEST_METRICS = {"HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10"}
@@ -107,7 +108,20 @@ def _slices_of_the_two_runs(runs, tmp_path, capsys):
                 weighted = sum(r["users"] * r["metrics"][label]["NDCG@10"] for r in rows) / res["users"]
                 assert weighted == pytest.approx(res["all"][label]["NDCG@10"])
         assert "| target_train_count |" in (tmp_path / "slices.md").read_text()
+    # a popularity adjustment large enough to outweigh any score puts the most popular targets
+    # out of every top 10, which the unadjusted ranking reaches
+    unadjusted = json.loads((tmp_path / "slices.json").read_text())
+    argv = ["--runs", str(q), str(s), "--split", "test", "--protocol", "kept", "--out-dir", str(tmp_path)]
+    assert slices.main([*argv, "--popularity-adjust", "1000"]) == 0
+    res = json.loads((tmp_path / "slices.json").read_text())
+    assert res["popularity_adjust"] == 1000 and "minus 1000.0 * log(1 + train count)" in (tmp_path / "slices.md").read_text()
+    top = [r for r in res["slices"] if r["key"] == "target_train_count"][-1]
+    before = [r for r in unadjusted["slices"] if r["key"] == "target_train_count"][-1]
+    for label in ("qbert4rec", "sasrec"):
+        assert before["metrics"][label]["HR@10"] > 0 and top["metrics"][label]["HR@10"] == 0
     capsys.readouterr()
+    assert slices.main([*argv, "--popularity-adjust", "-1"]) == 2
+    assert capsys.readouterr().err.startswith("error: --popularity-adjust")
     assert slices.main(["--runs", str(q), str(runs / "nowhere"), "--out-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "nowhere" in err
@@ -132,6 +146,15 @@ def test_slice_keys_count_training_parts_and_real_histories():
     rows = slices.slice_table({"m": np.array([0, 20, 20, 0, 20, 20])}, {"k": values})
     assert [(r["lo"], r["hi"], r["users"]) for r in rows] == [(1, 1, 3), (2, 2, 1), (3, 3, 1), (9, 9, 1)]
     assert [r["metrics"]["m"]["HR@10"] for r in rows] == pytest.approx([1 / 3, 1, 0, 0])
+
+
+def test_popularity_adjusted_scores_subtract_the_log_count_prior():
+    slices = _bench("slices")
+    base = lambda h: torch.zeros(len(h), 3)  # noqa: E731 (three items of equal score)
+    adjusted = slices.popularity_adjusted(base, np.array([0, 1, 7]), 0.5)
+    expected = torch.tensor([[0.0, -0.5 * np.log(2), -0.5 * np.log(8)]] * 2, dtype=torch.float32)
+    assert torch.allclose(adjusted(torch.zeros(2, 4)), expected)
+    assert slices.popularity_adjusted(base, np.array([0, 1, 7]), 0.0) is base
 
 
 def _seed_records_outlive_their_runs(bench, runs, rows, capsys):
