@@ -405,6 +405,44 @@ def test_catalogue_head_scores_are_the_log_softmax_over_composed_semantic_id_emb
     assert float(m.prefix.inp.grad[m.prefix.blank].abs().sum()) == 0  # padding/[MASK] row never trains
 
 
+def test_tied_prefix_rows_are_the_input_rows_in_the_item_vectors():
+    """``tie_prefix``: an item's output prefix rows are its input rows (one table, trained from the
+    input and the item softmax), its prefix biases stay separate, and the state round-trips."""
+    torch.manual_seed(0)
+    m = QBert4Rec(_codes(), num_codes=8, hidden=16, layers=2, heads=2, dropout=0.0, max_len=10, tie_prefix=True)
+    state = m.state_dict()
+    assert "prefix.out_table" not in state and m.prefix.out is None
+    for name in ("prefix.inp_table", "prefix.out_bias_table"):
+        state[name].normal_(0, 0.1)
+    m.load_state_dict(state)
+    with torch.no_grad():
+        vec, bias = m.item_vectors()
+        for item in (0, 7, 29):
+            c, rows = m.codes[item], m.item_buckets[item]
+            expect = sum(m.code_out[lev, c[lev]] for lev in range(m.K)) + state["prefix.inp_table"][rows].sum(0)
+            torch.testing.assert_close(vec[item], expect)
+            torch.testing.assert_close(bias[item], sum(m.code_bias[lev, c[lev]] for lev in range(m.K))
+                                       + state["prefix.out_bias_table"][rows].sum())
+    # rows of items that are never an input: untied, the input table gets no gradient there;
+    # tied, the item softmax trains them
+    tok = _tokens()
+    mask = masks.random_mask(tok != 0, 0.3, torch.Generator().manual_seed(0))
+    inputs = tok[(tok != 0) & ~mask].unique() - 1
+    never_input = torch.ones(m.prefix.blank, dtype=torch.bool)
+    never_input[m.item_prefix_rows[inputs].unique()] = False
+    assert never_input.any()
+    untied = QBert4Rec(_codes(), num_codes=8, hidden=16, layers=2, heads=2, dropout=0.0, max_len=10)
+    for model, trained in ((m, True), (untied, False)):
+        loss, _ = model.masked_loss(tok, mask)
+        loss.backward()
+        grad = model.prefix.inp.grad
+        assert (float(grad[: model.prefix.blank][never_input].abs().sum()) > 0) == trained
+        assert float(grad[model.prefix.blank].abs().sum()) == 0 and model.prefix.out_bias.grad.abs().sum() > 0
+    again = QBert4Rec(_codes(), num_codes=8, hidden=16, layers=2, heads=2, dropout=0.0, max_len=10, tie_prefix=True)
+    again.load_state_dict(m.state_dict())
+    torch.testing.assert_close(again.item_vectors()[0], m.item_vectors()[0])
+
+
 def test_prefix_buckets_are_deterministic_shared_by_equal_prefixes_and_configurable():
     from qbert.seqrec.qbert4rec import prefix_hash
 

@@ -43,7 +43,8 @@ def prefix_hash(codes: torch.Tensor, lengths: list[int], buckets: int) -> torch.
 
 class PrefixTables(nn.Module):
     """The hashed prefix tables (``with_out``: also the output embeddings and biases of the
-    catalogue head). Tables start at zero: a prefix no step touches contributes nothing.
+    catalogue head; ``tied``: the output embeddings are the input rows, only the biases are
+    separate). Tables start at zero: a prefix no step touches contributes nothing.
 
     After :meth:`bind`, the trainable parameters are ``inp`` [U + 1, H] (its last row is the
     blank of padding and [MASK], never trained), ``out`` [U, H] and ``out_bias`` [U], where U is
@@ -52,23 +53,29 @@ class PrefixTables(nn.Module):
     optimizer built on them stays valid.
     """
 
-    def __init__(self, buckets: int, hidden: int, with_out: bool):
+    def __init__(self, buckets: int, hidden: int, with_out: bool, tied: bool = False):
         super().__init__()
         if buckets < 1:
             raise ValueError(f"prefix_buckets must be >= 1, got {buckets}")
-        self.buckets, self.hidden, self.with_out = int(buckets), int(hidden), with_out
+        self.buckets, self.hidden, self.with_out, self.tied = int(buckets), int(hidden), with_out, tied and with_out
+        own_out = with_out and not self.tied
         self.register_buffer("inp_table", torch.zeros(self.buckets, hidden))
-        self.register_buffer("out_table", torch.zeros(self.buckets, hidden) if with_out else None)
+        self.register_buffer("out_table", torch.zeros(self.buckets, hidden) if own_out else None)
         self.register_buffer("out_bias_table", torch.zeros(self.buckets) if with_out else None)
         self.register_buffer("rows", torch.zeros(0, dtype=torch.long), persistent=False)
         self.inp = nn.Parameter(torch.zeros(1, hidden))
-        self.out = nn.Parameter(torch.zeros(0, hidden)) if with_out else None
+        self.out = nn.Parameter(torch.zeros(0, hidden)) if own_out else None
         self.out_bias = nn.Parameter(torch.zeros(0)) if with_out else None
 
     @property
     def blank(self) -> int:
         """Row of ``inp`` that padding and [MASK] positions use (zero, excluded from every bag)."""
         return int(self.rows.numel())
+
+    @property
+    def out_rows(self) -> torch.Tensor:
+        """Output embeddings [U, H] of the bound rows: ``out``, or the input rows when tied."""
+        return self.inp[: self.blank] if self.tied else self.out
 
     def _tables(self) -> list[tuple[str, nn.Parameter | None]]:
         return [("inp_table", self.inp), ("out_table", self.out), ("out_bias_table", self.out_bias)]
@@ -96,7 +103,8 @@ class PrefixTables(nn.Module):
         self.rows = rows
         self.inp = nn.Parameter(torch.cat([self.inp_table[rows], self.inp_table.new_zeros(1, self.hidden)]))
         if self.with_out:
-            self.out = nn.Parameter(self.out_table[rows].clone())
+            if not self.tied:
+                self.out = nn.Parameter(self.out_table[rows].clone())
             self.out_bias = nn.Parameter(self.out_bias_table[rows].clone())
         return compact
 

@@ -84,7 +84,7 @@ class QBert4Rec(nn.Module):
                  heads: int = 4, dropout: float = 0.2, max_len: int = 50, item_id: str = "none",
                  head: str = "catalogue", prefix_lengths: list[int] | None = None, prefix_buckets: int = 32768,
                  code_loss_weight: float = 1.0, combine: str = "sum", ffn_mult: int = 4, pre_ln: bool = False,
-                 level_sizes: list[int] | None = None, tie_codes: bool = False,
+                 level_sizes: list[int] | None = None, tie_codes: bool = False, tie_prefix: bool = False,
                  code_score_weight: float = 1.0, repeat_bias: bool = False, prefix_bias: bool = False,
                  new_items: str = "own", new_item_weight: float = 0.25, new_item_offset: float = 1.5,
                  new_item_content: float = 0.0, content_dim: int = 0, new_item_share: float = 0.1,
@@ -157,7 +157,8 @@ class QBert4Rec(nn.Module):
         self.code_bias = nn.Parameter(torch.zeros(self.K, self.C))
         self.code_out = None if tie_codes else nn.Parameter(torch.zeros(self.K, self.C, hidden))
         # hashed prefix n-gram tables of a fixed size; training touches the rows the catalogue uses
-        self.prefix = PrefixTables(self.prefix_buckets, hidden, with_out=head == "catalogue") if lengths else None
+        self.prefix = (PrefixTables(self.prefix_buckets, hidden, with_out=head == "catalogue", tied=tie_prefix)
+                       if lengths else None)
         # levels with a smaller codebook than C never predict the codes they lack
         sizes = torch.as_tensor(level_sizes if level_sizes is not None else [self.C] * self.K)
         if sizes.shape != (self.K,) or bool((sizes < 1).any()) or bool((sizes > self.C).any()):
@@ -396,7 +397,7 @@ class QBert4Rec(nn.Module):
         vec = _bag(flat, self._code_table().reshape(self.K * self.C, self.hidden))  # [N, H]
         bias = _bag(flat, self.code_bias.view(-1, 1))[:, 0]  # [N]
         if self.prefix is not None and self.prefix.with_out:
-            vec = vec + _bag(prefix_rows, self.prefix.out, weights=keep)
+            vec = vec + _bag(prefix_rows, self.prefix.out_rows, weights=keep)
             bias = bias + _bag(prefix_rows, self.prefix.out_bias.view(-1, 1), weights=keep)[:, 0]
         if self.content_out is not None:  # shared by all items: new items keep it (pseudo_new too)
             if self.content_reduced is None:
@@ -431,7 +432,7 @@ class QBert4Rec(nn.Module):
         items"). None: keep every row."""
         if pseudo_new is None or self.prefix is None or not self.prefix.with_out:
             return None
-        return (~(self.item_specific_rows() & pseudo_new[:, None])).to(self.prefix.out.dtype)
+        return (~(self.item_specific_rows() & pseudo_new[:, None])).to(self.prefix.out_bias.dtype)
 
     def catalogue_logits(self, h: torch.Tensor, visible: torch.Tensor | None = None,
                          items: torch.Tensor | None = None, pseudo_new: torch.Tensor | None = None) -> torch.Tensor:

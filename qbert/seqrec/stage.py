@@ -56,6 +56,9 @@ class SeqRecConfig(Config):
     combine: Literal["sum", "concat"] = "sum"  # how an item's K code embeddings become one vector
     pre_ln: bool = False  # post-LN (BERT/RecBole) by default
     tie_codes: bool = False  # output code embeddings = input ones; untied trains much faster here
+    # catalogue head: an item's output prefix rows = its input ones (biases stay separate), so a rare
+    # item's rows learn from its occurrences in histories as well as from its few targets
+    tie_prefix: bool = False
     code_score_weight: float = Field(1.0, ge=0.0)  # hybrid (item_id input_and_head): ranking weight of
     # the semantic-ID term next to the item-ID term
     repeat_bias: bool = False  # learn one logit shift for items already in the sequence
@@ -186,6 +189,7 @@ def build_model(cfg: SeqRecConfig, codes: np.ndarray | torch.Tensor, num_codes: 
                      item_id=cfg.item_id, head=cfg.head, prefix_lengths=cfg.prefix_lengths,
                      prefix_buckets=cfg.prefix_buckets, code_loss_weight=cfg.code_loss_weight, combine=cfg.combine,
                      ffn_mult=cfg.ffn_mult, pre_ln=cfg.pre_ln, level_sizes=sizes, tie_codes=cfg.tie_codes,
+                     tie_prefix=cfg.tie_prefix,
                      code_score_weight=cfg.code_score_weight, repeat_bias=cfg.repeat_bias,
                      prefix_bias=cfg.prefix_bias, new_items=cfg.new_items, new_item_weight=cfg.new_item_weight,
                      new_item_offset=cfg.new_item_offset, new_item_content=cfg.new_item_content,
