@@ -16,7 +16,8 @@ quantile buckets by two keys:
 
 ``--popularity-adjust TAU`` ranks every run by its score minus TAU * log(1 + the item's count in
 the training parts) instead (post-hoc logit adjustment, Menon et al. 2021, "Long-tail learning via
-logit adjustment"): a diagnostic of whether a model's tail loses to its popularity prior.
+logit adjustment"; an item never in training gets the largest lift): a diagnostic of whether a
+model's tail loses to its popularity prior.
 
 Every run must have the same targets and the same withheld items (``data.cold_start``).
 ``--split test`` reads test instead; use it only on final setups whose test was already scored,
@@ -80,7 +81,8 @@ def pipeline_ranks(run: Path, which: str, protocol: str, tau: float = 0.0):
     split = target_split(cfg, data)
     device = pick_device(cfg.device)
     model = rescoring_model(run, cfg, split, device, data)
-    model.score = popularity_adjusted(model.score, split.train_counts(), tau)
+    if tau:
+        model.score = popularity_adjusted(model.score, split.train_counts(), tau)
     with torch.no_grad():  # its batch size and fine-tuning precision
         ranks = split_ranks(model, split, which, cfg.eval.batch_size, device, (protocol,), cfg.finetune.precision)
     return ("qbert4rec" if cfg.model.item_id == "none" else "hybrid"), ranks[protocol].numpy(), split, data.target
@@ -103,7 +105,8 @@ def baseline_ranks(run: Path, which: str, protocol: str, known: list, tau: float
             raise DataError(f"{payload['data_source']} is not the data the run was trained on")
     split = bcfg.cold_start.apply(LeaveOneOutSplit(dataset, max_len=bcfg.max_len))
     device = next(model.parameters()).device
-    model.score = popularity_adjusted(model.score, split.train_counts(), tau)
+    if tau:
+        model.score = popularity_adjusted(model.score, split.train_counts(), tau)
     ranks = model_ranks(model, bcfg.model, split, which, bcfg.max_len, device, bcfg.eval_batch_size, (protocol,))
     return bcfg.model, ranks[protocol].numpy(), split, dataset
 
@@ -163,7 +166,8 @@ def labels_for(runs: list[Path], names: list[str]) -> list[str]:
 def markdown(result: dict[str, Any]) -> str:
     labels = [r["label"] for r in result["runs"]]
     head = " | ".join(f"{label} {m}" for m in ("NDCG@10", "HR@10") for label in labels)
-    adjust = f", scores minus {result['popularity_adjust']} * log(1 + train count)" if result["popularity_adjust"] else ""
+    tau = result.get("popularity_adjust", 0.0)
+    adjust = f", scores minus {tau} * log(1 + train count)" if tau else ""
     lines = [f"Split: {result['split']}, history {result['protocol']}{adjust}.", "",
              f"| slice | bucket | users | {head} |", "|---|---|---|" + "---|" * (2 * len(labels))]
     for r in [{"key": "all", "lo": None, "hi": None, "users": result["users"], "metrics": result["all"]},
@@ -188,8 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.popularity_adjust < 0:
-        print(f"error: --popularity-adjust must be >= 0, got {args.popularity_adjust}", file=sys.stderr)
+    if not 0 <= args.popularity_adjust < float("inf"):
+        print(f"error: --popularity-adjust must be a finite number >= 0, got {args.popularity_adjust}", file=sys.stderr)
         return 2
     if len(set(args.runs)) < len(args.runs):
         print("error: --runs lists a run twice", file=sys.stderr)

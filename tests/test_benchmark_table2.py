@@ -120,8 +120,9 @@ def _slices_of_the_two_runs(runs, tmp_path, capsys):
     for label in ("qbert4rec", "sasrec"):
         assert before["metrics"][label]["HR@10"] > 0 and top["metrics"][label]["HR@10"] == 0
     capsys.readouterr()
-    assert slices.main([*argv, "--popularity-adjust", "-1"]) == 2
-    assert capsys.readouterr().err.startswith("error: --popularity-adjust")
+    for bad in ("-1", "nan", "inf"):
+        assert slices.main([*argv, "--popularity-adjust", bad]) == 2
+        assert capsys.readouterr().err.startswith("error: --popularity-adjust")
     assert slices.main(["--runs", str(q), str(runs / "nowhere"), "--out-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "nowhere" in err

@@ -320,6 +320,19 @@ def test_reuse_takes_earlier_stages_from_a_finished_run_only_when_their_settings
                      tmp_path / "none")
 
 
+def test_settings_added_later_keep_the_hashes_of_older_runs_until_set():
+    """A setting added after run directories existed (model.tie_prefix, ...) is absent from a stage's
+    inputs at its default, so those directories stay resumable and reusable; set, it counts."""
+    from qbert.pipeline.runs import _HASHED_WHEN_SET, _stage_inputs
+
+    plain, tied = tiny(), tiny(**{"model.tie_prefix": True})
+    for stage in ("pretrain", "finetune"):
+        inputs = _stage_inputs(plain, stage)
+        assert not [k for k in _HASHED_WHEN_SET if k.split(".")[1] in inputs.get(k.split(".")[0], {})]
+        assert _stage_inputs(tied, stage)["model"]["tie_prefix"] is True
+    assert _stage_inputs(tied, "quantize") == _stage_inputs(plain, "quantize")
+
+
 def test_stage_1_settings_leave_out_the_cold_start_protocol_and_reuse_counts_only_for_finished_runs(tmp_path):
     from qbert.pipeline.runs import _stage_inputs
 

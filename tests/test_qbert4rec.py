@@ -441,6 +441,13 @@ def test_tied_prefix_rows_are_the_input_rows_in_the_item_vectors():
     again = QBert4Rec(_codes(), num_codes=8, hidden=16, layers=2, heads=2, dropout=0.0, max_len=10, tie_prefix=True)
     again.load_state_dict(m.state_dict())
     torch.testing.assert_close(again.item_vectors()[0], m.item_vectors()[0])
+    with pytest.raises(RuntimeError, match="out_table"):  # neither way round between tied and untied
+        again.load_state_dict(untied.state_dict())
+    with pytest.raises(RuntimeError, match="out_table"):
+        untied.load_state_dict(again.state_dict())
+    for bad in ({"head": "levels"}, {"prefix_lengths": []}):
+        with pytest.raises(ValueError, match="tie_prefix"):
+            QBert4Rec(_codes(), num_codes=8, hidden=16, layers=1, heads=2, max_len=10, tie_prefix=True, **bad)
 
 
 def test_prefix_buckets_are_deterministic_shared_by_equal_prefixes_and_configurable():

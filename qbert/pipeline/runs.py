@@ -34,7 +34,8 @@ NEW_ITEM_KEYS = ("new_items", "new_item_weight", "new_item_offset", "new_item_co
 _RUNTIME_KEYS = _WHERE_KEYS | {"code_score_weight", *NEW_ITEM_KEYS}
 # settings added after run directories existed: they enter a stage's hash only when set to another
 # value than their default, so those directories keep their hashes (stay resumable and reusable)
-_HASHED_WHEN_SET = {"finetune.pseudo_new", "pretrain.num_negatives", "finetune.num_negatives", "model.content_dim"}
+_HASHED_WHEN_SET = {"finetune.pseudo_new", "pretrain.num_negatives", "finetune.num_negatives", "model.content_dim",
+                    "model.tie_prefix"}
 
 
 def _stage_inputs(cfg: PipelineConfig, stage: str) -> dict[str, Any]:

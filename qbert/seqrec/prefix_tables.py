@@ -5,7 +5,8 @@ is hashed into one of ``buckets`` rows, so the tables never grow with the catalo
 prefix lands in the same row in every domain and run (:func:`prefix_hash`).
 
 What is saved and transferred is three fixed-size tables: input embeddings ``inp_table``
-[B, H], output embeddings ``out_table`` [B, H] and output biases ``out_bias_table`` [B]. What
+[B, H], output embeddings ``out_table`` [B, H] (none when tied to the input ones) and output
+biases ``out_bias_table`` [B]. What
 *trains* is a compact copy of the rows that the bound catalogue's prefixes hash to
 (:meth:`PrefixTables.bind`, a few thousand of 32,768 on Instruments). No training step can
 touch another row, so Adam, gradient clipping and the weight average over the compact rows
@@ -47,8 +48,8 @@ class PrefixTables(nn.Module):
     separate). Tables start at zero: a prefix no step touches contributes nothing.
 
     After :meth:`bind`, the trainable parameters are ``inp`` [U + 1, H] (its last row is the
-    blank of padding and [MASK], never trained), ``out`` [U, H] and ``out_bias`` [U], where U is
-    the number of distinct buckets of the bound catalogue. ``state_dict`` writes them back into
+    blank of padding and [MASK], never trained), ``out`` [U, H] (untied only) and ``out_bias`` [U],
+    where U is the number of distinct buckets of the bound catalogue. ``state_dict`` writes them back into
     the tables first and holds only the tables; loading refreshes the compact rows in place, so an
     optimizer built on them stays valid.
     """
@@ -119,7 +120,9 @@ class PrefixTables(nn.Module):
                               unexpected_keys, error_msgs):
         for name, _ in self._tables():
             table, key = getattr(self, name), prefix + name
-            if table is None:
+            if table is None:  # e.g. the output table of untied rows, offered to tied ones
+                if strict and key in state_dict:
+                    unexpected_keys.append(key)
                 continue
             if key not in state_dict:
                 missing_keys.append(key)

@@ -114,6 +114,9 @@ class QBert4Rec(nn.Module):
                              f"{content_dim}, {head!r}, {item_id!r}")
         if prefix_buckets < 1:
             raise ValueError(f"prefix_buckets must be >= 1, got {prefix_buckets}")
+        if tie_prefix and (head != "catalogue" or not lengths):
+            raise ValueError(f"tie_prefix ties the catalogue head's prefix rows: it needs head='catalogue' and "
+                             f"prefix lengths, got {head!r}, {lengths}")
         self.id_head = item_id == "input_and_head"
         self.head = head
         for name, on in (("repeat_bias", repeat_bias), ("prefix_bias", prefix_bias)):
@@ -409,7 +412,8 @@ class QBert4Rec(nn.Module):
 
     def item_specific_rows(self) -> torch.Tensor:
         """[N, P] bool: which of each item's prefix rows no other trained item (``trained_items``)
-        uses, the rows only that item's own targets train. (An untrained item's rows are specific
+        uses, the rows only that item's own targets train (with ``tie_prefix`` also its occurrences
+        in the input). (An untrained item's rows are specific
         when no trained item of the catalogue uses them: fine-tuning never trains them, though
         pretraining on other domains may have.)"""
         rows, trained = self.item_prefix_rows, self.trained_items
