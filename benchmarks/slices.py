@@ -45,11 +45,11 @@ from qbert.utils.io import atomic_write_json, atomic_write_text, load_weights  #
 from qbert.utils.runtime import benchmark_meta, pick_device  # noqa: E402
 
 KEYS = ("target_train_count", "history_length")
+QUANTILES = (0.25, 0.5, 0.75, 0.9)
 
 
 class RunError(Exception):
     """A run that cannot be scored, with its path in the message."""
-QUANTILES = (0.25, 0.5, 0.75, 0.9)
 
 
 def popularity_adjusted(score_fn, counts: np.ndarray, tau: float):

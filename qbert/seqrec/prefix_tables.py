@@ -6,11 +6,10 @@ prefix lands in the same row in every domain and run (:func:`prefix_hash`).
 
 What is saved and transferred is three fixed-size tables: input embeddings ``inp_table``
 [B, H], output embeddings ``out_table`` [B, H] (none when tied to the input ones) and output
-biases ``out_bias_table`` [B]. What
-*trains* is a compact copy of the rows that the bound catalogue's prefixes hash to
-(:meth:`PrefixTables.bind`, a few thousand of 32,768 on Instruments). No training step can
-touch another row, so Adam, gradient clipping and the weight average over the compact rows
-equal those over the whole table (an unused row has zero gradient and zero moments; only
+biases ``out_bias_table`` [B]. What *trains* is a compact copy of the rows that the bound
+catalogue's prefixes hash to (:meth:`PrefixTables.bind`, a few thousand of 32,768 on
+Instruments). No training step can touch another row, so Adam, gradient clipping and the
+weight average over the compact rows equal those over the whole table (an unused row has zero gradient and zero moments; only
 weight decay would move it, and it cannot change this catalogue's outputs). The saving is the
 dense work on the unused rows: zero-filling, clipping and updating 2 x 32,768 x H every step
 took about a fifth of a fine-tuning step on Instruments (docs/method.md, "Speed").
@@ -49,8 +48,8 @@ class PrefixTables(nn.Module):
 
     After :meth:`bind`, the trainable parameters are ``inp`` [U + 1, H] (its last row is the
     blank of padding and [MASK], never trained), ``out`` [U, H] (untied only) and ``out_bias`` [U],
-    where U is the number of distinct buckets of the bound catalogue. ``state_dict`` writes them back into
-    the tables first and holds only the tables; loading refreshes the compact rows in place, so an
+    where U is the number of distinct buckets of the bound catalogue. ``state_dict`` writes them
+    back into the tables first and holds only the tables; loading refreshes the compact rows in place, so an
     optimizer built on them stays valid.
     """
 

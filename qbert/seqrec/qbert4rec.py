@@ -413,9 +413,8 @@ class QBert4Rec(nn.Module):
     def item_specific_rows(self) -> torch.Tensor:
         """[N, P] bool: which of each item's prefix rows no other trained item (``trained_items``)
         uses, the rows only that item's own targets train (with ``tie_prefix`` also its occurrences
-        in the input). (An untrained item's rows are specific
-        when no trained item of the catalogue uses them: fine-tuning never trains them, though
-        pretraining on other domains may have.)"""
+        in the input). (An untrained item's rows are specific when no trained item of the catalogue
+        uses them: fine-tuning never trains them, though pretraining on other domains may have.)"""
         rows, trained = self.item_prefix_rows, self.trained_items
         key = (trained.data_ptr(), trained._version, rows.data_ptr(), rows.device)
         if self._specific is None or self._specific[0] != key:
