@@ -4,14 +4,14 @@ A prefix n-gram of a semantic ID (its first n codes, n = 2..K-1 by default; Sing
 is hashed into one of ``buckets`` rows, so the tables never grow with the catalogue and a
 prefix lands in the same row in every domain and run (:func:`prefix_hash`).
 
-What is saved and transferred is three fixed-size tables: input embeddings ``inp_table``
-[B, H], output embeddings ``out_table`` [B, H] (none when tied to the input ones) and output
-biases ``out_bias_table`` [B]. What *trains* is a compact copy of the rows that the bound
-catalogue's prefixes hash to (:meth:`PrefixTables.bind`, a few thousand of 32,768 on
-Instruments). No training step can touch another row, so Adam, gradient clipping and the
-weight average over the compact rows equal those over the whole table (an unused row has zero gradient and zero moments; only
-weight decay would move it, and it cannot change this catalogue's outputs). The saving is the
-dense work on the unused rows: zero-filling, clipping and updating 2 x 32,768 x H every step
+What is saved and transferred is three fixed-size tables: input embeddings ``inp_table`` [B, H],
+output embeddings ``out_table`` [B, H] (none when tied to the input ones) and output biases
+``out_bias_table`` [B]. What *trains* is a compact copy of the rows that the bound catalogue's
+prefixes hash to (:meth:`PrefixTables.bind`, a few thousand of 32,768 on Instruments). No
+training step can touch another row, so Adam, gradient clipping and the weight average over the
+compact rows equal those over the whole table (an unused row has zero gradient and zero moments;
+only weight decay would move it, and it cannot change this catalogue's outputs). The saving is
+the dense work on the unused rows: zero-filling, clipping and updating 2 x 32,768 x H every step
 took about a fifth of a fine-tuning step on Instruments (docs/method.md, "Speed").
 """
 
