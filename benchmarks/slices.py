@@ -12,7 +12,10 @@ quantile buckets by two keys:
 - ``target_train_count``: how often the target item occurs in the training parts (tail against
   popular targets);
 - ``history_length``: the number of items before the target (capped at the model's window only
-  in what the models read, not here).
+  in what the models read, not here);
+- ``shared_prefix`` (when a ``qbert pipeline`` run is listed; the codes of the first one): the
+  longest semantic-ID prefix the target shares with an item of its history, 0..K (K: the target
+  itself is in the history): whether the next item is a sibling of something already bought.
 
 ``--popularity-adjust TAU`` ranks every run by its score minus TAU * log(1 + the item's count in
 the training parts) instead (post-hoc logit adjustment, Menon et al. 2021, "Long-tail learning via
@@ -128,17 +131,46 @@ def score_runs(runs: list[Path], which: str, protocol: str, tau: float = 0.0) ->
     return [pipeline[run] if run in pipeline else named(run, baseline_ranks, known) for run in runs]
 
 
-def slice_keys(split: LeaveOneOutSplit, which: str) -> dict[str, np.ndarray]:
+def slice_keys(split: LeaveOneOutSplit, which: str, codes: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Per user: the target's count in the training parts (without withheld items under the
-    cold-start protocol), and the number of items before the target in the real sequence."""
+    cold-start protocol), the number of items before the target in the real sequence, and with
+    ``codes`` ([N, K] semantic IDs) :func:`shared_prefix`."""
     counts = split.train_counts()
     lengths = split.valid_pos - split.user_start + (1 if which == "test" else 0)  # the real history, also cold start
-    return {"target_train_count": counts[split.targets(which)], "history_length": lengths}
+    keys = {"target_train_count": counts[split.targets(which)], "history_length": lengths}
+    if codes is not None:
+        keys["shared_prefix"] = shared_prefix(split, which, codes)
+    return keys
+
+
+def shared_prefix(split: LeaveOneOutSplit, which: str, codes: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """[U] the longest code prefix (0..K) that each user's target shares with an item of the real
+    history before it (K: the target itself is in the history); users in chunks, no loop over items."""
+    lengths = split.valid_pos - split.user_start + (1 if which == "test" else 0)
+    hist = split.history(which, pad=-1, max_len=max(int(lengths.max()), 1))
+    target = codes[split.targets(which)]
+    out = np.zeros(len(hist), dtype=np.int64)
+    for lo in range(0, len(hist), chunk):
+        h = hist[lo:lo + chunk]
+        same = codes[np.maximum(h, 0)] == target[lo:lo + chunk, None, :]  # [u, L, K]
+        depth = np.cumprod(same, axis=2).sum(2) * (h >= 0)  # leading codes equal, 0 at padding
+        out[lo:lo + chunk] = depth.max(1)
+    return out
+
+
+def first_codes(runs: list[Path], num_items: int) -> np.ndarray | None:
+    """[N, K] semantic IDs of the first ``qbert pipeline`` run in ``runs`` (None: none listed)."""
+    from qbert.pipeline.stages import read_codes
+
+    run = next((r for r in runs if (r / "semantic_ids.parquet").is_file()), None)
+    return None if run is None else read_codes(run, num_items)
 
 
 def bucket_edges(values: np.ndarray) -> np.ndarray:
-    """Upper bucket boundaries: the distinct quantiles of ``values`` (a bucket holds v <= edge)."""
-    return np.unique(np.quantile(values, QUANTILES, method="lower"))
+    """Upper bucket boundaries: the distinct quantiles of ``values`` (a bucket holds v <= edge); a key
+    with few distinct values (up to 8) gets one bucket each."""
+    distinct = np.unique(values)
+    return distinct if len(distinct) <= 8 else np.unique(np.quantile(values, QUANTILES, method="lower"))
 
 
 def metrics(ranks: np.ndarray) -> dict[str, float]:
@@ -216,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
               "users": int(targets.size),
               "runs": [{"label": label, "run": str(run)} for label, run in zip(labels, args.runs)],
               "all": {label: metrics(r) for label, r in ranks.items()},
-              "slices": slice_table(ranks, slice_keys(split, args.split)),
+              "slices": slice_table(ranks, slice_keys(split, args.split, first_codes(args.runs, split.num_items))),
               "meta": benchmark_meta("benchmarks/slices.py", argv, REPO)}
     args.out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out_dir / f"{args.name}.json", result)

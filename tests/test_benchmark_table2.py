@@ -100,7 +100,7 @@ def _slices_of_the_two_runs(runs, tmp_path, capsys):
             recorded = json.loads((run / "metrics.json").read_text())["by_protocol"][split][f"history_{protocol}"]
             for m in ("HR@10", "NDCG@10"):
                 assert res["all"][label][m] == pytest.approx(recorded[m], abs=1e-9)
-        for key in ("target_train_count", "history_length"):
+        for key in ("target_train_count", "history_length", "shared_prefix"):
             rows = [r for r in res["slices"] if r["key"] == key]
             assert len(rows) >= 2 and sum(r["users"] for r in rows) == res["users"]
             assert all(a["hi"] < b["lo"] for a, b in zip(rows, rows[1:]))  # disjoint, ordered buckets
@@ -147,6 +147,21 @@ def test_slice_keys_count_training_parts_and_real_histories():
     rows = slices.slice_table({"m": np.array([0, 20, 20, 0, 20, 20])}, {"k": values})
     assert [(r["lo"], r["hi"], r["users"]) for r in rows] == [(1, 1, 3), (2, 2, 1), (3, 3, 1), (9, 9, 1)]
     assert [r["metrics"]["m"]["HR@10"] for r in rows] == pytest.approx([1 / 3, 1, 0, 0])
+    many = np.arange(20)  # more than 8 distinct values: quantile buckets
+    assert len(slices.slice_table({"m": np.zeros(20)}, {"k": many})) == len(slices.QUANTILES) + 1
+
+
+def test_shared_prefix_is_the_longest_code_prefix_the_target_shares_with_its_history():
+    from qbert.data import LeaveOneOutSplit, from_sequences
+
+    slices = _bench("slices")
+    codes = np.array([[0, 0, 0], [0, 0, 1], [0, 1, 0], [1, 0, 0], [1, 1, 1]])  # items 0..4, K = 3
+    ds = from_sequences("t", [[3, 1, 0, 4], [2, 4, 0, 1], [3, 3, 3, 2], [1, 0, 3, 2]], num_items=5)
+    split = LeaveOneOutSplit(ds)  # valid targets 0, 0, 3, 3 after histories [3, 1], [2, 4], [3, 3], [1, 0]
+    assert slices.slice_keys(split, "valid", codes)["shared_prefix"].tolist() == [2, 1, 3, 0]
+    # test: targets 4, 1, 2, 2 after [3, 1, 0], [2, 4, 0], [3, 3, 3], [1, 0, 3]
+    assert slices.shared_prefix(split, "test", codes, chunk=1).tolist() == [1, 2, 0, 1]
+    assert "shared_prefix" not in slices.slice_keys(split, "test")
 
 
 def test_popularity_adjusted_scores_subtract_the_log_count_prior():
