@@ -7,15 +7,16 @@ Each ``--runs`` entry is a finished run of the same dataset: a ``qbert pipeline`
 model or the hybrid) or a ``qbert baseline`` run (SASRec, BERT4Rec). Every run is re-scored on
 valid from its ``model.pt`` under one protocol (``--protocol``, default ``excluded``: history items
 left out of the ranking, where a learned repeat bias buys nothing), and the users are cut into
-quantile buckets by two keys:
+quantile buckets (one bucket per value for a key with at most 8 distinct values) by three keys:
 
 - ``target_train_count``: how often the target item occurs in the training parts (tail against
   popular targets);
 - ``history_length``: the number of items before the target (capped at the model's window only
   in what the models read, not here);
 - ``shared_prefix`` (when a ``qbert pipeline`` run is listed; the codes of the first one): the
-  longest semantic-ID prefix the target shares with an item of its history, 0..K (K: the target
-  itself is in the history): whether the next item is a sibling of something already bought.
+  longest semantic-ID prefix the target shares with an item of its history, 0..K (K: the target,
+  or an item with the same codes, is in the history): whether the next item is a sibling of
+  something already bought.
 
 ``--popularity-adjust TAU`` ranks every run by its score minus TAU * log(1 + the item's count in
 the training parts) instead (post-hoc logit adjustment, Menon et al. 2021, "Long-tail learning via
@@ -47,7 +48,6 @@ from qbert.eval.metrics import metrics_from_ranks  # noqa: E402
 from qbert.utils.io import atomic_write_json, atomic_write_text, load_weights  # noqa: E402
 from qbert.utils.runtime import benchmark_meta, pick_device  # noqa: E402
 
-KEYS = ("target_train_count", "history_length")
 QUANTILES = (0.25, 0.5, 0.75, 0.9)
 
 
@@ -143,18 +143,17 @@ def slice_keys(split: LeaveOneOutSplit, which: str, codes: np.ndarray | None = N
     return keys
 
 
-def shared_prefix(split: LeaveOneOutSplit, which: str, codes: np.ndarray, chunk: int = 4096) -> np.ndarray:
+def shared_prefix(split: LeaveOneOutSplit, which: str, codes: np.ndarray) -> np.ndarray:
     """[U] the longest code prefix (0..K) that each user's target shares with an item of the real
-    history before it (K: the target itself is in the history); users in chunks, no loop over items."""
-    lengths = split.valid_pos - split.user_start + (1 if which == "test" else 0)
-    hist = split.history(which, pad=-1, max_len=max(int(lengths.max()), 1))
-    target = codes[split.targets(which)]
-    out = np.zeros(len(hist), dtype=np.int64)
-    for lo in range(0, len(hist), chunk):
-        h = hist[lo:lo + chunk]
-        same = codes[np.maximum(h, 0)] == target[lo:lo + chunk, None, :]  # [u, L, K]
-        depth = np.cumprod(same, axis=2).sum(2) * (h >= 0)  # leading codes equal, 0 at padding
-        out[lo:lo + chunk] = depth.max(1)
+    history before it (K: the target, or an item with the same codes, is in the history). Works on
+    the flat history positions (memory grows with the interactions, not users x longest history)."""
+    ends = split.valid_pos + (1 if which == "test" else 0)
+    lengths = ends - split.user_start
+    owner = np.repeat(np.arange(len(lengths)), lengths)
+    pos = np.arange(len(owner)) - np.repeat(np.cumsum(lengths) - lengths, lengths) + split.user_start[owner]
+    same = codes[split.dataset.seq_items[pos]] == codes[split.targets(which)][owner]  # [positions, K]
+    out = np.zeros(len(lengths), dtype=np.int64)
+    np.maximum.at(out, owner, np.cumprod(same, axis=1).sum(1))
     return out
 
 

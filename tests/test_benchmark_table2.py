@@ -160,7 +160,7 @@ def test_shared_prefix_is_the_longest_code_prefix_the_target_shares_with_its_his
     split = LeaveOneOutSplit(ds)  # valid targets 0, 0, 3, 3 after histories [3, 1], [2, 4], [3, 3], [1, 0]
     assert slices.slice_keys(split, "valid", codes)["shared_prefix"].tolist() == [2, 1, 3, 0]
     # test: targets 4, 1, 2, 2 after [3, 1, 0], [2, 4, 0], [3, 3, 3], [1, 0, 3]
-    assert slices.shared_prefix(split, "test", codes, chunk=1).tolist() == [1, 2, 0, 1]
+    assert slices.shared_prefix(split, "test", codes).tolist() == [1, 2, 0, 1]
     assert "shared_prefix" not in slices.slice_keys(split, "test")
 
 
