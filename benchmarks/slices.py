@@ -136,19 +136,23 @@ def slice_keys(split: LeaveOneOutSplit, which: str, codes: np.ndarray | None = N
     cold-start protocol), the number of items before the target in the real sequence, and with
     ``codes`` ([N, K] semantic IDs) :func:`shared_prefix`."""
     counts = split.train_counts()
-    lengths = split.valid_pos - split.user_start + (1 if which == "test" else 0)  # the real history, also cold start
-    keys = {"target_train_count": counts[split.targets(which)], "history_length": lengths}
+    keys = {"target_train_count": counts[split.targets(which)], "history_length": history_lengths(split, which)}
     if codes is not None:
         keys["shared_prefix"] = shared_prefix(split, which, codes)
     return keys
+
+
+def history_lengths(split: LeaveOneOutSplit, which: str) -> np.ndarray:
+    """[U] the number of items before each user's ``which`` target in the real sequence (also under
+    the cold-start protocol, whose withheld items stay in histories)."""
+    return split.valid_pos - split.user_start + (1 if which == "test" else 0)
 
 
 def shared_prefix(split: LeaveOneOutSplit, which: str, codes: np.ndarray) -> np.ndarray:
     """[U] the longest code prefix (0..K) that each user's target shares with an item of the real
     history before it (K: the target, or an item with the same codes, is in the history). Works on
     the flat history positions (memory grows with the interactions, not users x longest history)."""
-    ends = split.valid_pos + (1 if which == "test" else 0)
-    lengths = ends - split.user_start
+    lengths = history_lengths(split, which)
     owner = np.repeat(np.arange(len(lengths)), lengths)
     pos = np.arange(len(owner)) - np.repeat(np.cumsum(lengths) - lengths, lengths) + split.user_start[owner]
     same = codes[split.dataset.seq_items[pos]] == codes[split.targets(which)][owner]  # [positions, K]
