@@ -27,6 +27,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -71,6 +73,15 @@ def epoch_seconds(report: dict[str, Any]) -> float | None:
     return statistics.mean(times[1:] if len(times) > 1 else times)
 
 
+def epoch_load(rows: np.ndarray, owners: np.ndarray, cap: int) -> tuple[int, int]:
+    """Rows and non-padding tokens a fine-tuning epoch passes over, expected over its draws: with
+    ``finetune.prefixes`` every training prefix is a row; with a cap > 0
+    (``finetune.max_rows_per_user``) a row of a user with n rows is drawn with chance min(n, cap) / n."""
+    per_user = np.bincount(owners)
+    chance = (np.minimum(per_user, cap) / np.maximum(per_user, 1) if cap > 0 else np.ones(len(per_user)))[owners]
+    return int(round(float(chance.sum()))), int(round(float(((rows > 0).sum(axis=1) * chance).sum())))
+
+
 def measure_domain(cfg: PipelineConfig, run_dir: Path) -> dict[str, Any]:
     """Run the pipeline one stage at a time in an emptied ``run_dir`` (a stage resumed from an
     earlier checkpoint would train nothing); each stage's seconds per epoch and peak memory."""
@@ -78,13 +89,13 @@ def measure_domain(cfg: PipelineConfig, run_dir: Path) -> dict[str, Any]:
 
     from qbert.pipeline import load_data
     from qbert.pipeline.data import target_split
-    from qbert.seqrec.stage import training_rows
+    from qbert.seqrec.stage import training_rows_and_owners
 
     shutil.rmtree(run_dir, ignore_errors=True)
     data = load_data(cfg)
     stats = data.target.stats()
-    # what a fine-tuning epoch passes over: with finetune.prefixes, every training prefix is a row
-    rows = training_rows(target_split(cfg, data), cfg.data.max_len, cfg.finetune.prefixes)
+    rows, owners = training_rows_and_owners(target_split(cfg, data), cfg.data.max_len, cfg.finetune.prefixes)
+    epoch_rows, epoch_tokens = epoch_load(rows, owners, cfg.finetune.max_rows_per_user)
     stages = {}
     for stage in STAGES:
         exact = peak_reset()
@@ -93,8 +104,8 @@ def measure_domain(cfg: PipelineConfig, run_dir: Path) -> dict[str, Any]:
                          "peak_rss_mib": round(peak_mib(), 1), "peak_is_per_stage": exact}
     name = cfg.data.source if cfg.data.source.startswith("synthetic") else stats["name"]
     return {"dataset": name, "users": stats["users"], "items": stats["items"],
-            "interactions": stats["interactions"], "finetune_rows": int(len(rows)),
-            "finetune_tokens": int((rows > 0).sum()), "stages": stages}
+            "interactions": stats["interactions"], "finetune_rows": epoch_rows,
+            "finetune_tokens": epoch_tokens, "stages": stages}
 
 
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:

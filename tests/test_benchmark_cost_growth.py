@@ -39,3 +39,15 @@ def test_each_domain_and_stage_measured(tmp_path, capsys):
     assert bench.main(["--runs-dir", str(tmp_path)]) == 2 and "--sources" in capsys.readouterr().err
     assert bench.main(["--quick", "--runs-dir", str(tmp_path), "--name", "../x"]) == 2
     assert "error: --name '../x'" in capsys.readouterr().err
+
+
+def test_epoch_load_counts_the_rows_an_epoch_draws():
+    import numpy as np
+
+    bench = _bench("cost_growth")
+    rows = np.array([[0, 1], [1, 2], [0, 3], [3, 4], [4, 5], [0, 6]])  # tokens 1, 2, 1, 2, 2, 1
+    owners = np.array([0, 0, 1, 1, 1, 2])
+    assert bench.epoch_load(rows, owners, 0) == (6, 9)
+    # cap 2: user 1's three rows are each drawn with chance 2/3 (5 tokens -> 10/3)
+    assert bench.epoch_load(rows, owners, 2) == (5, round(3 + 10 / 3 + 1))
+    assert bench.epoch_load(rows, owners, 1) == (3, round(1.5 + 5 / 3 + 1))

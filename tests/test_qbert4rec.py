@@ -14,7 +14,8 @@ from qbert.data.split import LeaveOneOutSplit
 from qbert.seqrec import masks
 from qbert.seqrec.qbert4rec import QBert4Rec
 from qbert.seqrec.stage import (FinetuneConfig, PretrainConfig, SeqRecConfig, build_model, evaluate_split, finetune,
-                                masked_batches, pretrain, sampled_candidates, select_code_weight, training_rows)
+                                masked_batches, pretrain, rows_per_owner, sampled_candidates, select_code_weight,
+                                training_rows, training_rows_and_owners)
 
 
 def _codes(n: int = 30, K: int = 3, C: int = 8, seed: int = 0) -> torch.Tensor:
@@ -294,6 +295,45 @@ def test_training_rows_never_hold_valid_or_test_targets():
     assert np.array_equal(training_rows(split, 8, False), split.train_sequences(0, 1))
     lengths = split.train_end - split.user_start
     assert len(training_rows(split, 8, True)) == int((lengths - 1).sum() + (lengths == 1).sum())
+
+
+def test_rows_per_owner_caps_each_owner_and_draws_afresh():
+    owners = np.repeat(np.arange(5), [1, 3, 10, 40, 2])[np.random.default_rng(0).permutation(56)]
+    picks = [rows_per_owner(owners, 4, np.random.default_rng(s)) for s in range(3)]
+    for kept in picks:
+        assert np.array_equal(kept, np.unique(kept))
+        assert np.array_equal(np.bincount(owners[kept], minlength=5), [1, 3, 4, 4, 2])
+    assert not np.array_equal(picks[0], picks[1])  # other draws, other rows of the long owners
+    union = np.unique(np.concatenate([rows_per_owner(owners, 4, np.random.default_rng(s)) for s in range(40)]))
+    assert len(union) == 56  # every row is drawn in some epoch
+    assert np.array_equal(rows_per_owner(owners, 100, np.random.default_rng(0)), np.arange(56))
+
+
+def test_finetune_rows_capped_per_user_each_epoch():
+    rng = np.random.default_rng(1)
+    seqs = [list(40 * u + np.arange(rng.integers(3, 40))) for u in range(60)]  # every row distinct
+    split = LeaveOneOutSplit(from_sequences("long", seqs, 2400), 12)
+    rows, owners = training_rows_and_owners(split, 12, True)
+    assert np.array_equal(rows, training_rows(split, 12, True))
+    assert np.array_equal(np.bincount(owners, minlength=60), np.maximum(split.train_end - split.train_start - 1, 1))
+    for r, u in zip(rows[::7], owners[::7]):  # each row is a prefix of its owner's training part
+        part = split.train_items[split.train_start[u]:split.train_end[u]] + 1
+        real = r[r > 0]
+        assert any(np.array_equal(part[max(0, e - len(real)):e], real) for e in range(1, len(part) + 1))
+    mask_fn = lambda valid, g: masks.finetune_mask(valid, 0.3, 0.5, g)  # noqa: E731
+    epoch = masked_batches(rows, 16, mask_fn, 0, torch.device("cpu"), per_owner=(owners, 5))
+    index = {r.tobytes(): i for i, r in enumerate(rows)}
+    drawn = []
+    for e in range(2):
+        got = [index[np.pad(t.numpy(), (12 - len(t), 0)).tobytes()] for b in epoch(e) for t in b["tokens"]]
+        assert len(got) == len(set(got)) == int(np.minimum(np.bincount(owners), 5).sum())
+        assert np.bincount(owners[got]).max() == 5
+        drawn.append(set(got))
+    assert drawn[0] != drawn[1]
+    model = build_model(SeqRecConfig(hidden=16, layers=1, heads=2, dropout=0.0), _codes(2400), 8, 12)
+    res = finetune(model, split, FinetuneConfig(epochs=2, batch_size=16, lr=3e-3, patience=0, max_rows_per_user=5),
+                   seed=0, progress=False)
+    assert len(res.history) == 2 and np.isfinite(res.history[-1]["loss"])
 
 
 def test_pretrain_then_finetune_learns_planted_transitions():

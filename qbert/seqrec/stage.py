@@ -157,6 +157,10 @@ class FinetuneConfig(TrainStageConfig):
     mask_ratio: float = Field(0.3, gt=0.0, le=1.0)
     last_prob: float = Field(0.5, ge=0.0, le=1.0)  # share of rows whose last item is also masked
     prefixes: bool = True  # train on every prefix of the training part (RecBole's augmented rows)
+    # > 0 (with prefixes): each epoch trains on at most this many of a user's prefix rows, drawn
+    # afresh every epoch, so an epoch's cost grows with the users instead of the square of their
+    # history lengths (docs/results.md, "Cost growth"). 0: every prefix, every epoch (RecBole)
+    max_rows_per_user: int = Field(0, ge=0)
     patience: int = Field(10, ge=0)
     monitor: str = "NDCG@10"
     eval_batch_size: int = Field(1024, ge=1)
@@ -210,15 +214,31 @@ def training_rows(split: LeaveOneOutSplit, max_len: int, prefixes: bool) -> np.n
     target, as RecBole's ``*.train.inter``), so the last position -- the one inference asks
     about -- is trained on every item; otherwise one row per user (its whole training part).
     """
+    return training_rows_and_owners(split, max_len, prefixes)[0]
+
+
+def training_rows_and_owners(split: LeaveOneOutSplit, max_len: int, prefixes: bool
+                             ) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`training_rows` and the user of each row."""
     if not prefixes:
-        return split.train_sequences(pad=0, shift=1, max_len=max_len)
+        return split.train_sequences(pad=0, shift=1, max_len=max_len), np.arange(split.num_users)
     pos = split.train_target_positions()
-    rows = windows(split.train_items, split.train_start[split.train_owner(pos)], pos + 1, max_len, pad=0, shift=1)
+    owners = split.train_owner(pos)
+    rows = windows(split.train_items, split.train_start[owners], pos + 1, max_len, pad=0, shift=1)
     single = split.train_end - split.train_start == 1  # users whose training part is one item
     if single.any():
         rows = np.concatenate([rows, windows(split.train_items, split.train_start[single],
                                              split.train_end[single], max_len, pad=0, shift=1)])
-    return rows
+        owners = np.concatenate([owners, np.flatnonzero(single)])
+    return rows, owners
+
+
+def rows_per_owner(owners: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarray:
+    """Sorted indices of at most ``cap`` rows of each owner, drawn uniformly without replacement."""
+    order = np.lexsort((rng.random(len(owners)), owners))  # grouped by owner, random within
+    grouped = owners[order]
+    rank = np.arange(len(order)) - np.searchsorted(grouped, grouped, side="left")
+    return np.sort(order[rank < cap])
 
 
 def pretrain_mask_fn(cfg: PretrainConfig) -> MaskFn:
@@ -233,7 +253,8 @@ def pretrain_mask_fn(cfg: PretrainConfig) -> MaskFn:
 def masked_batches(sequences: np.ndarray, batch_size: int, mask_fn: MaskFn, seed: int, device: torch.device,
                    shard: tuple[int, int] | None = None, bucket: bool = True,
                    pseudo_new: tuple[float, int] | None = None,
-                   sampled: tuple[np.ndarray, int] | None = None) -> Callable[[int], Batches]:
+                   sampled: tuple[np.ndarray, int] | None = None,
+                   per_owner: tuple[np.ndarray, int] | None = None) -> Callable[[int], Batches]:
     """``batches(epoch)``: shuffled rows with fresh masks each epoch, each batch trimmed to its
     longest row.
 
@@ -258,9 +279,14 @@ def masked_batches(sequences: np.ndarray, batch_size: int, mask_fn: MaskFn, seed
     sorted items of its sampled softmax: the global batch's masked targets plus ``count`` items of
     the pool that are not among them, drawn uniformly without replacement from a third rank-free
     generator, topped up to a multiple of 64 (fewer distinct matrix shapes) while the pool lasts.
+
+    ``per_owner`` (owner of each row, cap): each epoch uses at most ``cap`` rows of each owner,
+    drawn afresh from the epoch's generator (:func:`rows_per_owner`; the same on every rank).
     """
     rows = np.ascontiguousarray(sequences, dtype=np.int64)
-    rows = rows[(rows != 0).any(axis=1)]
+    real = (rows != 0).any(axis=1)
+    rows = rows[real]
+    owners = np.asarray(per_owner[0])[real] if per_owner is not None else None
     pool = torch.as_tensor(np.asarray(sampled[0]), dtype=torch.long) if sampled is not None else None
     lengths = (rows != 0).sum(axis=1)
     rank, world = rank_world(shard)
@@ -268,7 +294,11 @@ def masked_batches(sequences: np.ndarray, batch_size: int, mask_fn: MaskFn, seed
 
     def batches(epoch: int) -> Batches:
         rng = np.random.default_rng([seed, epoch])
-        glob = batch_indices(lengths, batch_size * world, rng, bucket=bucket)
+        if owners is None:
+            glob = batch_indices(lengths, batch_size * world, rng, bucket=bucket)
+        else:
+            kept = rows_per_owner(owners, per_owner[1], rng)
+            glob = [kept[b] for b in batch_indices(lengths[kept], batch_size * world, rng, bucket=bucket)]
         return Batches(epoch_batches(epoch, glob), len(glob))
 
     def epoch_batches(epoch: int, glob: list[np.ndarray]) -> Iterator[dict[str, Any]]:
@@ -421,11 +451,15 @@ def select_code_weight(model: QBert4Rec, split: LeaveOneOutSplit, weights: Seque
 
 
 def _scheduler(optimizer: torch.optim.Optimizer, cfg: PretrainConfig | FinetuneConfig, sequences: np.ndarray,
-               shard: tuple[int, int] | None):
+               shard: tuple[int, int] | None, per_owner: tuple[np.ndarray, int] | None = None):
     """Per-step schedule over the whole epoch budget; a step is one global batch (all ranks), as
-    in :func:`masked_batches`, which drops all-padding rows."""
+    in :func:`masked_batches`, which drops all-padding rows (and keeps ``per_owner``'s cap)."""
     world = shard[1] if shard is not None else 1
-    rows = int((np.asarray(sequences) != 0).any(axis=1).sum())
+    real = (np.asarray(sequences) != 0).any(axis=1)
+    if per_owner is None:
+        rows = int(real.sum())
+    else:
+        rows = int(np.minimum(np.bincount(np.asarray(per_owner[0])[real]), per_owner[1]).sum())
     steps = max(math.ceil(rows / (cfg.batch_size * world)), 1)
     return build_scheduler(optimizer, cfg.schedule, cfg.epochs * steps, round(cfg.warmup_epochs * steps),
                            cfg.min_lr_ratio)
@@ -473,7 +507,8 @@ def finetune(model: QBert4Rec, split: LeaveOneOutSplit, cfg: FinetuneConfig, dev
                          "call set_catalogue with the target's semantic-ID table first")
     device = torch.device(device)
     model.to(device)
-    seqs = training_rows(split, model.max_len, cfg.prefixes)
+    seqs, owners = training_rows_and_owners(split, model.max_len, cfg.prefixes)
+    per_owner = (owners, cfg.max_rows_per_user) if cfg.max_rows_per_user > 0 else None
     mask_fn: MaskFn = lambda valid, g: masks.finetune_mask(valid, cfg.mask_ratio, cfg.last_prob, g)  # noqa: E731
 
     def evaluate(m: torch.nn.Module, epoch: int) -> dict[str, float]:
@@ -488,9 +523,10 @@ def finetune(model: QBert4Rec, split: LeaveOneOutSplit, cfg: FinetuneConfig, dev
     opt = build_optimizer(model, cfg.lr, cfg.weight_decay)
     batches = masked_batches(seqs, cfg.batch_size, mask_fn, seed, device, shard,
                              pseudo_new=(cfg.pseudo_new, model.num_items) if cfg.pseudo_new else None,
-                             sampled=_sampled(seqs, cfg))
+                             sampled=_sampled(seqs, cfg), per_owner=per_owner)
     step = partial(masked_step, label_smoothing=cfg.label_smoothing)
     model.set_trained_items(np.unique(seqs[seqs > 0]) - 1)  # the rest are ranked as new (new_item_scores)
     with _candidates(model, seqs, cfg.negatives):
-        return fit(model, opt, batches, step, loop, evaluate=evaluate, scheduler=_scheduler(opt, cfg, seqs, shard),
+        return fit(model, opt, batches, step, loop, evaluate=evaluate,
+                   scheduler=_scheduler(opt, cfg, seqs, shard, per_owner),
                    callbacks=callbacks, checkpoint_dir=checkpoint_dir, desc="finetune")
