@@ -51,3 +51,5 @@ def test_epoch_load_counts_the_rows_an_epoch_draws():
     # cap 2: user 1's three rows are each drawn with chance 2/3 (5 tokens -> 10/3)
     assert bench.epoch_load(rows, owners, 2) == (5, round(3 + 10 / 3 + 1))
     assert bench.epoch_load(rows, owners, 1) == (3, round(1.5 + 5 / 3 + 1))
+    padded = np.concatenate([rows, [[0, 0]]]), np.append(owners, 3)  # an all-padding row is never trained on
+    assert bench.epoch_load(*padded, 0) == (6, 9)

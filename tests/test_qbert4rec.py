@@ -330,9 +330,31 @@ def test_finetune_rows_capped_per_user_each_epoch():
         assert np.bincount(owners[got]).max() == 5
         drawn.append(set(got))
     assert drawn[0] != drawn[1]
+    halves = [masked_batches(rows, 8, mask_fn, 0, torch.device("cpu"), shard=(r, 2), per_owner=(owners, 5))
+              for r in range(2)]  # two ranks at half the batch: together the one-worker draw
+    got = [index[np.pad(t.numpy(), (12 - len(t), 0)).tobytes()] for h in halves for b in h(1) for t in b["tokens"]]
+    assert sorted(got) == sorted(drawn[1])
+
+
+def test_finetune_schedule_counts_the_capped_rows(monkeypatch):
+    import qbert.seqrec.stage as stage
+
+    rng = np.random.default_rng(1)
+    split = LeaveOneOutSplit(from_sequences("long", [list(40 * u + np.arange(rng.integers(3, 40)))
+                                                     for u in range(60)], 2400), 12)
+    seen, original = {}, stage.build_scheduler
+
+    def spy(opt, kind, total, warmup, min_ratio):
+        seen["total"] = total
+        return original(opt, kind, total, warmup, min_ratio)
+
+    monkeypatch.setattr(stage, "build_scheduler", spy)
     model = build_model(SeqRecConfig(hidden=16, layers=1, heads=2, dropout=0.0), _codes(2400), 8, 12)
-    res = finetune(model, split, FinetuneConfig(epochs=2, batch_size=16, lr=3e-3, patience=0, max_rows_per_user=5),
-                   seed=0, progress=False)
+    cfg = FinetuneConfig(epochs=2, batch_size=16, lr=3e-3, patience=0, schedule="cosine", max_rows_per_user=5)
+    res = finetune(model, split, cfg, seed=0, progress=False)
+    rows, owners = training_rows_and_owners(split, 12, True)
+    capped = int(np.minimum(np.bincount(owners), 5).sum())
+    assert capped < len(rows) and seen["total"] == 2 * math.ceil(capped / 16)
     assert len(res.history) == 2 and np.isfinite(res.history[-1]["loss"])
 
 

@@ -158,8 +158,8 @@ class FinetuneConfig(TrainStageConfig):
     last_prob: float = Field(0.5, ge=0.0, le=1.0)  # share of rows whose last item is also masked
     prefixes: bool = True  # train on every prefix of the training part (RecBole's augmented rows)
     # > 0 (with prefixes): each epoch trains on at most this many of a user's prefix rows, drawn
-    # afresh every epoch, so an epoch's cost grows with the users instead of the square of their
-    # history lengths (docs/results.md, "Cost growth"). 0: every prefix, every epoch (RecBole)
+    # afresh every epoch, so a long history adds at most N rows to an epoch instead of one per item
+    # (docs/results.md, "Cost growth"). 0: every prefix, every epoch (RecBole)
     max_rows_per_user: int = Field(0, ge=0)
     patience: int = Field(10, ge=0)
     monitor: str = "NDCG@10"
