@@ -77,10 +77,11 @@ def epoch_load(rows: np.ndarray, owners: np.ndarray, cap: int) -> tuple[int, int
     """Rows and non-padding tokens a fine-tuning epoch passes over, expected over its draws: with
     ``finetune.prefixes`` every training prefix is a row; with a cap > 0
     (``finetune.max_rows_per_user``) a row of a user with n rows is drawn with chance min(n, cap) / n."""
+    from qbert.seqrec.stage import row_draw_chance
+
     real = (rows > 0).any(axis=1)  # masked_batches drops all-padding rows
     rows, owners = rows[real], owners[real]
-    per_user = np.bincount(owners)
-    chance = (np.minimum(per_user, cap) / np.maximum(per_user, 1) if cap > 0 else np.ones(len(per_user)))[owners]
+    chance = row_draw_chance(owners, cap) if cap > 0 else np.ones(len(rows))
     return int(round(float(chance.sum()))), int(round(float(((rows > 0).sum(axis=1) * chance).sum())))
 
 

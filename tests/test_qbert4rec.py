@@ -309,10 +309,15 @@ def test_rows_per_owner_caps_each_owner_and_draws_afresh():
     assert np.array_equal(rows_per_owner(owners, 100, np.random.default_rng(0)), np.arange(56))
 
 
-def test_finetune_rows_capped_per_user_each_epoch():
+def _long_histories() -> LeaveOneOutSplit:
+    """60 users with 3-39 items each, no item shared (every prefix row distinct), window 12."""
     rng = np.random.default_rng(1)
-    seqs = [list(40 * u + np.arange(rng.integers(3, 40))) for u in range(60)]  # every row distinct
-    split = LeaveOneOutSplit(from_sequences("long", seqs, 2400), 12)
+    return LeaveOneOutSplit(from_sequences("long", [list(40 * u + np.arange(rng.integers(3, 40)))
+                                                    for u in range(60)], 2400), 12)
+
+
+def test_finetune_rows_capped_per_user_each_epoch():
+    split = _long_histories()
     rows, owners = training_rows_and_owners(split, 12, True)
     assert np.array_equal(rows, training_rows(split, 12, True))
     assert np.array_equal(np.bincount(owners, minlength=60), np.maximum(split.train_end - split.train_start - 1, 1))
@@ -339,9 +344,7 @@ def test_finetune_rows_capped_per_user_each_epoch():
 def test_finetune_schedule_counts_the_capped_rows(monkeypatch):
     import qbert.seqrec.stage as stage
 
-    rng = np.random.default_rng(1)
-    split = LeaveOneOutSplit(from_sequences("long", [list(40 * u + np.arange(rng.integers(3, 40)))
-                                                     for u in range(60)], 2400), 12)
+    split = _long_histories()
     seen, original = {}, stage.build_scheduler
 
     def spy(opt, kind, total, warmup, min_ratio):

@@ -241,6 +241,13 @@ def rows_per_owner(owners: np.ndarray, cap: int, rng: np.random.Generator) -> np
     return np.sort(order[rank < cap])
 
 
+def row_draw_chance(owners: np.ndarray, cap: int) -> np.ndarray:
+    """[rows] the chance that an epoch's :func:`rows_per_owner` draws each row: min(n, cap) / n for
+    an owner with n rows (sums to the rows an epoch holds)."""
+    per_owner = np.bincount(owners)
+    return (np.minimum(per_owner, cap) / np.maximum(per_owner, 1))[owners]
+
+
 def pretrain_mask_fn(cfg: PretrainConfig) -> MaskFn:
     if cfg.strategy == "mlm":
         return lambda valid, g: masks.random_mask(valid, cfg.mlm_ratio, g)
@@ -456,10 +463,8 @@ def _scheduler(optimizer: torch.optim.Optimizer, cfg: PretrainConfig | FinetuneC
     in :func:`masked_batches`, which drops all-padding rows (and keeps ``per_owner``'s cap)."""
     world = shard[1] if shard is not None else 1
     real = (np.asarray(sequences) != 0).any(axis=1)
-    if per_owner is None:
-        rows = int(real.sum())
-    else:
-        rows = int(np.minimum(np.bincount(np.asarray(per_owner[0])[real]), per_owner[1]).sum())
+    rows = int(real.sum()) if per_owner is None else round(float(
+        row_draw_chance(np.asarray(per_owner[0])[real], per_owner[1]).sum()))
     steps = max(math.ceil(rows / (cfg.batch_size * world)), 1)
     return build_scheduler(optimizer, cfg.schedule, cfg.epochs * steps, round(cfg.warmup_epochs * steps),
                            cfg.min_lr_ratio)
