@@ -137,8 +137,12 @@ def test_fused_optimizer_matches_the_per_tensor_one():
 
     fused = train(lambda m: build_optimizer(m, 1e-2, 0.01))
     plain = train(lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.01, foreach=False))
+    # The fused kernel rounds differently from the per-tensor loop, and by how much depends on the
+    # CPU: up to 1.2e-6 after these 3 steps (AMD EPYC; under 1e-6 on an Intel Xeon). A real
+    # difference in the update rule is far larger: no weight decay moves a weight by 3e-4 here,
+    # Adam's L2 in place of AdamW's decoupled decay by 6e-2.
     for k in fused:
-        torch.testing.assert_close(fused[k], plain[k], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fused[k], plain[k], rtol=1e-5, atol=1e-5)
 
 
 def test_bf16_finetuning_runs_and_ranks_in_fp32(tmp_path):
