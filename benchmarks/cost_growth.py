@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -33,8 +34,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from qbert.config import ConfigError, parse_overrides  # noqa: E402
-from qbert.pipeline import PipelineConfig, quickstart_config, run_pipeline  # noqa: E402
+from qbert.pipeline import PipelineConfig, load_data, quickstart_config, run_pipeline  # noqa: E402
+from qbert.pipeline.data import target_split  # noqa: E402
 from qbert.pipeline.stages import STAGES  # noqa: E402
+from qbert.seqrec.stage import row_draw_chance, training_rows_and_owners  # noqa: E402
 from qbert.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
 from qbert.utils.runtime import benchmark_meta  # noqa: E402
 
@@ -77,8 +80,6 @@ def epoch_load(rows: np.ndarray, owners: np.ndarray, cap: int) -> tuple[int, int
     """Rows and non-padding tokens a fine-tuning epoch passes over, expected over its draws: with
     ``finetune.prefixes`` every training prefix is a row; with a cap > 0
     (``finetune.max_rows_per_user``) a row of a user with n rows is drawn with chance min(n, cap) / n."""
-    from qbert.seqrec.stage import row_draw_chance
-
     real = (rows > 0).any(axis=1)  # masked_batches drops all-padding rows
     rows, owners = rows[real], owners[real]
     chance = row_draw_chance(owners, cap) if cap > 0 else np.ones(len(rows))
@@ -88,12 +89,6 @@ def epoch_load(rows: np.ndarray, owners: np.ndarray, cap: int) -> tuple[int, int
 def measure_domain(cfg: PipelineConfig, run_dir: Path) -> dict[str, Any]:
     """Run the pipeline one stage at a time in an emptied ``run_dir`` (a stage resumed from an
     earlier checkpoint would train nothing); each stage's seconds per epoch and peak memory."""
-    import shutil
-
-    from qbert.pipeline import load_data
-    from qbert.pipeline.data import target_split
-    from qbert.seqrec.stage import training_rows_and_owners
-
     shutil.rmtree(run_dir, ignore_errors=True)
     data = load_data(cfg)
     stats = data.target.stats()
