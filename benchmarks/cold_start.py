@@ -24,10 +24,10 @@ whether their test target is new. Rows, each under both ranking protocols:
 - ``qbert4rec-content``, ``qbert4rec-pseudo-new-content`` (only when listed): the run of the row
   without the suffix, re-scored with the ranking settings of ``--content-set`` (e.g. the backoff
   rule's content term, ``model.new_item_content``, and its offset); nothing is trained;
-- ``qbert4rec-mixture`` (only when listed): the ``qbert4rec`` run re-scored with the mixture rule
-  (``model.new_items: mixture``; docs/method.md): P(next is new) and the weights of the new
-  items' softmax fitted on that run's valid targets by likelihood (``qbert.seqrec.new_items``);
-  nothing is trained;
+- ``qbert4rec-mixture``, ``qbert4rec-pseudo-new-mixture`` (only when listed): the run of the row
+  without the suffix re-scored with the mixture rule (``model.new_items: mixture``;
+  docs/method.md): P(next is new) and the weights of the new items' softmax fitted on that run's
+  valid targets by likelihood (``qbert.seqrec.new_items``); nothing is trained;
 - ``qbert4rec-content-map`` (only when listed): the paper's model with a content map in its item
   vectors (``model.content_dim`` = ``--content-dim``; docs/method.md, "Content in the item
   vectors"), fine-tuned with ``finetune.pseudo_new`` = ``--pseudo-new``; ``--content-map-set``
@@ -297,8 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="override for both Q-BERT4Rec runs")
     ap.add_argument("--models", default="qbert4rec,hybrid,sasrec,bert4rec,popularity,content_knn",
                     help="comma-separated; also qbert4rec-pseudo-new, qbert4rec-transfer (needs --pretrain-sources), "
-                         "qbert4rec-content and qbert4rec-pseudo-new-content (needs --content-set), qbert4rec-mixture, "
-                         "qbert4rec-content-map")
+                         "qbert4rec-content and qbert4rec-pseudo-new-content (needs --content-set), qbert4rec-mixture "
+                         "and qbert4rec-pseudo-new-mixture (the mixture rule fitted on valid), qbert4rec-content-map")
     ap.add_argument("--pretrain-sources", nargs="*", default=[], help="other domains for qbert4rec-transfer")
     ap.add_argument("--reuse-from", type=Path, default=None,
                     help="a run over the same union of catalogues whose stages 1-2 qbert4rec-transfer reuses")
@@ -359,9 +359,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --content-set: {'; '.join(not_ranking) + ' would retrain' if not_ranking else 'missing'}"
               f" (the content rows re-score a finished run: set only {', '.join(RANKING_KEYS)})", file=sys.stderr)
         return 2
-    if "qbert4rec-mixture" in args.models.split(",") and (
+    if {"qbert4rec-mixture", "qbert4rec-pseudo-new-mixture"} & set(args.models.split(",")) and (
             cfg.model.item_id != "none" or cfg.model.head != "catalogue" or not cfg.fusion.feature_modalities):
-        print("error: --models qbert4rec-mixture: the mixture rule needs the paper's model (model.item_id: none, "
+        print("error: --models: the mixture rule needs the paper's model (model.item_id: none, "
               "model.head: catalogue) with a text or image modality (data.modalities)", file=sys.stderr)
         return 2
     data = load_data(cfg)
@@ -375,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
         "qbert4rec-pseudo-new-content": lambda: pipeline_row(pseudo().override(content), data,
                                                              args.runs_dir / "qbert4rec-pseudo-new"),
         "qbert4rec-mixture": lambda: pipeline_row(cfg, data, args.runs_dir / "qbert4rec", fit=True),
+        "qbert4rec-pseudo-new-mixture": lambda: pipeline_row(pseudo(), data, args.runs_dir / "qbert4rec-pseudo-new",
+                                                             fit=True),
         "qbert4rec-content-map": lambda: pipeline_row(mapped, data, args.runs_dir / "qbert4rec-content-map"),
         "hybrid": lambda: pipeline_row(hybrid, data, args.runs_dir / "hybrid"),
         "sasrec": lambda: baseline_row("sasrec", cfg, data, args.runs_dir / "sasrec", args.quick),
@@ -392,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     run_of = {"qbert4rec": ("qbert4rec", cfg), "qbert4rec-content": ("qbert4rec", cfg),
               "qbert4rec-mixture": ("qbert4rec", cfg),
               "qbert4rec-transfer": ("qbert4rec-transfer", transfer), "qbert4rec-pseudo-new": ("qbert4rec-pseudo-new", cfg),
-              "qbert4rec-pseudo-new-content": ("qbert4rec-pseudo-new", cfg), "hybrid": ("hybrid", hybrid),
+              "qbert4rec-pseudo-new-content": ("qbert4rec-pseudo-new", cfg),
+              "qbert4rec-pseudo-new-mixture": ("qbert4rec-pseudo-new", cfg), "hybrid": ("hybrid", hybrid),
               "qbert4rec-content-map": ("qbert4rec-content-map", mapped),
               "sasrec": ("sasrec", None), "bert4rec": ("bert4rec", None)}
     try:  # before anything trains: a refusal late in the list would lose the rows before it

@@ -113,6 +113,15 @@ def test_rows_new_items_ranked_by_the_semantic_id_model_and_rescored_without_tra
                        "--pseudo-new", "0.3", "--pseudo-new-set", "pretrain.epochs=2"]) == 0
     pseudo = json.loads((runs / "qbert4rec-pseudo-new" / "metrics.json").read_text())
     assert not any("reused_from" in pseudo["stages"][s] for s in ("fusion", "quantize", "pretrain", "finetune"))
+    # the mixture rule fitted on the pseudo-new run's valid re-scores that run: nothing trains
+    stamp = (runs / "qbert4rec-pseudo-new" / "model.pt").stat().st_mtime_ns
+    assert bench.main(["--quick", "--runs-dir", str(runs), "--models", "qbert4rec-pseudo-new-mixture",
+                       "--pseudo-new", "0.3", "--pseudo-new-set", "pretrain.epochs=2"]) == 0
+    assert (runs / "qbert4rec-pseudo-new" / "model.pt").stat().st_mtime_ns == stamp
+    pmix = {r["slice"]: r for r in json.loads((runs / "cold_start.json").read_text())["rows"]
+            if r["model"] == "qbert4rec-pseudo-new-mixture"}
+    assert pmix["new"]["new_items"]["rule"] == "mixture"
+    assert pmix["new"]["new_items"]["fit"]["users"] == pmix["new"]["valid"]["users"] + pmix["known"]["valid"]["users"]
     # a baseline row's concentration comes from its test_ranks.parquet
     assert bench.main(["--quick", "--runs-dir", str(runs), "--models", "sasrec"]) == 0
     sas = next(r for r in json.loads((runs / "cold_start.json").read_text())["rows"]
@@ -142,11 +151,11 @@ def test_rows_new_items_ranked_by_the_semantic_id_model_and_rescored_without_tra
     # re-running some models replaces only their rows: the others stay, each with its own command
     rows = json.loads((runs / "cold_start.json").read_text())["rows"]
     assert {r["model"] for r in rows} == {*models.split(","), "qbert4rec-content", "qbert4rec-mixture",
-                                         "qbert4rec-pseudo-new", "sasrec"}
+                                         "qbert4rec-pseudo-new", "qbert4rec-pseudo-new-mixture", "sasrec"}
     assert all(r["command"].startswith("python benchmarks/cold_start.py --quick") for r in rows)
-    pseudo_rows = [r for r in rows if r["model"] == "qbert4rec-pseudo-new"]
-    assert len(pseudo_rows) == 2 and all("pretrain.epochs=2" in r["command"] for r in pseudo_rows)
-    assert not any("pretrain.epochs=2" in r["command"] for r in rows if r["model"] != "qbert4rec-pseudo-new")
+    pseudo_rows = [r for r in rows if r["model"].startswith("qbert4rec-pseudo-new")]
+    assert len(pseudo_rows) == 4 and all("pretrain.epochs=2" in r["command"] for r in pseudo_rows)
+    assert not any("pretrain.epochs=2" in r["command"] for r in rows if r not in pseudo_rows)
     assert bench.main(["--quick", "--runs-dir", str(runs), "--models", "qbert4rec-transfer"]) == 2
     assert "error: --models qbert4rec-transfer: qbert4rec-transfer needs --pretrain-sources" in capsys.readouterr().err
     assert bench.main(["--quick", "--runs-dir", str(runs), "--models", "sasrec2"]) == 2
