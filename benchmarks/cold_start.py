@@ -88,6 +88,12 @@ RANKING_KEYS = tuple(f"model.{k}" for k in NEW_ITEM_KEYS)
 log = logging.getLogger("bench.cold_start")
 DEFAULT_OUT = REPO / "benchmarks" / "results"
 METRICS = ("HR@10", "NDCG@10")
+# each row -> the run under RUNS_DIR it trains or re-scores (None: a heuristic with no run)
+RUN_OF = {"qbert4rec": "qbert4rec", "qbert4rec-content": "qbert4rec", "qbert4rec-mixture": "qbert4rec",
+          "qbert4rec-transfer": "qbert4rec-transfer", "qbert4rec-pseudo-new": "qbert4rec-pseudo-new",
+          "qbert4rec-pseudo-new-content": "qbert4rec-pseudo-new",
+          "qbert4rec-pseudo-new-mixture": "qbert4rec-pseudo-new", "qbert4rec-content-map": "qbert4rec-content-map",
+          "hybrid": "hybrid", "sasrec": "sasrec", "bert4rec": "bert4rec", "popularity": None, "content_knn": None}
 
 
 def _cold(cfg: PipelineConfig, fraction: float, seed: int, overrides: list[str]) -> PipelineConfig:
@@ -314,6 +320,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="synthetic data, few epochs")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
+    models = args.models.split(",")
+    unknown = [m for m in models if m not in RUN_OF]
+    if unknown or ("qbert4rec-transfer" in models and not args.pretrain_sources):
+        print(f"error: --models {args.models}: " + (f"unknown {', '.join(unknown)} (known: {', '.join(RUN_OF)})"
+              if unknown else "qbert4rec-transfer needs --pretrain-sources"), file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -350,63 +362,54 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         content = parse_overrides(args.content_overrides)
-        mapped = content_map() if "qbert4rec-content-map" in args.models.split(",") else None
+        mapped = content_map() if "qbert4rec-content-map" in models else None
     except ConfigError as e:
         print(f"error: --content-set / --content-map-set / --content-dim: {e}", file=sys.stderr)
         return 2
     not_ranking = [k for k in content if k not in RANKING_KEYS]
-    if not_ranking or (any(m.endswith("-content") for m in args.models.split(",")) and not content):
+    if not_ranking or (any(m.endswith("-content") for m in models) and not content):
         print(f"error: --content-set: {'; '.join(not_ranking) + ' would retrain' if not_ranking else 'missing'}"
               f" (the content rows re-score a finished run: set only {', '.join(RANKING_KEYS)})", file=sys.stderr)
         return 2
-    if {"qbert4rec-mixture", "qbert4rec-pseudo-new-mixture"} & set(args.models.split(",")) and (
+    if {"qbert4rec-mixture", "qbert4rec-pseudo-new-mixture"} & set(models) and (
             cfg.model.item_id != "none" or cfg.model.head != "catalogue" or not cfg.fusion.feature_modalities):
         print("error: --models: the mixture rule needs the paper's model (model.item_id: none, "
               "model.head: catalogue) with a text or image modality (data.modalities)", file=sys.stderr)
         return 2
     data = load_data(cfg)
     name = args.dataset_name or (Path(cfg.data.source).name if cfg.data.source != "synthetic" else "synthetic")
+    run = {m: args.runs_dir / r for m, r in RUN_OF.items() if r}
     makers = {
-        "qbert4rec": lambda: pipeline_row(cfg, data, args.runs_dir / "qbert4rec"),
-        "qbert4rec-transfer": lambda: pipeline_row(transfer, data, args.runs_dir / "qbert4rec-transfer"),
-        "qbert4rec-pseudo-new": lambda: pipeline_row(pseudo(), data, args.runs_dir / "qbert4rec-pseudo-new"),
+        "qbert4rec": lambda: pipeline_row(cfg, data, run["qbert4rec"]),
+        "qbert4rec-transfer": lambda: pipeline_row(transfer, data, run["qbert4rec-transfer"]),
+        "qbert4rec-pseudo-new": lambda: pipeline_row(pseudo(), data, run["qbert4rec-pseudo-new"]),
         # the same runs, re-scored with the backoff rule's content term (ranking only: nothing trains)
-        "qbert4rec-content": lambda: pipeline_row(cfg.override(content), data, args.runs_dir / "qbert4rec"),
+        "qbert4rec-content": lambda: pipeline_row(cfg.override(content), data, run["qbert4rec-content"]),
         "qbert4rec-pseudo-new-content": lambda: pipeline_row(pseudo().override(content), data,
-                                                             args.runs_dir / "qbert4rec-pseudo-new"),
-        "qbert4rec-mixture": lambda: pipeline_row(cfg, data, args.runs_dir / "qbert4rec", fit=True),
-        "qbert4rec-pseudo-new-mixture": lambda: pipeline_row(pseudo(), data, args.runs_dir / "qbert4rec-pseudo-new",
+                                                             run["qbert4rec-pseudo-new-content"]),
+        "qbert4rec-mixture": lambda: pipeline_row(cfg, data, run["qbert4rec-mixture"], fit=True),
+        "qbert4rec-pseudo-new-mixture": lambda: pipeline_row(pseudo(), data, run["qbert4rec-pseudo-new-mixture"],
                                                              fit=True),
-        "qbert4rec-content-map": lambda: pipeline_row(mapped, data, args.runs_dir / "qbert4rec-content-map"),
-        "hybrid": lambda: pipeline_row(hybrid, data, args.runs_dir / "hybrid"),
-        "sasrec": lambda: baseline_row("sasrec", cfg, data, args.runs_dir / "sasrec", args.quick),
-        "bert4rec": lambda: baseline_row("bert4rec", cfg, data, args.runs_dir / "bert4rec", args.quick),
+        "qbert4rec-content-map": lambda: pipeline_row(mapped, data, run["qbert4rec-content-map"]),
+        "hybrid": lambda: pipeline_row(hybrid, data, run["hybrid"]),
+        "sasrec": lambda: baseline_row("sasrec", cfg, data, run["sasrec"], args.quick),
+        "bert4rec": lambda: baseline_row("bert4rec", cfg, data, run["bert4rec"], args.quick),
         "popularity": lambda: heuristic_row(cfg, data, popularity_fn(cfg, data)),
         "content_knn": lambda: heuristic_row(cfg, data, content_knn_fn(cfg, data)),
     }
-    rows = []
-    models = args.models.split(",")
-    unknown = [m for m in models if m not in makers]
-    if unknown or ("qbert4rec-transfer" in models and not args.pretrain_sources):
-        print(f"error: --models {args.models}: " + (f"unknown {', '.join(unknown)} (known: {', '.join(makers)})"
-              if unknown else "qbert4rec-transfer needs --pretrain-sources"), file=sys.stderr)
-        return 2
-    run_of = {"qbert4rec": ("qbert4rec", cfg), "qbert4rec-content": ("qbert4rec", cfg),
-              "qbert4rec-mixture": ("qbert4rec", cfg),
-              "qbert4rec-transfer": ("qbert4rec-transfer", transfer), "qbert4rec-pseudo-new": ("qbert4rec-pseudo-new", cfg),
-              "qbert4rec-pseudo-new-content": ("qbert4rec-pseudo-new", cfg),
-              "qbert4rec-pseudo-new-mixture": ("qbert4rec-pseudo-new", cfg), "hybrid": ("hybrid", hybrid),
-              "qbert4rec-content-map": ("qbert4rec-content-map", mapped),
-              "sasrec": ("sasrec", None), "bert4rec": ("bert4rec", None)}
+    assert makers.keys() == RUN_OF.keys()
+    # the config whose dataset keys an unfinished run in each directory is checked against
+    config_of = {"qbert4rec": cfg, "qbert4rec-pseudo-new": cfg, "qbert4rec-transfer": transfer, "hybrid": hybrid,
+                 "qbert4rec-content-map": mapped, "sasrec": None, "bert4rec": None}
     try:  # before anything trains: a refusal late in the list would lose the rows before it
         for model in models:
-            if model in run_of:
-                _refuse_other_dataset(args.runs_dir / run_of[model][0], data, run_of[model][1])
+            if RUN_OF[model]:
+                _refuse_other_dataset(run[model], data, config_of[RUN_OF[model]])
     except OtherDataset as e:
         print(f"error: --runs-dir: {e}", file=sys.stderr)
         return 2
     meta = benchmark_meta("benchmarks/cold_start.py", argv, REPO)
-    failed = []
+    rows, failed = [], []
     for model in models:
         log.info("cold-start row: %s", model)
         try:

@@ -167,6 +167,17 @@ def test_rows_new_items_ranked_by_the_semantic_id_model_and_rescored_without_tra
     assert "error: --content-set: finetune.epochs would retrain" in capsys.readouterr().err
 
 
+def test_an_unknown_row_is_refused_before_any_data_is_read(tmp_path, capsys):
+    bench = _bench("cold_start")
+    missing = tmp_path / "no-such-dataset"
+    assert bench.main(["--runs-dir", str(tmp_path / "runs"), "--set", f"data.source={missing}",
+                       "--models", "popularity,sasrec2"]) == 2
+    err = capsys.readouterr().err
+    assert "error: --models popularity,sasrec2: unknown sasrec2 (known: qbert4rec," in err
+    assert str(missing) not in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_merge_keeps_other_datasets_rows_and_gives_old_rows_the_files_command(tmp_path):
     bench = _bench("cold_start")
     path = tmp_path / "cold_start.json"
