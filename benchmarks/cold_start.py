@@ -45,7 +45,8 @@ a run there of other data is refused before anything trains, never read or repla
 draw's run would be retrained over: give it its own ``RUNS_DIR``). Writes
 ``benchmarks/results/cold_start.{json,md}`` (``--quick``: under ``RUNS_DIR``): the rows of this
 dataset, draw and the listed models replace their old ones, every other row is kept, and each
-row records the command, commit and date that made it.
+row records the command, commit and date that made it. The markdown names each row's draw and, for
+rows scored on two draws or more, gives their mean ± standard deviation over the draws.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ from qbert.utils.runtime import pick_device  # noqa: E402
 from qbert.seqrec.new_items import FEATURES, fit_mixture  # noqa: E402
 from qbert.seqrec.stage import split_ranks  # noqa: E402
 from qbert.pipeline.data import target_split  # noqa: E402
-from qbert.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
+from qbert.utils.io import atomic_write_json, atomic_write_text, locked  # noqa: E402
 from qbert.utils.runtime import benchmark_meta  # noqa: E402
 
 RANKING_KEYS = tuple(f"model.{k}" for k in NEW_ITEM_KEYS)
@@ -264,29 +265,66 @@ def merge_rows(path: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out + [r for r in rows if _row_key(r) not in placed]
 
 
+def _draw(row: dict[str, Any]) -> str:
+    """The draw of new items a row was scored on: the new share of the catalogue and the draw's seed."""
+    return f"{row.get('fraction', '?')} / {row.get('seed', '?')}"
+
+
+def over_draws(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and sample standard deviation of each test metric over the draws of new items that a
+    dataset, model, slice and new share were scored on, for those scored on two draws or more."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["dataset"], r["model"], r["slice"], r.get("fraction")), []).append(r)
+    out = []
+    for (dataset, model, slice_name, fraction), rs in groups.items():
+        if len({r.get("seed") for r in rs}) < 2:
+            continue
+        rs = sorted(rs, key=lambda r: r.get("seed"))
+        stats = {}
+        for protocol in ("test", "test_excl_history"):
+            for m in METRICS:
+                v = np.array([r[protocol][m] for r in rs], dtype=float)
+                stats[f"{protocol}/{m}"] = (float(v.mean()), float(v.std(ddof=1)))
+        out.append({"dataset": dataset, "model": model, "slice": slice_name, "fraction": fraction,
+                    "seeds": [r.get("seed") for r in rs], "users": [r["test"]["users"] for r in rs], **stats})
+    return out
+
+
 def render(rows: list[dict[str, Any]]) -> str:
-    lines = ["| dataset | model | item-ID table in stage 3 | slice | users | HR@10 | NDCG@10 | HR@10 (history excl.) "
-             "| NDCG@10 (history excl.) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| dataset | model | item-ID table in stage 3 | draw (new share / seed) | slice | users | HR@10 | NDCG@10 "
+             "| HR@10 (history excl.) | NDCG@10 (history excl.) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         t, e = r["test"], r["test_excl_history"]
         table = {True: "yes", False: "no", None: "n/a"}[r["stage3_item_table"]]
-        lines.append(f"| {r['dataset']} | {r['model']} | {table} | {r['slice']} | {t['users']} | "
+        lines.append(f"| {r['dataset']} | {r['model']} | {table} | {_draw(r)} | {r['slice']} | {t['users']} | "
                      + " | ".join(f"{t.get(m, float('nan')):.4f}" for m in METRICS) + " | "
                      + " | ".join(f"{e.get(m, float('nan')):.4f}" for m in METRICS) + " |")
+    means = over_draws(rows)
+    if means:
+        lines += ["", "Test over draws of new items (mean ± sample std; each draw its own runs and its own "
+                  "new slice): rows scored on two draws or more.", "",
+                  "| dataset | model | new share | draw seeds | slice | users per draw | HR@10 | NDCG@10 "
+                  "| HR@10 (history excl.) | NDCG@10 (history excl.) |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for g in means:
+            cells = [f"{g[f'{p}/{m}'][0]:.4f} ± {g[f'{p}/{m}'][1]:.4f}"
+                     for p in ("test", "test_excl_history") for m in METRICS]
+            lines.append(f"| {g['dataset']} | {g['model']} | {g['fraction']} | {', '.join(map(str, g['seeds']))} | "
+                         f"{g['slice']} | {', '.join(map(str, g['users']))} | " + " | ".join(cells) + " |")
     conc = [r for r in rows if r["slice"] == "new" and (r.get("new_target_concentration") or {}).get("test")]
     if conc:
         lines += ["", "New-target users of test, history kept: how far single items carry the slice's HR@10 "
                   "(`new_target_concentration`).", "",
-                  "| dataset | model | users | hits | distinct targets | most frequent target: users, hits "
+                  "| dataset | model | draw | users | hits | distinct targets | most frequent target: users, hits "
                   "| most hit target: users, hits | item-macro HR@10 | item-macro NDCG@10 |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in conc:
             c = r["new_target_concentration"]["test"]
             if not c["users"]:
                 continue
             f, h = c["most_frequent_target"], c["most_hit_target"]
             most_hit = f"{h['item']}: {h['users']}, {h['hits']}" if c["hits"] else "none"
-            lines.append(f"| {r['dataset']} | {r['model']} | {c['users']} | {c['hits']} | {c['distinct_targets']} | "
+            lines.append(f"| {r['dataset']} | {r['model']} | {_draw(r)} | {c['users']} | {c['hits']} | {c['distinct_targets']} | "
                          f"{f['item']}: {f['users']}, {f['hits']} | {most_hit} | "
                          f"{c['item_macro']['HR@10']:.4f} | {c['item_macro']['NDCG@10']:.4f} |")
     return "\n".join(lines) + "\n"
@@ -427,9 +465,10 @@ def main(argv: list[str] | None = None) -> int:
                          **({"new_items": res["new_items"]} if res.get("new_items") else {}),
                          **({"new_target_concentration": res["concentration"]} if slice_name == "new" else {})})
     out = args.runs_dir if args.quick else DEFAULT_OUT
-    rows = merge_rows(out / "cold_start.json", rows)
-    atomic_write_json(out / "cold_start.json", {"rows": rows})
-    atomic_write_text(out / "cold_start.md", render(rows))
+    with locked(out / "cold_start.json"):  # another draw or row may finish at the same time
+        rows = merge_rows(out / "cold_start.json", rows)
+        atomic_write_json(out / "cold_start.json", {"rows": rows})
+        atomic_write_text(out / "cold_start.md", render(rows))
     print(render(rows))
     return 2 if failed else 0
 

@@ -41,8 +41,6 @@ that makes it alone.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -61,7 +59,7 @@ from qbert.config import ConfigError, parse_overrides  # noqa: E402
 from qbert.eval.report import PROTOCOL_KEYS  # noqa: E402
 from qbert.pipeline import HYBRID_OVERRIDES, PipelineConfig, load_data, quickstart_config, run_pipeline  # noqa: E402
 from qbert.pipeline.runs import comparable_settings, finished_test_run  # noqa: E402
-from qbert.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
+from qbert.utils.io import atomic_write_json, atomic_write_text, locked  # noqa: E402
 from qbert.utils.runtime import benchmark_meta  # noqa: E402
 
 log = logging.getLogger("bench.table2")
@@ -99,15 +97,6 @@ def run_record(run: Path, metrics: dict[str, Any], baseline: bool) -> dict[str, 
             "stage3_item_table": True if baseline else metrics["stage3_item_table"]}
 
 
-@contextlib.contextmanager
-def _locked(path: Path):
-    """Hold an exclusive lock beside ``path`` (several benchmark processes may record seeds at once)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        yield
-
-
 def read_seed_records(path: Path) -> list[dict[str, Any]]:
     return json.loads(path.read_text())["records"] if path.is_file() else []
 
@@ -122,7 +111,7 @@ def save_seed_record(path: Path, record: dict[str, Any]) -> None:
     records of other settings stay."""
     key = lambda r: (r["dataset"], r["model"], r["seed"], _settings_key(r["settings"]))  # noqa: E731
     same_run = lambda r: {k: v for k, v in r.items() if k not in ("command", "date")}  # noqa: E731
-    with _locked(path):
+    with locked(path):
         old = read_seed_records(path)
         if any(same_run(r) == same_run(record) for r in old):
             return
