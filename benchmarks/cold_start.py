@@ -46,7 +46,8 @@ draw's run would be retrained over: give it its own ``RUNS_DIR``). Writes
 ``benchmarks/results/cold_start.{json,md}`` (``--quick``: under ``RUNS_DIR``): the rows of this
 dataset, draw and the listed models replace their old ones, every other row is kept, and each
 row records the command, commit and date that made it. The markdown names each row's draw and, for
-rows scored on two draws or more, gives their mean ± standard deviation over the draws.
+each dataset, model, slice and new share scored on two draws (seeds) or more, gives the mean ±
+sample standard deviation over those draws.
 """
 
 from __future__ import annotations
@@ -271,16 +272,17 @@ def _draw(row: dict[str, Any]) -> str:
 
 
 def over_draws(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and sample standard deviation of each test metric over the draws of new items that a
-    dataset, model, slice and new share were scored on, for those scored on two draws or more."""
-    groups: dict[tuple, list[dict[str, Any]]] = {}
-    for r in rows:
-        groups.setdefault((r["dataset"], r["model"], r["slice"], r.get("fraction")), []).append(r)
+    """For each dataset, model, slice and new share scored on two draws (seeds) or more, the mean and
+    sample standard deviation of each test metric over those draws."""
+    groups: dict[tuple, dict[Any, dict[str, Any]]] = {}
+    for r in rows:  # one row per draw (the last), draws whose slice has no test user left out
+        if r["test"].get("users"):
+            groups.setdefault((r["dataset"], r["model"], r["slice"], r.get("fraction")), {})[r.get("seed")] = r
     out = []
-    for (dataset, model, slice_name, fraction), rs in groups.items():
-        if len({r.get("seed") for r in rs}) < 2:
+    for (dataset, model, slice_name, fraction), by_seed in groups.items():
+        if len(by_seed) < 2:
             continue
-        rs = sorted(rs, key=lambda r: r.get("seed"))
+        rs = [by_seed[s] for s in sorted(by_seed, key=lambda s: (s is None, s or 0))]
         stats = {}
         for protocol in ("test", "test_excl_history"):
             for m in METRICS:
@@ -302,8 +304,8 @@ def render(rows: list[dict[str, Any]]) -> str:
                      + " | ".join(f"{e.get(m, float('nan')):.4f}" for m in METRICS) + " |")
     means = over_draws(rows)
     if means:
-        lines += ["", "Test over draws of new items (mean ± sample std; each draw its own runs and its own "
-                  "new slice): rows scored on two draws or more.", "",
+        lines += ["", "Test over draws of new items (mean ± sample std over the draws; each draw has its own "
+                  "runs and its own set of new items), for what was scored on two draws or more.", "",
                   "| dataset | model | new share | draw seeds | slice | users per draw | HR@10 | NDCG@10 "
                   "| HR@10 (history excl.) | NDCG@10 (history excl.) |", "|---|---|---|---|---|---|---|---|---|---|"]
         for g in means:
@@ -328,6 +330,16 @@ def render(rows: list[dict[str, Any]]) -> str:
                          f"{f['item']}: {f['users']}, {f['hits']} | {most_hit} | "
                          f"{c['item_macro']['HR@10']:.4f} | {c['item_macro']['NDCG@10']:.4f} |")
     return "\n".join(lines) + "\n"
+
+
+def write_results(out: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Merge ``rows`` into ``out/cold_start.json`` and render ``out/cold_start.md``, under a lock
+    (another draw or row may finish at the same time); returns every row."""
+    with locked(out / "cold_start.json"):
+        rows = merge_rows(out / "cold_start.json", rows)
+        atomic_write_json(out / "cold_start.json", {"rows": rows})
+        atomic_write_text(out / "cold_start.md", render(rows))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -358,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="synthetic data, few epochs")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
-    models = args.models.split(",")
+    models = list(dict.fromkeys(args.models.split(",")))  # a model listed twice is one row
     unknown = [m for m in models if m not in RUN_OF]
     if unknown or ("qbert4rec-transfer" in models and not args.pretrain_sources):
         print(f"error: --models {args.models}: " + (f"unknown {', '.join(unknown)} (known: {', '.join(RUN_OF)})"
@@ -465,11 +477,7 @@ def main(argv: list[str] | None = None) -> int:
                          **({"new_items": res["new_items"]} if res.get("new_items") else {}),
                          **({"new_target_concentration": res["concentration"]} if slice_name == "new" else {})})
     out = args.runs_dir if args.quick else DEFAULT_OUT
-    with locked(out / "cold_start.json"):  # another draw or row may finish at the same time
-        rows = merge_rows(out / "cold_start.json", rows)
-        atomic_write_json(out / "cold_start.json", {"rows": rows})
-        atomic_write_text(out / "cold_start.md", render(rows))
-    print(render(rows))
+    print(render(write_results(out, rows)))
     return 2 if failed else 0
 
 

@@ -307,9 +307,10 @@ def main(argv: list[str] | None = None) -> int:
     row = {"dataset": name, "model": model, "stage3_item_table": item_table, "seeds": list(args.seeds),
            **aggregate(per_seed), "per_seed": per_seed,
            **benchmark_meta("benchmarks/table2.py", argv, REPO)}
-    rows = merge_rows(out / "table2.json", row)
-    atomic_write_json(out / "table2.json", {"rows": rows})
-    atomic_write_text(out / "table2.md", render(rows))
+    with locked(out / "table2.json"):  # another row's command may finish at the same time
+        rows = merge_rows(out / "table2.json", row)
+        atomic_write_json(out / "table2.json", {"rows": rows})
+        atomic_write_text(out / "table2.md", render(rows))
     print(render(rows))
     return 0
 

@@ -197,7 +197,7 @@ def test_merge_keeps_other_datasets_rows_and_gives_old_rows_the_files_command(tm
         (0, 5), (1, 7)]
 
 
-def test_rows_of_several_draws_are_named_and_averaged_per_draw_share(tmp_path):
+def test_rows_of_several_draws_are_named_and_averaged_per_draw_share():
     bench = _bench("cold_start")
 
     def row(model, slice_name, seed, hr, fraction=0.1, users=100):
@@ -205,8 +205,10 @@ def test_rows_of_several_draws_are_named_and_averaged_per_draw_share(tmp_path):
         return {"dataset": "a", "model": model, "slice": slice_name, "fraction": fraction, "seed": seed,
                 "stage3_item_table": False, "test": m, "test_excl_history": {**m, "HR@10": hr + 0.1}}
 
+    empty = {**row("x", "new", 3, 0.0), "test": {"users": 0}, "test_excl_history": {"users": 0}}
     rows = [row("x", "new", 0, 0.2), row("x", "new", 1, 0.4, users=90), row("x", "known", 0, 0.5),
-            row("y", "new", 0, 0.3), row("x", "new", 2, 0.9, fraction=0.2)]
+            row("y", "new", 0, 0.3), row("x", "new", 2, 0.9, fraction=0.2), empty,  # a draw with no such user
+            row("y", "new", 0, 0.3)]  # the same draw twice counts once
     means = bench.over_draws(rows)  # x/known, y and the 0.2 share were scored on one draw each
     assert [(g["model"], g["slice"], g["fraction"], g["seeds"], g["users"]) for g in means] == [
         ("x", "new", 0.1, [0, 1], [100, 90])]
@@ -218,20 +220,31 @@ def test_rows_of_several_draws_are_named_and_averaged_per_draw_share(tmp_path):
     assert "| a | x | no | 0.1 / 1 | new | 90 | 0.4000 | 0.2000 |" in md
     assert "| a | x | 0.1 | 0, 1 | new | 100, 90 | 0.3000 ± 0.1414 | 0.1500 ± 0.0707 | 0.4000 ± 0.1414 |" in md
     assert "over draws" not in bench.render(rows[2:])
+    assert "| a | x | no | 0.1 / 3 | new | 0 | nan | nan |" in md
 
 
-def test_the_results_lock_keeps_a_second_process_out_until_released(tmp_path):
+def test_results_are_merged_and_written_under_a_lock_a_second_process_cannot_take(tmp_path, monkeypatch):
     import subprocess
     import sys
 
-    from qbert.utils.io import locked
-    path = tmp_path / "results" / "cold_start.json"  # two cold-start commands may finish at once
+    bench = _bench("cold_start")
+    path = tmp_path / "cold_start.json"  # two cold-start commands may finish at once
     probe = ("import fcntl, sys; f = open(sys.argv[1], 'w')\n"
              "try: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\nexcept BlockingIOError: sys.exit(7)")
     take = lambda: subprocess.run([sys.executable, "-c", probe, f"{path}.lock"], timeout=60).returncode  # noqa: E731
-    with locked(path):
-        assert take() == 7
-    assert take() == 0
+    seen, merge = [], bench.merge_rows
+
+    def merge_and_probe(p, rows):  # what a second process finds while this one merges
+        seen.append(take())
+        return merge(p, rows)
+
+    monkeypatch.setattr(bench, "merge_rows", merge_and_probe)
+    m = {"users": 5, "HR@10": 0.2, "NDCG@10": 0.1}
+    row = {"dataset": "a", "model": "x", "slice": "new", "fraction": 0.1, "seed": 0, "stage3_item_table": None,
+           "test": m, "test_excl_history": m}
+    assert bench.write_results(tmp_path, [row]) == [row]
+    assert seen == [7] and take() == 0
+    assert json.loads(path.read_text())["rows"] == [row] and "| a | x |" in (tmp_path / "cold_start.md").read_text()
 
 
 def test_a_baseline_run_of_other_data_is_refused(tmp_path):

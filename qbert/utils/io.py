@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader never sees a half-written artifact."""
+"""Atomic file writes (a reader never sees a half-written artifact) and an exclusive lock for
+read-modify-write of a shared results file."""
 
 from __future__ import annotations
 
