@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))
 from qbert.config import ConfigError, parse_overrides  # noqa: E402
 from qbert.pipeline import PipelineConfig, quickstart_config, run_pipeline  # noqa: E402
 from qbert.pipeline.runs import finished_test_run  # noqa: E402
-from qbert.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
+from qbert.utils.io import atomic_write_json, atomic_write_text, locked  # noqa: E402
 from qbert.utils.runtime import benchmark_meta  # noqa: E402
 
 log = logging.getLogger("bench.transfer")
@@ -173,9 +173,10 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row(target, pretraining, cfg, per_seed))
     out = args.runs_dir if args.quick else DEFAULT_OUT
     meta = benchmark_meta("benchmarks/transfer.py", argv, REPO)
-    rows = merge(out / "transfer.json", [{**r, **meta} for r in rows])
-    atomic_write_json(out / "transfer.json", {"rows": rows})
-    atomic_write_text(out / "transfer.md", render(rows))
+    with locked(out / "transfer.json"):  # another target's or row's command may finish at the same time
+        rows = merge(out / "transfer.json", [{**r, **meta} for r in rows])
+        atomic_write_json(out / "transfer.json", {"rows": rows})
+        atomic_write_text(out / "transfer.md", render(rows))
     print(render(rows))
     return 0
 
