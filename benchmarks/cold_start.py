@@ -24,6 +24,9 @@ whether their test target is new. Rows, each under both ranking protocols:
 - ``qbert4rec-content``, ``qbert4rec-pseudo-new-content`` (only when listed): the run of the row
   without the suffix, re-scored with the ranking settings of ``--content-set`` (e.g. the backoff
   rule's content term, ``model.new_item_content``, and its offset); nothing is trained;
+- ``qbert4rec-neighbours``, ``qbert4rec-pseudo-new-neighbours`` (only when listed): the same with
+  the ranking settings of ``--neighbours-set`` (e.g. the backoff rule's content neighbours,
+  ``model.new_item_neighbours``, and its offset); nothing is trained;
 - ``qbert4rec-mixture``, ``qbert4rec-pseudo-new-mixture`` (only when listed): the run of the row
   without the suffix re-scored with the mixture rule (``model.new_items: mixture``;
   docs/method.md): P(next is new) and the weights of the new items' softmax fitted on that run's
@@ -91,9 +94,10 @@ log = logging.getLogger("bench.cold_start")
 DEFAULT_OUT = REPO / "benchmarks" / "results"
 METRICS = ("HR@10", "NDCG@10")
 # each row -> the run under RUNS_DIR it trains or re-scores (None: a heuristic with no run)
-RUN_OF = {"qbert4rec": "qbert4rec", "qbert4rec-content": "qbert4rec", "qbert4rec-mixture": "qbert4rec",
-          "qbert4rec-transfer": "qbert4rec-transfer", "qbert4rec-pseudo-new": "qbert4rec-pseudo-new",
-          "qbert4rec-pseudo-new-content": "qbert4rec-pseudo-new",
+RUN_OF = {"qbert4rec": "qbert4rec", "qbert4rec-content": "qbert4rec", "qbert4rec-neighbours": "qbert4rec",
+          "qbert4rec-mixture": "qbert4rec", "qbert4rec-transfer": "qbert4rec-transfer",
+          "qbert4rec-pseudo-new": "qbert4rec-pseudo-new", "qbert4rec-pseudo-new-content": "qbert4rec-pseudo-new",
+          "qbert4rec-pseudo-new-neighbours": "qbert4rec-pseudo-new",
           "qbert4rec-pseudo-new-mixture": "qbert4rec-pseudo-new", "qbert4rec-content-map": "qbert4rec-content-map",
           "hybrid": "hybrid", "sasrec": "sasrec", "bert4rec": "bert4rec", "popularity": None, "content_knn": None}
 
@@ -191,7 +195,7 @@ def pipeline_row(cfg: PipelineConfig, data, run: Path, fit: bool = False) -> dic
             "slices": cold_start_report(split, ranks, cfg.data.cold_start)["slices"],
             "concentration": _concentration(split, {w: r["kept"] for w, r in ranks.items()}),
             "new_items": {"rule": model.new_items, "weight": model.new_item_weight, "offset": model.new_item_offset,
-                          "content": model.new_item_content,
+                          "content": model.new_item_content, "neighbours": model.new_item_neighbours,
                           **({"share": model.new_item_share,
                               **{k.removeprefix("new_item_"): getattr(model, k) for k in FEATURES}}
                              if model.new_items == "mixture" else {}),
@@ -353,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="override for both Q-BERT4Rec runs")
     ap.add_argument("--models", default="qbert4rec,hybrid,sasrec,bert4rec,popularity,content_knn",
                     help="comma-separated; also qbert4rec-pseudo-new, qbert4rec-transfer (needs --pretrain-sources), "
-                         "qbert4rec-content and qbert4rec-pseudo-new-content (needs --content-set), qbert4rec-mixture "
+                         "qbert4rec-content and qbert4rec-pseudo-new-content (needs --content-set), qbert4rec-neighbours "
+                         "and qbert4rec-pseudo-new-neighbours (needs --neighbours-set), qbert4rec-mixture "
                          "and qbert4rec-pseudo-new-mixture (the mixture rule fitted on valid), qbert4rec-content-map")
     ap.add_argument("--pretrain-sources", nargs="*", default=[], help="other domains for qbert4rec-transfer")
     ap.add_argument("--reuse-from", type=Path, default=None,
@@ -367,6 +372,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--content-set", dest="content_overrides", action="append", default=[],
                     help="ranking settings (model.new_item_*) of the *-content rows, which re-score the run of "
                          "the row without the suffix, e.g. model.new_item_content=6")
+    ap.add_argument("--neighbours-set", dest="neighbour_overrides", action="append", default=[],
+                    help="ranking settings (model.new_item_*) of the *-neighbours rows, as --content-set, e.g. "
+                         "model.new_item_neighbours=20")
     ap.add_argument("--quick", action="store_true", help="synthetic data, few epochs")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
@@ -382,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.overrides = ["finetune.epochs=3", "pretrain.epochs=1", "plots=false", *args.overrides]
     # the rules for new items are the paper's model's: the hybrid ranks with its item-ID head
-    paper_only = {"model.new_items": "own", "model.new_item_content": 0.0}
+    paper_only = {"model.new_items": "own", "model.new_item_content": 0.0, "model.new_item_neighbours": 0}
     try:
         base = PipelineConfig.from_yaml(args.config) if args.config else quickstart_config()
         cfg = _cold(base, args.fraction, args.seed, args.overrides)
@@ -412,15 +420,18 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         content = parse_overrides(args.content_overrides)
+        neighbours = parse_overrides(args.neighbour_overrides)
         mapped = content_map() if "qbert4rec-content-map" in models else None
     except ConfigError as e:
-        print(f"error: --content-set / --content-map-set / --content-dim: {e}", file=sys.stderr)
+        print(f"error: --content-set / --neighbours-set / --content-map-set / --content-dim: {e}", file=sys.stderr)
         return 2
-    not_ranking = [k for k in content if k not in RANKING_KEYS]
-    if not_ranking or (any(m.endswith("-content") for m in models) and not content):
-        print(f"error: --content-set: {'; '.join(not_ranking) + ' would retrain' if not_ranking else 'missing'}"
-              f" (the content rows re-score a finished run: set only {', '.join(RANKING_KEYS)})", file=sys.stderr)
-        return 2
+    for flag, suffix, given in (("--content-set", "-content", content),
+                                ("--neighbours-set", "-neighbours", neighbours)):
+        not_ranking = [k for k in given if k not in RANKING_KEYS]
+        if not_ranking or (any(m.endswith(suffix) for m in models) and not given):
+            print(f"error: {flag}: {'; '.join(not_ranking) + ' would retrain' if not_ranking else 'missing'} (the "
+                  f"{suffix} rows re-score a finished run: set only {', '.join(RANKING_KEYS)})", file=sys.stderr)
+            return 2
     if {"qbert4rec-mixture", "qbert4rec-pseudo-new-mixture"} & set(models) and (
             cfg.model.item_id != "none" or cfg.model.head != "catalogue" or not cfg.fusion.feature_modalities):
         print("error: --models: the mixture rule needs the paper's model (model.item_id: none, "
@@ -437,6 +448,9 @@ def main(argv: list[str] | None = None) -> int:
         "qbert4rec-content": lambda: pipeline_row(cfg.override(content), data, run["qbert4rec-content"]),
         "qbert4rec-pseudo-new-content": lambda: pipeline_row(pseudo().override(content), data,
                                                              run["qbert4rec-pseudo-new-content"]),
+        "qbert4rec-neighbours": lambda: pipeline_row(cfg.override(neighbours), data, run["qbert4rec-neighbours"]),
+        "qbert4rec-pseudo-new-neighbours": lambda: pipeline_row(pseudo().override(neighbours), data,
+                                                                run["qbert4rec-pseudo-new-neighbours"]),
         "qbert4rec-mixture": lambda: pipeline_row(cfg, data, run["qbert4rec-mixture"], fit=True),
         "qbert4rec-pseudo-new-mixture": lambda: pipeline_row(pseudo(), data, run["qbert4rec-pseudo-new-mixture"],
                                                              fit=True),

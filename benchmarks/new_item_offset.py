@@ -9,7 +9,9 @@ constant logit offset for those items would trade, and the choice of ``model.new
 valid targets are ranked with ``score + delta`` on the items fine-tuning did not train (the paper's
 rule at delta 0). Rows ``rule: backoff``: every pair of ``--backoff-weights`` x ``--backoff-offsets``
 (``QBert4Rec.new_item_scores``), each with every ``--backoff-contents`` weight of the content term
-(``model.new_item_content``; default 0: none). ``--mixture``: rows ``rule: mixture``
+(``model.new_item_content``; default 0: none) and every ``--backoff-neighbours`` k
+(``model.new_item_neighbours``: back off to the k nearest trained items in content; default 0:
+the first-code cluster). ``--mixture``: rows ``rule: mixture``
 (``model.new_items: mixture``, ``QBert4Rec.mixture_scores``) with pi and the weights of each
 ``--mixture-features`` subset fitted on valid by likelihood (``qbert.seqrec.new_items.fit_mixture``),
 each also with ``--mixture-scales`` times the fitted pi (sensitivity; 1 = the fit). Each row reports the new / known slices, with the median rank of
@@ -62,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backoff-weights", type=float, nargs="*", default=[])
     ap.add_argument("--backoff-offsets", type=float, nargs="*", default=[])
     ap.add_argument("--backoff-contents", type=float, nargs="*", default=[0.0])
+    ap.add_argument("--backoff-neighbours", type=int, nargs="*", default=[0],
+                    help="peers of the backoff rule: k nearest trained items in content (0: the first-code cluster)")
     ap.add_argument("--mixture", action="store_true", help="fit the mixture rule's pi and weights on valid")
     ap.add_argument("--mixture-features", nargs="*", default=[",".join(FEATURES)],
                     help=f"comma-separated subsets of {', '.join(FEATURES)} to fit (the others stay 0)")
@@ -87,7 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = pick_device(cfg.device)
     model = rescoring_model(args.run, cfg, split, device)  # the items fine-tuning trained, as it recorded them
-    if any(args.backoff_contents) or args.mixture:
+    if min(args.backoff_neighbours, default=0) < 0:
+        print(f"error: --backoff-neighbours must be >= 0, got {args.backoff_neighbours}", file=sys.stderr)
+        return 2
+    if any(args.backoff_contents) or any(args.backoff_neighbours) or args.mixture:
         model.set_item_content(run_content(args.run, cfg, model.num_items, data))
     try:
         fits = [fit_mixture(model, split, "valid", cfg.eval.batch_size, tuple(sub.split(",")))
@@ -100,32 +107,36 @@ def main(argv: list[str] | None = None) -> int:
     new = np.isin(split.targets("valid"), split.withheld)
     rows = []
     # own + delta: the item's own score shifted by delta = the backoff rule with all weight on the own score
-    settings = [("own", 1.0, delta, 0.0) for delta in args.deltas]
-    settings += [("backoff", w, off, c) for w in args.backoff_weights for c in args.backoff_contents
-                 for off in args.backoff_offsets]
-    settings += [("mixture", min(fit.share * scale, 0.999), fit, 0.0) for fit in fits for scale in args.mixture_scales]
-    for rule, weight, offset, content in settings:
+    settings = [("own", 1.0, delta, 0.0, 0) for delta in args.deltas]
+    settings += [("backoff", w, off, c, k) for k in args.backoff_neighbours for w in args.backoff_weights
+                 for c in args.backoff_contents for off in args.backoff_offsets]
+    settings += [("mixture", min(fit.share * scale, 0.999), fit, 0.0, 0) for fit in fits
+                 for scale in args.mixture_scales]
+    for rule, weight, offset, content, neighbours in settings:
         if rule == "mixture":  # weight: pi, offset: the fit
             offset.apply(model)
             model.new_item_share = weight
             offset = offset.weights
         else:
             model.new_items, model.new_item_weight, model.new_item_offset = "backoff", weight, offset
-            model.new_item_content = content
+            model.new_item_content, model.new_item_neighbours = content, neighbours
         with torch.no_grad():  # as the run scores valid: its device, batch size and fine-tuning precision
             ranks = split_ranks(model, split, "valid", cfg.eval.batch_size, device, ("kept",),
                                 cfg.finetune.precision)["kept"].numpy()
         rows.append({"rule": rule, "weight": None if rule == "own" else weight, "delta": offset, "content": content,
+                     "neighbours": neighbours,
                      "new": {**_metrics(ranks[new]), **_item_macro(ranks, split)},
                      "known": _metrics(ranks[~new]), "all": _metrics(ranks)})
         print(rows[-1])
-    md = ["| rule | weight of own score (mixture: pi) | offset (mixture: fitted weights) | content weight | new HR@10 | new NDCG@10 | new median rank | "
+    md = ["| rule | weight of own score (mixture: pi) | offset (mixture: fitted weights) | content weight | "
+          "content neighbours | new HR@10 | new NDCG@10 | new median rank | "
           "new item-macro HR@10 | new item-macro NDCG@10 | known HR@10 | known NDCG@10 | all NDCG@10 |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     md += [f"| {r['rule']} | {'' if r['weight'] is None else format(r['weight'], '.4g')} | "
            + (" ".join(f"{k.removeprefix('new_item_')} {v:.3g}" for k, v in r['delta'].items() if v)
               if isinstance(r['delta'], dict) else format(r['delta'], 'g')) + " | "
-           f"{r['content']:g} | {r['new']['HR@10']:.4f} | {r['new']['NDCG@10']:.4f} | {r['new']['median_rank']:.0f} | "
+           f"{r['content']:g} | {(r['neighbours'] or 'first code') if r['rule'] == 'backoff' else ''} | "
+           f"{r['new']['HR@10']:.4f} | {r['new']['NDCG@10']:.4f} | {r['new']['median_rank']:.0f} | "
            f"{r['new']['item_macro_HR@10']:.4f} | {r['new']['item_macro_NDCG@10']:.4f} | "
            f"{r['known']['HR@10']:.4f} | {r['known']['NDCG@10']:.4f} | {r['all']['NDCG@10']:.4f} |" for r in rows]
     md.append(f"\nValid only; {split.num_items} items, {int(new.sum())} users whose valid target is new. "

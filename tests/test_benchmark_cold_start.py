@@ -68,6 +68,21 @@ def test_rows_new_items_ranked_by_the_semantic_id_model_and_rescored_without_tra
     assert both[("qbert4rec-content", "new")]["new_items"]["content"] == 4.0
     assert both[("qbert4rec-content", "new")]["valid"] != both[("qbert4rec", "new")]["valid"]
     assert both[("qbert4rec", "new")]["test"] == by[("qbert4rec", "new")]["test"]
+    # the neighbours row: the backoff rule's peers are content neighbours; the probe scores valid the same
+    assert bench.main(["--quick", "--runs-dir", str(runs), "--models", "qbert4rec-neighbours",
+                       "--set", "model.new_items=backoff", "--neighbours-set", "model.new_item_neighbours=3"]) == 0
+    assert (runs / "qbert4rec" / "model.pt").stat().st_mtime_ns == stamp
+    nbr = {(r["model"], r["slice"]): r for r in json.loads((runs / "cold_start.json").read_text())["rows"]}
+    assert nbr[("qbert4rec-neighbours", "new")]["new_items"]["neighbours"] == 3
+    assert nbr[("qbert4rec-neighbours", "new")]["valid"] != both[("qbert4rec", "new")]["valid"]
+    assert probe.main(["--run", str(runs / "qbert4rec"), "--deltas", "--backoff-weights", "0.25",
+                       "--backoff-offsets", "1.5", "--backoff-neighbours", "3", "--out-dir", str(tmp_path)]) == 0
+    (probed,) = json.loads((tmp_path / "new_item_offset.json").read_text())["rows"]
+    assert probed["neighbours"] == 3
+    assert probed["new"]["HR@10"] == pytest.approx(nbr[("qbert4rec-neighbours", "new")]["valid"]["HR@10"])
+    capsys.readouterr()
+    assert bench.main(["--quick", "--runs-dir", str(runs), "--models", "qbert4rec-neighbours"]) == 2
+    assert "error: --neighbours-set: missing" in capsys.readouterr().err
     # the mixture row re-scores the same run with pi and tau fitted on valid; the probe fits the same
     assert bench.main(["--quick", "--runs-dir", str(runs), "--models", "qbert4rec-mixture"]) == 0
     assert (runs / "qbert4rec" / "model.pt").stat().st_mtime_ns == stamp
@@ -150,8 +165,9 @@ def test_rows_new_items_ranked_by_the_semantic_id_model_and_rescored_without_tra
     assert not (other / "cold_start.json").exists() and not (other / "popularity").exists()
     # re-running some models replaces only their rows: the others stay, each with its own command
     rows = json.loads((runs / "cold_start.json").read_text())["rows"]
-    assert {r["model"] for r in rows} == {*models.split(","), "qbert4rec-content", "qbert4rec-mixture",
-                                         "qbert4rec-pseudo-new", "qbert4rec-pseudo-new-mixture", "sasrec"}
+    assert {r["model"] for r in rows} == {*models.split(","), "qbert4rec-content", "qbert4rec-neighbours",
+                                         "qbert4rec-mixture", "qbert4rec-pseudo-new", "qbert4rec-pseudo-new-mixture",
+                                         "sasrec"}
     assert all(r["command"].startswith("python benchmarks/cold_start.py --quick") for r in rows)
     pseudo_rows = [r for r in rows if r["model"].startswith("qbert4rec-pseudo-new")]
     assert len(pseudo_rows) == 4 and all("pretrain.epochs=2" in r["command"] for r in pseudo_rows)

@@ -624,6 +624,44 @@ def test_the_content_term_adds_the_cosine_of_a_new_items_content_to_the_historys
         QBert4Rec(codes, **kw, new_item_content=-1.0)
 
 
+def test_the_backoff_to_content_neighbours_takes_the_mean_p_of_the_k_nearest_trained_items():
+    torch.manual_seed(0)
+    codes = _codes(n=30)
+    kw = {"num_codes": 8, "hidden": 16, "layers": 1, "heads": 2, "dropout": 0.0, "max_len": 10}
+    m = QBert4Rec(codes, **kw, new_items="backoff", new_item_weight=0.3, new_item_offset=1.2,
+                  new_item_neighbours=3).eval()
+    own = QBert4Rec(codes, **kw).eval()  # the paper's rule: the log P the backoff replaces
+    own.load_state_dict(m.state_dict())
+    trained = torch.ones(30, dtype=torch.bool)
+    new = [3, 11, 17, 25]
+    trained[new] = False
+    for model in (m, own):
+        model.set_trained_items(trained.nonzero()[:, 0])
+    hist = torch.randint(1, 31, (4, 6), generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match="set_item_content"):
+        m.score(hist)
+    content = torch.randn(30, 5)
+    content[25] = 3.0 * content[7]  # item 25's nearest trained item is item 7 (cosine 1)
+    m.set_item_content(content)
+    got, log_p = m.score(hist), own.score(hist)
+    torch.testing.assert_close(got[:, trained], log_p[:, trained])  # trained items: unchanged
+    unit = F.normalize(content, dim=1)
+    peers = trained.nonzero()[:, 0]
+    for i in new:  # brute force: every untrained item, whatever its first code
+        nearest = peers[torch.argsort(unit[peers] @ unit[i], descending=True)[:3]]
+        if i == 25:
+            assert int(nearest[0]) == 7
+        share = torch.log(log_p[:, nearest].exp().mean(1))
+        torch.testing.assert_close(got[:, i], 0.7 * share + 0.3 * log_p[:, i] + 1.2)
+    m.new_item_neighbours = 100  # more than are trained: all trained items
+    torch.testing.assert_close(m.score(hist)[:, 3],
+                               0.7 * torch.log(log_p[:, peers].exp().mean(1)) + 0.3 * log_p[:, 3] + 1.2)
+    with pytest.raises(ValueError, match="new_item_neighbours"):
+        QBert4Rec(codes, **kw, new_item_neighbours=-1)
+    with pytest.raises(ValueError, match="new_item_neighbours"):
+        SeqRecConfig(new_items="own", new_item_neighbours=5)
+
+
 def test_pseudo_new_items_are_scored_without_their_own_prefix_rows():
     torch.manual_seed(0)
     codes = _codes(n=30, K=4)

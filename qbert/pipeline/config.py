@@ -157,10 +157,11 @@ class PipelineConfig(Config):
             if stage.negatives == "sampled" and not softmax:
                 raise ValueError(f"{name}.negatives 'sampled' samples an item softmax: it needs model.head "
                                  "'catalogue' or model.item_id 'input_and_head'")
-        reads_content = self.model.content_dim or self.model.new_item_content or self.model.new_items == "mixture"
+        reads_content = (self.model.content_dim or self.model.new_item_content or self.model.new_item_neighbours
+                         or self.model.new_items == "mixture")
         if reads_content and not self.fusion.feature_modalities:
-            raise ValueError("model.content_dim, model.new_item_content and model.new_items 'mixture' read the items' "
-                             "content: enable a text or image modality (data.modalities)")
+            raise ValueError("model.content_dim, model.new_item_content, model.new_item_neighbours and model.new_items "
+                             "'mixture' read the items' content: enable a text or image modality (data.modalities)")
         if self.finetune.select_code_weight and self.model.item_id != "input_and_head":
             raise ValueError("finetune.select_code_weight chooses the hybrid's ranking weight: it needs "
                              f"model.item_id 'input_and_head' (got {self.model.item_id!r})")

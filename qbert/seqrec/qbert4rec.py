@@ -89,7 +89,7 @@ class QBert4Rec(nn.Module):
                  new_items: str = "own", new_item_weight: float = 0.25, new_item_offset: float = 1.5,
                  new_item_content: float = 0.0, content_dim: int = 0, new_item_share: float = 0.1,
                  new_item_temperature: float = 10.0, new_item_recency: float = 0.0,
-                 new_item_cluster: float = 0.0) -> None:
+                 new_item_cluster: float = 0.0, new_item_neighbours: int = 0) -> None:
         super().__init__()
         codes = torch.as_tensor(codes, dtype=torch.long)
         if codes.ndim != 2 or codes.shape[0] < 1 or codes.shape[1] < 1:
@@ -105,6 +105,8 @@ class QBert4Rec(nn.Module):
                              f"new_item_content >= 0, got {new_items!r}, {new_item_weight}, {new_item_content}")
         if not 0.0 < new_item_share < 1.0:
             raise ValueError(f"new_item_share must lie in (0, 1), got {new_item_share}")
+        if new_item_neighbours < 0:
+            raise ValueError(f"new_item_neighbours must be >= 0, got {new_item_neighbours}")
         self.K = int(codes.shape[1])
         lengths = list(range(2, self.K)) if prefix_lengths is None else sorted(set(prefix_lengths))
         if any(not 2 <= n <= self.K for n in lengths):
@@ -137,6 +139,7 @@ class QBert4Rec(nn.Module):
         self.new_item_weight = float(new_item_weight)
         self.new_item_offset = float(new_item_offset)
         self.new_item_content = float(new_item_content)
+        self.new_item_neighbours = int(new_item_neighbours)  # backoff to content neighbours (new_item_scores)
         self.new_item_share = float(new_item_share)  # the mixture rule's (see mixture_scores)
         self.new_item_temperature = float(new_item_temperature)  # weights of new_item_features
         self.new_item_recency = float(new_item_recency)
@@ -255,7 +258,8 @@ class QBert4Rec(nn.Module):
         """Whether the model reads the items' content: the content term of its item vectors
         (``content_dim``; training and ranking), of the backoff rule or of the mixture rule (ranking only)."""
         rule = self.item_id == "none" and self.head == "catalogue" and (
-            self.new_items == "mixture" or self.new_items == "backoff" and self.new_item_content > 0)
+            self.new_items == "mixture" or self.new_items == "backoff"
+            and (self.new_item_content > 0 or self.new_item_neighbours > 0))
         return self.content_out is not None or rule
 
     @property
@@ -621,19 +625,27 @@ class QBert4Rec(nn.Module):
 
         An item no training row held never had its own semantic ID trained as a target, and the
         composed score ranks it below every trained item (docs/results.md, "Cold-start items").
-        Its score backs off to the items that share its first code, the coarsest level of the
-        semantic ID (items of similar content): ``(1 - w) * log(mean P of the trained items with
-        its first code) + w * log_p + offset``, with ``w = new_item_weight`` and ``offset =
-        new_item_offset`` (chosen on valid; docs/method.md). With ``new_item_content`` = beta > 0
-        it adds ``beta * cos(content of the item, sum of the content of the history tokens)``
-        (``tokens`` [B, L]: the model's input; content from :meth:`set_item_content`), which
-        orders the new items of one cluster by their content. An item whose first code no trained
+        Its score backs off to trained items like it: ``(1 - w) * log(mean P of its peers) + w *
+        log_p + offset``, with ``w = new_item_weight`` and ``offset = new_item_offset`` (chosen on
+        valid; docs/method.md). Its peers are the trained items that share its first code, the
+        coarsest level of the semantic ID (items of similar content), or with
+        ``new_item_neighbours`` = k > 0 the k trained items nearest to it in content
+        (:meth:`neighbour_log_share`). With ``new_item_content`` = beta > 0 it adds ``beta *
+        cos(content of the item, sum of the content of the history tokens)`` (``tokens`` [B, L]:
+        the model's input; content from :meth:`set_item_content`), which orders the new items of
+        one cluster by their content. Under the first-code rule an item whose first code no trained
         item has keeps ``log_p``; trained items are unchanged.
         """
-        new = self._untrained()  # [U] untrained items whose first code a trained item has
-        if not new.numel():
-            return log_p
-        share = self.cluster_log_share(log_p, new)  # [B, U]
+        if self.new_item_neighbours:
+            new = self._untrained_slots()[0]  # every untrained item has content neighbours
+            if not new.numel():
+                return log_p
+            share = self.neighbour_log_share(log_p, new)
+        else:
+            new = self._untrained()  # [U] untrained items whose first code a trained item has
+            if not new.numel():
+                return log_p
+            share = self.cluster_log_share(log_p, new)  # [B, U]
         out = log_p.clone()
         out[:, new] = (1.0 - self.new_item_weight) * share + self.new_item_weight * log_p[:, new] + self.new_item_offset
         if self.new_item_content:
@@ -700,6 +712,36 @@ class QBert4Rec(nn.Module):
         peers = count[group[items]]
         share = torch.where(peers > 0, mass[:, group[items]] / peers.clamp(min=1), fallback)
         return torch.log(share.clamp(min=1e-30))
+
+    def neighbour_log_share(self, log_p: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """[B, len(items)] log of the mean probability (``log_p`` [B, N]) of each item's
+        ``new_item_neighbours`` nearest trained items in content (:meth:`content_neighbours`): the
+        model's prediction for the trained items most like it, where :meth:`cluster_log_share`
+        takes those sharing its first code."""
+        nbr = self.content_neighbours(items)  # [U, k]
+        k = nbr.shape[1]
+        return torch.logsumexp(log_p[:, nbr], dim=-1) - math.log(k)
+
+    def content_neighbours(self, items: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+        """[len(items), k] the k = ``new_item_neighbours`` trained items (0-based) whose content is
+        nearest (cosine) to each item's (content from :meth:`set_item_content`); fewer when fewer are
+        trained. Cached per trained-items record, catalogue, content and k."""
+        if self.item_content is None:
+            raise ValueError("new_item_neighbours > 0 backs off to content neighbours: set_item_content first "
+                             "(qbert.pipeline.data.target_content)")
+        key = (self.trained_items.data_ptr(), self.trained_items._version, self.codes.data_ptr(),
+               self.item_content.data_ptr(), self.new_item_neighbours, items.data_ptr(), items.numel())
+        if getattr(self, "_neighbours_key", None) != key:
+            trained = torch.nonzero(self.trained_items)[:, 0]
+            if not trained.numel():
+                raise ValueError("new_item_neighbours > 0 backs off to trained items: no item was trained")
+            k = min(self.new_item_neighbours, trained.numel())
+            pool = self.item_content[trained + 1]  # [T, D] unit vectors
+            best = [torch.topk(self.item_content[part + 1] @ pool.T, k, dim=1).indices
+                    for part in items.split(chunk)]  # [<=chunk, k] each: no [U, T] matrix at once beyond a chunk
+            self._neighbours_cache = trained[torch.cat(best)] if best else items.new_zeros(0, k)
+            self._neighbours_key = key
+        return self._neighbours_cache
 
     def new_item_cosines(self, tokens: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """([B, U] content cosine of each item of ``new`` (0-based) to the history ``tokens`` [B, L],

@@ -76,6 +76,9 @@ class SeqRecConfig(Config):
     # > 0 (backoff only): add this times the cosine of a new item's content (stage 1's input features)
     # to the history's, which orders the new items of one cluster (chosen on valid; docs/method.md)
     new_item_content: float = Field(0.0, ge=0.0)
+    # > 0 (backoff only): back off to the mean P of the new item's this many nearest trained items in
+    # content (stage 1's input features) instead of the trained items sharing its first code
+    new_item_neighbours: int = Field(0, ge=0)
     new_item_share: float = Field(0.1, gt=0.0, lt=1.0)  # mixture only
     new_item_temperature: float = 10.0  # mixture only
     new_item_recency: float = 0.0  # mixture only
@@ -94,6 +97,11 @@ class SeqRecConfig(Config):
                                           or self.head != "catalogue"):
             raise ValueError(f"new_item_content ({self.new_item_content}) is a term of the backoff rule: it needs "
                              f"new_items: backoff, item_id: none and head: catalogue (got {self.new_items}, "
+                             f"{self.item_id}, {self.head})")
+        if self.new_item_neighbours > 0 and (self.new_items != "backoff" or self.item_id != "none"
+                                             or self.head != "catalogue"):
+            raise ValueError(f"new_item_neighbours ({self.new_item_neighbours}) is a part of the backoff rule: it "
+                             f"needs new_items: backoff, item_id: none and head: catalogue (got {self.new_items}, "
                              f"{self.item_id}, {self.head})")
         if self.new_items == "mixture" and (self.item_id != "none" or self.head != "catalogue"):
             raise ValueError(f"new_items: mixture mixes the catalogue softmax of the paper's model with a content "
@@ -199,7 +207,7 @@ def build_model(cfg: SeqRecConfig, codes: np.ndarray | torch.Tensor, num_codes: 
                      new_item_offset=cfg.new_item_offset, new_item_content=cfg.new_item_content,
                      content_dim=cfg.content_dim, new_item_share=cfg.new_item_share,
                      new_item_temperature=cfg.new_item_temperature, new_item_recency=cfg.new_item_recency,
-                     new_item_cluster=cfg.new_item_cluster)
+                     new_item_cluster=cfg.new_item_cluster, new_item_neighbours=cfg.new_item_neighbours)
 
 
 def full_sequences(ds, max_len: int) -> np.ndarray:
