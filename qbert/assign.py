@@ -158,7 +158,8 @@ def _assign(run: Path, items: pa.Table, device: torch.device, source: str) -> pa
     columns |= {f"code_{j}": pa.array(new_codes[:, j], pa.int64()) for j in range(levels)}
     columns["sid"] = pa.array(sid_strings(new_codes).tolist(), pa.string())
     columns["moved"] = pa.array((new_codes != raw).any(1))  # the collision rule gave it another tuple
-    # what the backoff rule's content term compares (model.new_item_content; qbert.pipeline.data.content_vectors)
+    # what the backoff rule's content term and neighbours compare (model.new_item_content, new_item_neighbours;
+    # qbert.pipeline.data.content_vectors)
     columns["content"] = pa.array(list(content_vectors(feats)), pa.list_(pa.float32()))
     for c in items.column_names:
         if not c.startswith(FEATURE_PREFIX) and c not in columns:

@@ -156,6 +156,7 @@ def _added_content(added: pa.Table, run_dir: str | Path) -> torch.Tensor:
     column = added.column("content") if "content" in added.column_names else None
     if column is None or column.null_count:
         raise DataError(f"{Path(run_dir) / 'new_items.parquet'}: some items have no 'content' (assigned by an "
-                        "older qbert); the model's content terms (model.content_dim, model.new_item_content, new_items: mixture) need "
-                        "it: remove the file and run `qbert ids assign` again")
+                        "older qbert); the model's content terms (model.content_dim, model.new_item_content, "
+                        "model.new_item_neighbours, new_items: mixture) need it: remove the file and run `qbert ids "
+                        "assign` again")
     return torch.as_tensor(np.asarray(column.to_pylist(), dtype=np.float32))

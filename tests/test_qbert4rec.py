@@ -627,6 +627,8 @@ def test_the_content_term_adds_the_cosine_of_a_new_items_content_to_the_historys
 def test_the_backoff_to_content_neighbours_takes_the_mean_p_of_the_k_nearest_trained_items():
     torch.manual_seed(0)
     codes = _codes(n=30)
+    codes[:, 0] %= 7
+    codes[11, 0] = 7  # item 11's first code is its own: the first-code rule leaves it its own score
     kw = {"num_codes": 8, "hidden": 16, "layers": 1, "heads": 2, "dropout": 0.0, "max_len": 10}
     m = QBert4Rec(codes, **kw, new_items="backoff", new_item_weight=0.3, new_item_offset=1.2,
                   new_item_neighbours=3).eval()
@@ -653,9 +655,28 @@ def test_the_backoff_to_content_neighbours_takes_the_mean_p_of_the_k_nearest_tra
             assert int(nearest[0]) == 7
         share = torch.log(log_p[:, nearest].exp().mean(1))
         torch.testing.assert_close(got[:, i], 0.7 * share + 0.3 * log_p[:, i] + 1.2)
+    new_items = torch.tensor(new)
+    near = m.content_neighbours(new_items)
+    m.set_item_content(content)  # forgets the neighbours: found again in parts of one item, the same
+    assert torch.equal(m.content_neighbours(new_items, chunk=1), near)
+    torch.testing.assert_close(m.neighbour_log_share(log_p, new_items, budget=1),
+                               m.neighbour_log_share(log_p, new_items))  # one item per part, the same
     m.new_item_neighbours = 100  # more than are trained: all trained items
     torch.testing.assert_close(m.score(hist)[:, 3],
                                0.7 * torch.log(log_p[:, peers].exp().mean(1)) + 0.3 * log_p[:, 3] + 1.2)
+    m.new_item_neighbours = 1
+    trained[7] = False  # a new record of trained items: item 25's nearest trained item is another one
+    for model in (m, own):
+        model.set_trained_items(trained.nonzero()[:, 0])
+    got, log_p, peers = m.score(hist), own.score(hist), trained.nonzero()[:, 0]
+    nearest = peers[torch.argmax(unit[peers] @ unit[25])]
+    torch.testing.assert_close(got[:, 25], 0.7 * log_p[:, nearest] + 0.3 * log_p[:, 25] + 1.2)
+    blank = content.clone()
+    blank[17] = 0.0  # an item without content backs off to its first code
+    m.set_item_content(blank)
+    mates = peers[codes[peers, 0] == codes[17, 0]]
+    torch.testing.assert_close(m.score(hist)[:, 17],
+                               0.7 * torch.log(log_p[:, mates].exp().mean(1)) + 0.3 * log_p[:, 17] + 1.2)
     with pytest.raises(ValueError, match="new_item_neighbours"):
         QBert4Rec(codes, **kw, new_item_neighbours=-1)
     with pytest.raises(ValueError, match="new_item_neighbours"):

@@ -98,7 +98,8 @@ def target_content(cfg: PipelineConfig, data: PipelineData) -> np.ndarray:
     """[N, D] :func:`content_vectors` of the target's catalogue (the first items of the union)."""
     if not cfg.fusion.feature_modalities:
         raise ConfigError("content vectors need content features: enable a text or image modality "
-                          "(data.modalities), or set model.content_dim and model.new_item_content to 0 and model.new_items to own or backoff")
+                          "(data.modalities), or set model.content_dim, model.new_item_content and "
+                          "model.new_item_neighbours to 0 and model.new_items to own or backoff")
     return content_vectors(stage_features(cfg, data))[: data.target.num_items]
 
 

@@ -41,7 +41,8 @@ class QBertRecommender(mlflow.pyfunc.PythonModel):
 
 def _stage_content(run: Path, staged: Path) -> None:
     """The catalogue's content vectors next to the exported model when its ranking reads them
-    (``model.content_dim``, ``model.new_item_content``, ``new_items: mixture``), so serving needs no dataset."""
+    (``model.content_dim``, ``model.new_item_content``, ``model.new_item_neighbours``, ``new_items: mixture``),
+    so serving needs no dataset."""
     from qbert.pipeline.data import CONTENT_FILE, write_item_content
     from qbert.pipeline.runs import load_run_model
 

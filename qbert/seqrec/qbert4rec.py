@@ -245,7 +245,7 @@ class QBert4Rec(nn.Module):
         self.register_buffer("item_code_rows", (codes + torch.arange(self.K) * self.C).to(device), persistent=False)
         # which items training rows held (set by fine-tuning; saved with the model): all until told
         self.register_buffer("trained_items", torch.ones(n, dtype=torch.bool, device=device))
-        self._untrained_key = self._slots_key = None
+        self._untrained_key = self._slots_key = self._neighbours_key = None
         if self.item_id != "none" and (self.item_emb is None or self.item_emb.num_embeddings != n + 2):
             self.item_emb = nn.Embedding(n + 2, self.hidden, padding_idx=PAD).to(device)
             nn.init.normal_(self.item_emb.weight, std=0.02)
@@ -272,7 +272,7 @@ class QBert4Rec(nn.Module):
         stage 1's input features), read by the content term of the item vectors (``content_dim``)
         and of the backoff rule (``new_item_content``); data, not in the state dict. None: no content."""
         if content is None:
-            self.item_content = self.content_reduced = None
+            self.item_content = self.content_reduced = self._neighbours_key = None
             return
         x = (content.detach().to("cpu", torch.float32) if torch.is_tensor(content)
              else torch.as_tensor(np.array(content, dtype=np.float32)))
@@ -281,6 +281,7 @@ class QBert4Rec(nn.Module):
                              f"got shape {tuple(x.shape)}")
         blank = torch.zeros(1, x.shape[1])  # padding and [MASK] tokens carry no content
         x = F.normalize(x, dim=1)
+        self._neighbours_key = None
         self.item_content = torch.cat([blank, x, blank]).to(self.codes.device)
         if self.content_out is not None:
             self.content_reduced = reduce_content(x, self.content_dim).to(self.codes.device)
@@ -311,10 +312,10 @@ class QBert4Rec(nn.Module):
         flags = torch.zeros(self.num_items, dtype=torch.bool, device=self.codes.device)
         flags[items.to(device=flags.device, dtype=torch.long)] = True
         self.trained_items = flags
-        self._untrained_key = self._slots_key = None
+        self._untrained_key = self._slots_key = self._neighbours_key = None
 
     def _forget_trained_caches(self) -> None:
-        self._untrained_key = self._slots_key = None
+        self._untrained_key = self._slots_key = self._neighbours_key = None
         self._specific = None
 
     def _all_trained_if_unrecorded(self, state: dict[str, torch.Tensor], prefix: str, *args) -> None:  # noqa: ANN002
@@ -713,24 +714,35 @@ class QBert4Rec(nn.Module):
         share = torch.where(peers > 0, mass[:, group[items]] / peers.clamp(min=1), fallback)
         return torch.log(share.clamp(min=1e-30))
 
-    def neighbour_log_share(self, log_p: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    def neighbour_log_share(self, log_p: torch.Tensor, items: torch.Tensor, budget: int = 1 << 24) -> torch.Tensor:
         """[B, len(items)] log of the mean probability (``log_p`` [B, N]) of each item's
         ``new_item_neighbours`` nearest trained items in content (:meth:`content_neighbours`): the
         model's prediction for the trained items most like it, where :meth:`cluster_log_share`
-        takes those sharing its first code."""
+        takes those sharing its first code (as it does for an item without content). Computed over
+        the items in parts of at most ``budget`` gathered values ([B, part, k])."""
         nbr = self.content_neighbours(items)  # [U, k]
-        k = nbr.shape[1]
-        return torch.logsumexp(log_p[:, nbr], dim=-1) - math.log(k)
+        k = max(nbr.shape[1], 1)
+        part = max(1, budget // max(len(log_p) * k, 1))
+        out = torch.cat([torch.logsumexp(log_p[:, rows], dim=-1) for rows in nbr.split(part)], dim=1) \
+            if len(items) else log_p.new_zeros(len(log_p), 0)
+        out = out - math.log(k)
+        blank = self._neighbours_blank  # items without content (set by content_neighbours): no neighbours
+        if blank.any():
+            out[:, blank] = self.cluster_log_share(log_p, items[blank])
+        return out
 
     def content_neighbours(self, items: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
         """[len(items), k] the k = ``new_item_neighbours`` trained items (0-based) whose content is
         nearest (cosine) to each item's (content from :meth:`set_item_content`); fewer when fewer are
-        trained. Cached per trained-items record, catalogue, content and k."""
+        trained. Cached per record of trained items, catalogue, content, k and ``items``, with which
+        of ``items`` have no content (an all-zero vector; :meth:`neighbour_log_share` backs those off
+        to their first code)."""
         if self.item_content is None:
             raise ValueError("new_item_neighbours > 0 backs off to content neighbours: set_item_content first "
                              "(qbert.pipeline.data.target_content)")
         key = (self.trained_items.data_ptr(), self.trained_items._version, self.codes.data_ptr(),
-               self.item_content.data_ptr(), self.new_item_neighbours, items.data_ptr(), items.numel())
+               self.item_content.data_ptr(), self.item_content._version, self.new_item_neighbours,
+               items.data_ptr(), items.numel())
         if getattr(self, "_neighbours_key", None) != key:
             trained = torch.nonzero(self.trained_items)[:, 0]
             if not trained.numel():
@@ -740,6 +752,7 @@ class QBert4Rec(nn.Module):
             best = [torch.topk(self.item_content[part + 1] @ pool.T, k, dim=1).indices
                     for part in items.split(chunk)]  # [<=chunk, k] each: no [U, T] matrix at once beyond a chunk
             self._neighbours_cache = trained[torch.cat(best)] if best else items.new_zeros(0, k)
+            self._neighbours_blank = self.item_content[items + 1].abs().sum(1) == 0  # [U] no content
             self._neighbours_key = key
         return self._neighbours_cache
 
