@@ -271,8 +271,9 @@ class QBert4Rec(nn.Module):
         """Each catalogue item's content vector [N, D] (``qbert.pipeline.data.content_vectors`` of
         stage 1's input features), read by the content term of the item vectors (``content_dim``)
         and of the backoff rule (``new_item_content``); data, not in the state dict. None: no content."""
+        self._neighbours_key = None  # neighbours are found again from the new content
         if content is None:
-            self.item_content = self.content_reduced = self._neighbours_key = None
+            self.item_content = self.content_reduced = None
             return
         x = (content.detach().to("cpu", torch.float32) if torch.is_tensor(content)
              else torch.as_tensor(np.array(content, dtype=np.float32)))
@@ -281,7 +282,6 @@ class QBert4Rec(nn.Module):
                              f"got shape {tuple(x.shape)}")
         blank = torch.zeros(1, x.shape[1])  # padding and [MASK] tokens carry no content
         x = F.normalize(x, dim=1)
-        self._neighbours_key = None
         self.item_content = torch.cat([blank, x, blank]).to(self.codes.device)
         if self.content_out is not None:
             self.content_reduced = reduce_content(x, self.content_dim).to(self.codes.device)
@@ -637,16 +637,12 @@ class QBert4Rec(nn.Module):
         one cluster by their content. Under the first-code rule an item whose first code no trained
         item has keeps ``log_p``; trained items are unchanged.
         """
-        if self.new_item_neighbours:
-            new = self._untrained_slots()[0]  # every untrained item has content neighbours
-            if not new.numel():
-                return log_p
-            share = self.neighbour_log_share(log_p, new)
-        else:
-            new = self._untrained()  # [U] untrained items whose first code a trained item has
-            if not new.numel():
-                return log_p
-            share = self.cluster_log_share(log_p, new)  # [B, U]
+        # [U] every untrained item (each has content neighbours), else those whose first code a trained item has
+        new = self._untrained_slots()[0] if self.new_item_neighbours else self._untrained()
+        if not new.numel():
+            return log_p
+        peers = self.neighbour_log_share if self.new_item_neighbours else self.cluster_log_share
+        share = peers(log_p, new)  # [B, U]
         out = log_p.clone()
         out[:, new] = (1.0 - self.new_item_weight) * share + self.new_item_weight * log_p[:, new] + self.new_item_offset
         if self.new_item_content:
@@ -720,12 +716,10 @@ class QBert4Rec(nn.Module):
         model's prediction for the trained items most like it, where :meth:`cluster_log_share`
         takes those sharing its first code (as it does for an item without content). Computed over
         the items in parts of at most ``budget`` gathered values ([B, part, k])."""
-        nbr = self.content_neighbours(items)  # [U, k]
-        k = max(nbr.shape[1], 1)
+        nbr = self.content_neighbours(items)  # [U, k], k >= 1
+        k = nbr.shape[1]
         part = max(1, budget // max(len(log_p) * k, 1))
-        out = torch.cat([torch.logsumexp(log_p[:, rows], dim=-1) for rows in nbr.split(part)], dim=1) \
-            if len(items) else log_p.new_zeros(len(log_p), 0)
-        out = out - math.log(k)
+        out = torch.cat([torch.logsumexp(log_p[:, rows], dim=-1) for rows in nbr.split(part)], dim=1) - math.log(k)
         blank = self._neighbours_blank  # items without content (set by content_neighbours): no neighbours
         if blank.any():
             out[:, blank] = self.cluster_log_share(log_p, items[blank])
