@@ -26,7 +26,9 @@ whether their test target is new. Rows, each under both ranking protocols:
   rule's content term, ``model.new_item_content``, and its offset); nothing is trained;
 - ``qbert4rec-neighbours``, ``qbert4rec-pseudo-new-neighbours`` (only when listed): the same with
   the ranking settings of ``--neighbours-set`` (e.g. the backoff rule's content neighbours,
-  ``model.new_item_neighbours``, and its offset); nothing is trained;
+  ``model.new_item_neighbours``, and its offset); nothing is trained; ``--neighbours-label`` names
+  them ``qbert4rec-LABEL`` and ``qbert4rec-pseudo-new-LABEL`` instead, so the rows of another
+  setting (e.g. ``model.new_item_peers_before_repeat``) sit beside the first ones;
 - ``qbert4rec-mixture``, ``qbert4rec-pseudo-new-mixture`` (only when listed): the run of the row
   without the suffix re-scored with the mixture rule (``model.new_items: mixture``;
   docs/method.md): P(next is new) and the weights of the new items' softmax fitted on that run's
@@ -62,6 +64,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
+import re  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Callable  # noqa: E402
@@ -196,6 +199,7 @@ def pipeline_row(cfg: PipelineConfig, data, run: Path, fit: bool = False) -> dic
             "concentration": _concentration(split, {w: r["kept"] for w, r in ranks.items()}),
             "new_items": {"rule": model.new_items, "weight": model.new_item_weight, "offset": model.new_item_offset,
                           "content": model.new_item_content, "neighbours": model.new_item_neighbours,
+                          "peers_before_repeat": model.new_item_peers_before_repeat,
                           **({"share": model.new_item_share,
                               **{k.removeprefix("new_item_"): getattr(model, k) for k in FEATURES}}
                              if model.new_items == "mixture" else {}),
@@ -375,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--neighbours-set", dest="neighbour_overrides", action="append", default=[],
                     help="ranking settings (model.new_item_*) of the *-neighbours rows, as --content-set, e.g. "
                          "model.new_item_neighbours=20")
+    ap.add_argument("--neighbours-label", default="neighbours",
+                    help="the *-neighbours rows are written as qbert4rec-LABEL and qbert4rec-pseudo-new-LABEL")
     ap.add_argument("--quick", action="store_true", help="synthetic data, few epochs")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
@@ -383,6 +389,12 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or ("qbert4rec-transfer" in models and not args.pretrain_sources):
         print(f"error: --models {args.models}: " + (f"unknown {', '.join(unknown)} (known: {', '.join(RUN_OF)})"
               if unknown else "qbert4rec-transfer needs --pretrain-sources"), file=sys.stderr)
+        return 2
+    label = args.neighbours_label
+    named = {m: m.removesuffix("-neighbours") + "-" + label for m in RUN_OF if m.endswith("-neighbours")}
+    if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", label) or (label != "neighbours" and set(named.values()) & set(RUN_OF)):
+        print(f"error: --neighbours-label {label!r}: lower-case letters, digits and '-', and no other row's name",
+              file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.threads:
@@ -421,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         content = parse_overrides(args.content_overrides)
         neighbours = parse_overrides(args.neighbour_overrides)
+        for given in (content, neighbours):  # refused here, before anything trains, not at the row
+            cfg.override(given)
         mapped = content_map() if "qbert4rec-content-map" in models else None
     except ConfigError as e:
         print(f"error: --content-set / --neighbours-set / --content-map-set / --content-dim: {e}", file=sys.stderr)
@@ -483,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
             failed.append(model)
             continue
         for slice_name in ("new", "known"):
-            rows.append({"dataset": name, "model": model, "stage3_item_table": res["stage3_item_table"],
+            rows.append({"dataset": name, "model": named.get(model, model), "stage3_item_table": res["stage3_item_table"],
                          "slice": slice_name, "fraction": args.fraction, "seed": args.seed, **meta,
                          "test": res["slices"]["test"]["history_kept"][slice_name],
                          "test_excl_history": res["slices"]["test"]["history_excluded"][slice_name],

@@ -11,7 +11,9 @@ rule at delta 0). Rows ``rule: backoff``: every pair of ``--backoff-weights`` x 
 (``QBert4Rec.new_item_scores``), each with every ``--backoff-contents`` weight of the content term
 (``model.new_item_content``; default 0: none) and every ``--backoff-neighbours`` k
 (``model.new_item_neighbours``: back off to the k nearest trained items in content; default 0:
-the first-code cluster). ``--mixture``: rows ``rule: mixture``
+the first-code cluster) and every ``--backoff-peers`` reading of the peers' P (``shifted``: as the
+model scores them, default; ``before-repeat``: with the learned repeat shift taken back off the
+history's items, ``model.new_item_peers_before_repeat``). ``--mixture``: rows ``rule: mixture``
 (``model.new_items: mixture``, ``QBert4Rec.mixture_scores``) with pi and the weights of each
 ``--mixture-features`` subset fitted on valid by likelihood (``qbert.seqrec.new_items.fit_mixture``),
 each also with ``--mixture-scales`` times the fitted pi (sensitivity; 1 = the fit). Each row reports the new / known slices, with the median rank of
@@ -66,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backoff-contents", type=float, nargs="*", default=[0.0])
     ap.add_argument("--backoff-neighbours", type=int, nargs="*", default=[0],
                     help="peers of the backoff rule: k nearest trained items in content (0: the first-code cluster)")
+    ap.add_argument("--backoff-peers", nargs="*", choices=("shifted", "before-repeat"), default=["shifted"],
+                    help="the backoff peers' P as scored, or before the learned repeat shift (needs repeat_bias)")
     ap.add_argument("--mixture", action="store_true", help="fit the mixture rule's pi and weights on valid")
     ap.add_argument("--mixture-features", nargs="*", default=[",".join(FEATURES)],
                     help=f"comma-separated subsets of {', '.join(FEATURES)} to fit (the others stay 0)")
@@ -94,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.backoff_neighbours, default=0) < 0:
         print(f"error: --backoff-neighbours must be >= 0, got {args.backoff_neighbours}", file=sys.stderr)
         return 2
+    if "before-repeat" in args.backoff_peers and model.repeat_weight is None:
+        print(f"error: --backoff-peers before-repeat: {args.run} has no learned repeat shift (model.repeat_bias)",
+              file=sys.stderr)
+        return 2
     if any(args.backoff_contents) or any(args.backoff_neighbours) or args.mixture:
         model.set_item_content(run_content(args.run, cfg, model.num_items, data))
     try:
@@ -107,12 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     new = np.isin(split.targets("valid"), split.withheld)
     rows = []
     # own + delta: the item's own score shifted by delta = the backoff rule with all weight on the own score
-    settings = [("own", 1.0, delta, 0.0, 0) for delta in args.deltas]
-    settings += [("backoff", w, off, c, k) for k in args.backoff_neighbours for w in args.backoff_weights
+    settings = [("own", 1.0, delta, 0.0, 0, False) for delta in args.deltas]
+    settings += [("backoff", w, off, c, k, peers == "before-repeat") for peers in args.backoff_peers
+                 for k in args.backoff_neighbours for w in args.backoff_weights
                  for c in args.backoff_contents for off in args.backoff_offsets]
-    settings += [("mixture", min(fit.share * scale, 0.999), fit, 0.0, 0) for fit in fits
+    settings += [("mixture", min(fit.share * scale, 0.999), fit, 0.0, 0, False) for fit in fits
                  for scale in args.mixture_scales]
-    for rule, weight, offset, content, neighbours in settings:
+    for rule, weight, offset, content, neighbours, before_repeat in settings:
         if rule == "mixture":  # weight: pi, offset: the fit
             offset.apply(model)
             model.new_item_share = weight
@@ -120,22 +129,24 @@ def main(argv: list[str] | None = None) -> int:
         else:
             model.new_items, model.new_item_weight, model.new_item_offset = "backoff", weight, offset
             model.new_item_content, model.new_item_neighbours = content, neighbours
+        model.new_item_peers_before_repeat = before_repeat
         with torch.no_grad():  # as the run scores valid: its device, batch size and fine-tuning precision
             ranks = split_ranks(model, split, "valid", cfg.eval.batch_size, device, ("kept",),
                                 cfg.finetune.precision)["kept"].numpy()
         rows.append({"rule": rule, "weight": None if rule == "own" else weight, "delta": offset, "content": content,
-                     "neighbours": neighbours,
+                     "neighbours": neighbours, "peers_before_repeat": before_repeat,
                      "new": {**_metrics(ranks[new]), **_item_macro(ranks, split)},
                      "known": _metrics(ranks[~new]), "all": _metrics(ranks)})
         print(rows[-1])
     md = ["| rule | weight of own score (mixture: pi) | offset (mixture: fitted weights) | content weight | "
-          "content neighbours | new HR@10 | new NDCG@10 | new median rank | "
+          "content neighbours | peers' P | new HR@10 | new NDCG@10 | new median rank | "
           "new item-macro HR@10 | new item-macro NDCG@10 | known HR@10 | known NDCG@10 | all NDCG@10 |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     md += [f"| {r['rule']} | {'' if r['weight'] is None else format(r['weight'], '.4g')} | "
            + (" ".join(f"{k.removeprefix('new_item_')} {v:.3g}" for k, v in r['delta'].items() if v)
               if isinstance(r['delta'], dict) else format(r['delta'], 'g')) + " | "
            f"{r['content']:g} | {(r['neighbours'] or 'first code') if r['rule'] == 'backoff' else ''} | "
+           f"{('before repeat' if r['peers_before_repeat'] else 'shifted') if r['rule'] == 'backoff' else ''} | "
            f"{r['new']['HR@10']:.4f} | {r['new']['NDCG@10']:.4f} | {r['new']['median_rank']:.0f} | "
            f"{r['new']['item_macro_HR@10']:.4f} | {r['new']['item_macro_NDCG@10']:.4f} | "
            f"{r['known']['HR@10']:.4f} | {r['known']['NDCG@10']:.4f} | {r['all']['NDCG@10']:.4f} |" for r in rows]

@@ -81,8 +81,28 @@ def test_rows_new_items_ranked_by_the_semantic_id_model_and_rescored_without_tra
     assert probed["neighbours"] == 3
     assert probed["new"]["HR@10"] == pytest.approx(nbr[("qbert4rec-neighbours", "new")]["valid"]["HR@10"])
     capsys.readouterr()
+    assert probe.main(["--run", str(runs / "qbert4rec"), "--deltas", "--backoff-weights", "0.25", "--backoff-offsets",
+                       "1.5", "--backoff-peers", "before-repeat", "--out-dir", str(tmp_path)]) == 2
+    assert "has no learned repeat shift" in capsys.readouterr().err
+    # another setting's rows under their own name, beside the first ones
+    assert bench.main(["--quick", "--runs-dir", str(runs), "--models", "qbert4rec-neighbours",
+                       "--neighbours-label", "neighbours-k1", "--set", "model.new_items=backoff",
+                       "--neighbours-set", "model.new_item_neighbours=1"]) == 0
+    two = {(r["model"], r["slice"]): r for r in json.loads((runs / "cold_start.json").read_text())["rows"]}
+    assert two[("qbert4rec-neighbours-k1", "new")]["new_items"]["neighbours"] == 1
+    assert two[("qbert4rec-neighbours", "new")] == nbr[("qbert4rec-neighbours", "new")]
+    capsys.readouterr()
     assert bench.main(["--quick", "--runs-dir", str(runs), "--models", "qbert4rec-neighbours"]) == 2
     assert "error: --neighbours-set: missing" in capsys.readouterr().err
+    assert bench.main(["--quick", "--runs-dir", str(runs), "--models", "qbert4rec-neighbours",
+                       "--neighbours-label", "content", "--set", "model.new_items=backoff",
+                       "--neighbours-set", "model.new_item_neighbours=1"]) == 2
+    assert "error: --neighbours-label 'content'" in capsys.readouterr().err
+    # the peers before the repeat shift need a learned repeat shift: refused before anything is scored
+    assert bench.main(["--quick", "--runs-dir", str(runs), "--models", "qbert4rec-neighbours",
+                       "--set", "model.new_items=backoff", "--neighbours-set",
+                       "model.new_item_peers_before_repeat=true"]) == 2
+    assert "new_item_peers_before_repeat" in capsys.readouterr().err
     # the mixture row re-scores the same run with pi and tau fitted on valid; the probe fits the same
     assert bench.main(["--quick", "--runs-dir", str(runs), "--models", "qbert4rec-mixture"]) == 0
     assert (runs / "qbert4rec" / "model.pt").stat().st_mtime_ns == stamp
@@ -166,7 +186,7 @@ def test_rows_new_items_ranked_by_the_semantic_id_model_and_rescored_without_tra
     # re-running some models replaces only their rows: the others stay, each with its own command
     rows = json.loads((runs / "cold_start.json").read_text())["rows"]
     assert {r["model"] for r in rows} == {*models.split(","), "qbert4rec-content", "qbert4rec-neighbours",
-                                         "qbert4rec-mixture", "qbert4rec-pseudo-new", "qbert4rec-pseudo-new-mixture",
+                                         "qbert4rec-neighbours-k1", "qbert4rec-mixture", "qbert4rec-pseudo-new", "qbert4rec-pseudo-new-mixture",
                                          "sasrec"}
     assert all(r["command"].startswith("python benchmarks/cold_start.py --quick") for r in rows)
     pseudo_rows = [r for r in rows if r["model"].startswith("qbert4rec-pseudo-new")]

@@ -683,6 +683,52 @@ def test_the_backoff_to_content_neighbours_takes_the_mean_p_of_the_k_nearest_tra
         SeqRecConfig(new_items="own", new_item_neighbours=5)
 
 
+def test_the_backoff_can_read_its_peers_p_before_the_learned_repeat_shift():
+    torch.manual_seed(0)
+    codes = _codes(n=30)
+    codes[:, 0] %= 5
+    kw = {"num_codes": 8, "hidden": 16, "layers": 1, "heads": 2, "dropout": 0.0, "max_len": 10, "repeat_bias": True}
+    m = QBert4Rec(codes, **kw, new_items="backoff", new_item_weight=0.3, new_item_offset=1.2,
+                  new_item_peers_before_repeat=True).eval()
+    with torch.no_grad():
+        m.repeat_raw.fill_(-0.4)  # a learned shift of -4 nats on the history's items
+    own = QBert4Rec(codes, **kw).eval()
+    own.load_state_dict(m.state_dict())
+    trained = torch.ones(30, dtype=torch.bool)
+    new = [3, 11, 17, 25]
+    trained[new] = False
+    for model in (m, own):
+        model.set_trained_items(trained.nonzero()[:, 0])
+    hist = torch.randint(1, 31, (4, 6), generator=torch.Generator().manual_seed(1))
+    hist[0, -1] = 3  # a new item in a history keeps its own (shifted) score as its own part
+    seen = torch.zeros(4, 30).scatter_(1, hist - 1, 1.0)
+    got, log_p = m.score(hist), own.score(hist)
+    torch.testing.assert_close(got[:, trained], log_p[:, trained])  # trained items: unchanged
+    unshifted = log_p + 4.0 * seen
+    peers = trained.nonzero()[:, 0]
+    for i in new:  # brute force, the first-code rule
+        mates = peers[codes[peers, 0] == codes[i, 0]]
+        share = torch.log(unshifted[:, mates].exp().mean(1))
+        torch.testing.assert_close(got[:, i], 0.7 * share + 0.3 * log_p[:, i] + 1.2)
+    assert (seen[:, peers].sum(1) > 0).all()  # every row has a history peer: the reading matters
+    m.new_item_peers_before_repeat = False
+    assert not torch.allclose(m.score(hist)[:, new], got[:, new])
+    m.new_item_peers_before_repeat, m.new_item_neighbours = True, 3  # and the content neighbours' share
+    content = torch.randn(30, 5)
+    m.set_item_content(content)
+    unit = F.normalize(content, dim=1)
+    got = m.score(hist)
+    for i in new:
+        nearest = peers[torch.argsort(unit[peers] @ unit[i], descending=True)[:3]]
+        share = torch.log(unshifted[:, nearest].exp().mean(1))
+        torch.testing.assert_close(got[:, i], 0.7 * share + 0.3 * log_p[:, i] + 1.2)
+    with pytest.raises(ValueError, match="new_item_peers_before_repeat"):
+        SeqRecConfig(new_items="backoff", new_item_peers_before_repeat=True)  # no repeat shift to take off
+    with pytest.raises(ValueError, match="new_item_peers_before_repeat"):
+        SeqRecConfig(new_items="own", repeat_bias=True, new_item_peers_before_repeat=True)
+    assert SeqRecConfig(new_items="backoff", repeat_bias=True, new_item_peers_before_repeat=True)
+
+
 def test_pseudo_new_items_are_scored_without_their_own_prefix_rows():
     torch.manual_seed(0)
     codes = _codes(n=30, K=4)

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 # where a stage ran, not what it computed; and settings only ranking reads (no stage output depends on them)
 _WHERE_KEYS = {"device", "progress"}
 NEW_ITEM_KEYS = ("new_items", "new_item_weight", "new_item_offset", "new_item_content", "new_item_neighbours",
-                 "new_item_share", "new_item_temperature", "new_item_recency", "new_item_cluster")  # model.* settings only ranking reads
+                 "new_item_peers_before_repeat", "new_item_share", "new_item_temperature", "new_item_recency", "new_item_cluster")  # model.* settings only ranking reads
 _RUNTIME_KEYS = _WHERE_KEYS | {"code_score_weight", *NEW_ITEM_KEYS}
 # settings added after run directories existed: they enter a stage's hash only when set to another
 # value than their default, so those directories keep their hashes (stay resumable and reusable)

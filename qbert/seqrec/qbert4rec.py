@@ -89,7 +89,8 @@ class QBert4Rec(nn.Module):
                  new_items: str = "own", new_item_weight: float = 0.25, new_item_offset: float = 1.5,
                  new_item_content: float = 0.0, content_dim: int = 0, new_item_share: float = 0.1,
                  new_item_temperature: float = 10.0, new_item_recency: float = 0.0,
-                 new_item_cluster: float = 0.0, new_item_neighbours: int = 0) -> None:
+                 new_item_cluster: float = 0.0, new_item_neighbours: int = 0,
+                 new_item_peers_before_repeat: bool = False) -> None:
         super().__init__()
         codes = torch.as_tensor(codes, dtype=torch.long)
         if codes.ndim != 2 or codes.shape[0] < 1 or codes.shape[1] < 1:
@@ -140,6 +141,7 @@ class QBert4Rec(nn.Module):
         self.new_item_offset = float(new_item_offset)
         self.new_item_content = float(new_item_content)
         self.new_item_neighbours = int(new_item_neighbours)  # backoff to content neighbours (new_item_scores)
+        self.new_item_peers_before_repeat = bool(new_item_peers_before_repeat)  # the peers' P before the repeat shift
         self.new_item_share = float(new_item_share)  # the mixture rule's (see mixture_scores)
         self.new_item_temperature = float(new_item_temperature)  # weights of new_item_features
         self.new_item_recency = float(new_item_recency)
@@ -631,7 +633,10 @@ class QBert4Rec(nn.Module):
         valid; docs/method.md). Its peers are the trained items that share its first code, the
         coarsest level of the semantic ID (items of similar content), or with
         ``new_item_neighbours`` = k > 0 the k trained items nearest to it in content
-        (:meth:`neighbour_log_share`). With ``new_item_content`` = beta > 0 it adds ``beta *
+        (:meth:`neighbour_log_share`). With ``new_item_peers_before_repeat`` the peers' log P is read
+        with the learned repeat shift (``repeat_weight``, which lowers the history's own items) taken
+        back off: a new item is not a repeat of the history items it resembles, so it inherits their
+        P as the model puts it before that shift. With ``new_item_content`` = beta > 0 it adds ``beta *
         cos(content of the item, sum of the content of the history tokens)`` (``tokens`` [B, L]:
         the model's input; content from :meth:`set_item_content`), which orders the new items of
         one cluster by their content. Under the first-code rule an item whose first code no trained
@@ -642,7 +647,12 @@ class QBert4Rec(nn.Module):
         if not new.numel():
             return log_p
         peers = self.neighbour_log_share if self.new_item_neighbours else self.cluster_log_share
-        share = peers(log_p, new)  # [B, U]
+        peer_p = log_p
+        if self.new_item_peers_before_repeat and self.repeat_weight is not None:
+            if tokens is None:
+                raise ValueError("new_item_peers_before_repeat reads the history: pass the model's input tokens")
+            peer_p = log_p - self.repeat_weight.to(log_p) * self.seen_items(tokens).to(log_p)
+        share = peers(peer_p, new)  # [B, U]
         out = log_p.clone()
         out[:, new] = (1.0 - self.new_item_weight) * share + self.new_item_weight * log_p[:, new] + self.new_item_offset
         if self.new_item_content:

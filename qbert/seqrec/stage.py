@@ -79,6 +79,10 @@ class SeqRecConfig(Config):
     # > 0 (backoff only): back off to the mean P of the new item's this many nearest trained items in
     # content (stage 1's input features) instead of the trained items sharing its first code
     new_item_neighbours: int = Field(0, ge=0)
+    # backoff only: read the peers' P (first code or content neighbours) with the learned repeat shift
+    # (repeat_bias) taken back off the history's items, so a new item like something the user already
+    # has is not pushed down with it (ours; docs/method.md)
+    new_item_peers_before_repeat: bool = False
     new_item_share: float = Field(0.1, gt=0.0, lt=1.0)  # mixture only
     new_item_temperature: float = 10.0  # mixture only
     new_item_recency: float = 0.0  # mixture only
@@ -103,6 +107,10 @@ class SeqRecConfig(Config):
             raise ValueError(f"new_item_neighbours ({self.new_item_neighbours}) is a part of the backoff rule: it "
                              f"needs new_items: backoff, item_id: none and head: catalogue (got {self.new_items}, "
                              f"{self.item_id}, {self.head})")
+        if self.new_item_peers_before_repeat and (self.new_items != "backoff" or not self.repeat_bias):
+            raise ValueError(f"new_item_peers_before_repeat reads the backoff rule's peers before the repeat "
+                             f"shift: it needs new_items: backoff and repeat_bias: true (got {self.new_items}, "
+                             f"repeat_bias {self.repeat_bias})")
         if self.new_items == "mixture" and (self.item_id != "none" or self.head != "catalogue"):
             raise ValueError(f"new_items: mixture mixes the catalogue softmax of the paper's model with a content "
                              f"softmax: it needs item_id: none and head: catalogue (got {self.item_id}, {self.head})")
@@ -207,7 +215,8 @@ def build_model(cfg: SeqRecConfig, codes: np.ndarray | torch.Tensor, num_codes: 
                      new_item_offset=cfg.new_item_offset, new_item_content=cfg.new_item_content,
                      content_dim=cfg.content_dim, new_item_share=cfg.new_item_share,
                      new_item_temperature=cfg.new_item_temperature, new_item_recency=cfg.new_item_recency,
-                     new_item_cluster=cfg.new_item_cluster, new_item_neighbours=cfg.new_item_neighbours)
+                     new_item_cluster=cfg.new_item_cluster, new_item_neighbours=cfg.new_item_neighbours,
+                     new_item_peers_before_repeat=cfg.new_item_peers_before_repeat)
 
 
 def full_sequences(ds, max_len: int) -> np.ndarray:
