@@ -86,7 +86,7 @@ from qbert.pipeline import (HYBRID_OVERRIDES, PipelineConfig, config_differences
 from qbert.pipeline.data import target_content  # noqa: E402
 from qbert.pipeline.runs import NEW_ITEM_KEYS, check_reuse, rescoring_model, run_content  # noqa: E402
 from qbert.utils.runtime import pick_device  # noqa: E402
-from qbert.seqrec.new_items import FEATURES, fit_mixture  # noqa: E402
+from qbert.seqrec.new_items import FEATURES, content_knn_scorer, fit_mixture  # noqa: E402
 from qbert.seqrec.stage import split_ranks  # noqa: E402
 from qbert.pipeline.data import target_split  # noqa: E402
 from qbert.utils.io import atomic_write_json, atomic_write_text, locked  # noqa: E402
@@ -239,14 +239,7 @@ def popularity_fn(cfg: PipelineConfig, data) -> Callable[[torch.Tensor], torch.T
 
 
 def content_knn_fn(cfg: PipelineConfig, data) -> Callable[[torch.Tensor], torch.Tensor]:
-    x = torch.as_tensor(target_content(cfg, data))
-    padded = torch.cat([torch.zeros(1, x.shape[1]), x])  # row 0 = padding (tokens are item + 1)
-
-    def score(h: torch.Tensor) -> torch.Tensor:  # summed without a [B, L, D] gather, as the model's content term
-        profile = torch.nn.functional.normalize(torch.nn.functional.embedding_bag(h, padded, mode="sum"), dim=1)
-        return profile @ x.T
-
-    return score
+    return content_knn_scorer(target_content(cfg, data))
 
 
 def _row_key(row: dict[str, Any]) -> tuple:
@@ -502,6 +495,7 @@ def main(argv: list[str] | None = None) -> int:
                          "test": res["slices"]["test"]["history_kept"][slice_name],
                          "test_excl_history": res["slices"]["test"]["history_excluded"][slice_name],
                          "valid": res["slices"]["valid"]["history_kept"][slice_name],
+                         "valid_excl_history": res["slices"]["valid"]["history_excluded"][slice_name],
                          **({"new_items": res["new_items"]} if res.get("new_items") else {}),
                          **({"new_target_concentration": res["concentration"]} if slice_name == "new" else {})})
     out = args.runs_dir if args.quick else DEFAULT_OUT

@@ -13,11 +13,13 @@ rule at delta 0). Rows ``rule: backoff``: every pair of ``--backoff-weights`` x 
 (``model.new_item_neighbours``: back off to the k nearest trained items in content; default 0:
 the first-code cluster) and every ``--backoff-peers`` reading of the peers' P (``shifted``: as the
 model scores them, default; ``before-repeat``: with the learned repeat shift taken back off the
-history's items, ``model.new_item_peers_before_repeat``). ``--mixture``: rows ``rule: mixture``
+history's items, ``model.new_item_peers_before_repeat``). ``--content-knn``: a reference row of
+the content nearest-neighbour baseline (``qbert.seqrec.new_items.content_knn_scorer``). ``--mixture``: rows ``rule: mixture``
 (``model.new_items: mixture``, ``QBert4Rec.mixture_scores``) with pi and the weights of each
 ``--mixture-features`` subset fitted on valid by likelihood (``qbert.seqrec.new_items.fit_mixture``),
 each also with ``--mixture-scales`` times the fitted pi (sensitivity; 1 = the fit). Each row reports the new / known slices, with the median rank of
-the new targets (content signal: random would be N / 2). Valid is scored as the run scores it (its
+the new targets (content signal: random would be N / 2), with history items kept in the ranking
+and, under ``excluded``, left out of it (#19's two protocols). Valid is scored as the run scores it (its
 device, batch size, fine-tuning precision and record of trained items). Test is never scored. Writes
 ``benchmarks/results/new_item_offset.{json,md}``.
 """
@@ -38,7 +40,9 @@ from qbert.eval.metrics import target_concentration  # noqa: E402
 from qbert.pipeline import PipelineConfig, load_data  # noqa: E402
 from qbert.pipeline.data import target_split  # noqa: E402
 from qbert.pipeline.runs import rescoring_model, run_content  # noqa: E402
-from qbert.seqrec.new_items import FEATURES, fit_mixture  # noqa: E402
+from qbert.eval.evaluator import rank_targets  # noqa: E402
+from qbert.pipeline.data import target_content  # noqa: E402
+from qbert.seqrec.new_items import FEATURES, content_knn_scorer, fit_mixture  # noqa: E402
 from qbert.seqrec.stage import split_ranks  # noqa: E402
 from qbert.utils.runtime import pick_device  # noqa: E402
 from qbert.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
@@ -59,6 +63,17 @@ def _item_macro(ranks: np.ndarray, split) -> dict[str, float]:
     return {f"item_macro_{k}": v for k, v in macro.items()}
 
 
+def _row(rule: str, weight, offset, content: float, neighbours: int, before_repeat: bool,
+         ranks: dict[str, torch.Tensor], new: np.ndarray, split) -> dict:
+    """One setting's valid slices: history kept (``new``, ``known``, ``all``) and excluded."""
+    kept, excl = ranks["kept"].numpy(), ranks["excluded"].numpy()
+    return {"rule": rule, "weight": weight, "delta": offset, "content": content, "neighbours": neighbours,
+            "peers_before_repeat": before_repeat,
+            "new": {**_metrics(kept[new]), **_item_macro(kept, split)}, "known": _metrics(kept[~new]),
+            "all": _metrics(kept),
+            "excluded": {"new": {**_metrics(excl[new]), **_item_macro(excl, split)}, "known": _metrics(excl[~new])}}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", type=Path, required=True)
@@ -70,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="peers of the backoff rule: k nearest trained items in content (0: the first-code cluster)")
     ap.add_argument("--backoff-peers", nargs="*", choices=("shifted", "before-repeat"), default=["shifted"],
                     help="the backoff peers' P as scored, or before the learned repeat shift (needs repeat_bias)")
+    ap.add_argument("--content-knn", action="store_true", help="a reference row: content nearest neighbours")
     ap.add_argument("--mixture", action="store_true", help="fit the mixture rule's pi and weights on valid")
     ap.add_argument("--mixture-features", nargs="*", default=[",".join(FEATURES)],
                     help=f"comma-separated subsets of {', '.join(FEATURES)} to fit (the others stay 0)")
@@ -121,7 +137,15 @@ def main(argv: list[str] | None = None) -> int:
                  for c in args.backoff_contents for off in args.backoff_offsets]
     settings += [("mixture", min(fit.share * scale, 0.999), fit, 0.0, 0, False) for fit in fits
                  for scale in args.mixture_scales]
+    settings += [("content_knn", None, 0.0, 0.0, 0, False)] if args.content_knn else []
     for rule, weight, offset, content, neighbours, before_repeat in settings:
+        if rule == "content_knn":
+            ranks = rank_targets(content_knn_scorer(target_content(cfg, data)), split.history("valid", 0, 1),
+                                 split.targets("valid"), split.num_items, protocols=("kept", "excluded"),
+                                 history_pad=0, history_shift=1)
+            rows.append(_row(rule, None, offset, content, neighbours, before_repeat, ranks, new, split))
+            print(rows[-1])
+            continue
         if rule == "mixture":  # weight: pi, offset: the fit
             offset.apply(model)
             model.new_item_share = weight
@@ -131,17 +155,16 @@ def main(argv: list[str] | None = None) -> int:
             model.new_item_content, model.new_item_neighbours = content, neighbours
         model.new_item_peers_before_repeat = before_repeat
         with torch.no_grad():  # as the run scores valid: its device, batch size and fine-tuning precision
-            ranks = split_ranks(model, split, "valid", cfg.eval.batch_size, device, ("kept",),
-                                cfg.finetune.precision)["kept"].numpy()
-        rows.append({"rule": rule, "weight": None if rule == "own" else weight, "delta": offset, "content": content,
-                     "neighbours": neighbours, "peers_before_repeat": before_repeat,
-                     "new": {**_metrics(ranks[new]), **_item_macro(ranks, split)},
-                     "known": _metrics(ranks[~new]), "all": _metrics(ranks)})
+            ranks = split_ranks(model, split, "valid", cfg.eval.batch_size, device, ("kept", "excluded"),
+                                cfg.finetune.precision)
+        rows.append(_row(rule, None if rule == "own" else weight, offset, content, neighbours, before_repeat,
+                         ranks, new, split))
         print(rows[-1])
     md = ["| rule | weight of own score (mixture: pi) | offset (mixture: fitted weights) | content weight | "
           "content neighbours | peers' P | new HR@10 | new NDCG@10 | new median rank | "
-          "new item-macro HR@10 | new item-macro NDCG@10 | known HR@10 | known NDCG@10 | all NDCG@10 |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+          "new item-macro HR@10 | new item-macro NDCG@10 | known HR@10 | known NDCG@10 | all NDCG@10 | "
+          "new NDCG@10, history excl. | new item-macro NDCG@10, history excl. | known NDCG@10, history excl. |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     md += [f"| {r['rule']} | {'' if r['weight'] is None else format(r['weight'], '.4g')} | "
            + (" ".join(f"{k.removeprefix('new_item_')} {v:.3g}" for k, v in r['delta'].items() if v)
               if isinstance(r['delta'], dict) else format(r['delta'], 'g')) + " | "
@@ -149,7 +172,9 @@ def main(argv: list[str] | None = None) -> int:
            f"{('before repeat' if r['peers_before_repeat'] else 'shifted') if r['rule'] == 'backoff' else ''} | "
            f"{r['new']['HR@10']:.4f} | {r['new']['NDCG@10']:.4f} | {r['new']['median_rank']:.0f} | "
            f"{r['new']['item_macro_HR@10']:.4f} | {r['new']['item_macro_NDCG@10']:.4f} | "
-           f"{r['known']['HR@10']:.4f} | {r['known']['NDCG@10']:.4f} | {r['all']['NDCG@10']:.4f} |" for r in rows]
+           f"{r['known']['HR@10']:.4f} | {r['known']['NDCG@10']:.4f} | {r['all']['NDCG@10']:.4f} | "
+           f"{r['excluded']['new']['NDCG@10']:.4f} | {r['excluded']['new']['item_macro_NDCG@10']:.4f} | "
+           f"{r['excluded']['known']['NDCG@10']:.4f} |" for r in rows]
     md.append(f"\nValid only; {split.num_items} items, {int(new.sum())} users whose valid target is new. "
               "Run: " + str(args.run))
     result = {"rows": rows, "split": "valid", "run": str(args.run), "num_items": split.num_items,

@@ -44,10 +44,14 @@ def test_rows_new_items_ranked_by_the_semantic_id_model_and_rescored_without_tra
     # the valid probe behind the choice of the backoff rule scores valid exactly as the benchmark does
     probe = _bench("new_item_offset")
     assert probe.main(["--run", str(runs / "qbert4rec"), "--deltas", "0", "--backoff-weights", "0.25",
-                       "--backoff-offsets", "1.5", "--out-dir", str(tmp_path)]) == 0
-    own, back = json.loads((tmp_path / "new_item_offset.json").read_text())["rows"]
-    assert (own["rule"], back["rule"]) == ("own", "backoff")
-    assert back["new"]["HR@10"] == pytest.approx(by[("qbert4rec", "new")]["valid"]["HR@10"])
+                       "--backoff-offsets", "1.5", "--content-knn", "--out-dir", str(tmp_path)]) == 0
+    own, back, knn = json.loads((tmp_path / "new_item_offset.json").read_text())["rows"]
+    assert (own["rule"], back["rule"], knn["rule"]) == ("own", "backoff", "content_knn")
+    for probed, row in ((back, "qbert4rec"), (knn, "content_knn")):  # both protocols, as the rows have them
+        assert probed["new"]["HR@10"] == pytest.approx(by[(row, "new")]["valid"]["HR@10"])
+        assert probed["excluded"]["new"]["NDCG@10"] == pytest.approx(by[(row, "new")]["valid_excl_history"]["NDCG@10"])
+        assert probed["excluded"]["known"]["HR@10"] == pytest.approx(by[(row, "known")]["valid_excl_history"]["HR@10"])
+    assert knn["excluded"]["known"]["HR@10"] > knn["known"]["HR@10"]  # its top 10s held history items
     macro = by[("qbert4rec", "new")]["new_target_concentration"]["valid"]["item_macro"]
     assert (back["new"]["item_macro_HR@10"], back["new"]["item_macro_NDCG@10"]) == \
         (pytest.approx(macro["HR@10"]), pytest.approx(macro["NDCG@10"]))

@@ -20,12 +20,26 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-__all__ = ["MixtureFit", "fit_mixture", "FEATURES"]
+__all__ = ["MixtureFit", "fit_mixture", "FEATURES", "content_knn_scorer"]
 
 log = logging.getLogger(__name__)
 
 # what each weight multiplies (QBert4Rec.new_item_features), by its model.* setting
 FEATURES = ("new_item_temperature", "new_item_recency", "new_item_cluster")
+
+
+def content_knn_scorer(content: np.ndarray | torch.Tensor):
+    """The content nearest-neighbour baseline (#19): a score function of [B, L] history tokens (item
+    + 1, 0 = padding) -> [B, N] cosine of each item's content (``content`` [N, D], unit rows) to the
+    sum of the history's content. Summed by ``embedding_bag``, without a [B, L, D] gather."""
+    x = torch.as_tensor(content, dtype=torch.float32)
+    padded = torch.cat([torch.zeros(1, x.shape[1]), x])  # row 0 = padding (tokens are item + 1)
+
+    def score(h: torch.Tensor) -> torch.Tensor:
+        profile = torch.nn.functional.normalize(torch.nn.functional.embedding_bag(h, padded, mode="sum"), dim=1)
+        return profile @ x.T
+
+    return score
 
 
 @dataclass(frozen=True)
