@@ -385,8 +385,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     label = args.neighbours_label
     named = {m: m.removesuffix("-neighbours") + "-" + label for m in RUN_OF if m.endswith("-neighbours")}
-    if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", label) or (label != "neighbours" and set(named.values()) & set(RUN_OF)):
-        print(f"error: --neighbours-label {label!r}: lower-case letters, digits and '-', and no other row's name",
+    if (not re.fullmatch(r"[a-z0-9][a-z0-9-]*", label) or label.startswith("pseudo-new")
+            or (label != "neighbours" and set(named.values()) & set(RUN_OF))):
+        print(f"error: --neighbours-label {label!r}: lower-case letters, digits and '-', not starting with "
+              "'pseudo-new', and no other row's name",
               file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

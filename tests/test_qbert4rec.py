@@ -700,7 +700,7 @@ def test_the_backoff_can_read_its_peers_p_before_the_learned_repeat_shift():
     for model in (m, own):
         model.set_trained_items(trained.nonzero()[:, 0])
     hist = torch.randint(1, 31, (4, 6), generator=torch.Generator().manual_seed(1))
-    hist[0, -1] = 3  # a new item in a history keeps its own (shifted) score as its own part
+    hist[0, -1] = 4  # token 4 = new item 3 in a history: it keeps its own (shifted) score as its own part
     seen = torch.zeros(4, 30).scatter_(1, hist - 1, 1.0)
     got, log_p = m.score(hist), own.score(hist)
     torch.testing.assert_close(got[:, trained], log_p[:, trained])  # trained items: unchanged
@@ -726,6 +726,8 @@ def test_the_backoff_can_read_its_peers_p_before_the_learned_repeat_shift():
         SeqRecConfig(new_items="backoff", new_item_peers_before_repeat=True)  # no repeat shift to take off
     with pytest.raises(ValueError, match="new_item_peers_before_repeat"):
         SeqRecConfig(new_items="own", repeat_bias=True, new_item_peers_before_repeat=True)
+    with pytest.raises(ValueError, match="new_item_peers_before_repeat"):  # the hybrid ranks new items by its ID head
+        SeqRecConfig(new_items="backoff", repeat_bias=True, item_id="input_and_head", new_item_peers_before_repeat=True)
     assert SeqRecConfig(new_items="backoff", repeat_bias=True, new_item_peers_before_repeat=True)
 
 

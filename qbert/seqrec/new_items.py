@@ -33,7 +33,7 @@ def content_knn_scorer(content: np.ndarray | torch.Tensor):
     + 1, 0 = padding) -> [B, N] cosine of each item's content (``content`` [N, D], unit rows) to the
     sum of the history's content. Summed by ``embedding_bag``, without a [B, L, D] gather."""
     x = torch.as_tensor(content, dtype=torch.float32)
-    padded = torch.cat([torch.zeros(1, x.shape[1]), x])  # row 0 = padding (tokens are item + 1)
+    padded = torch.cat([x.new_zeros(1, x.shape[1]), x])  # row 0 = padding (tokens are item + 1)
 
     def score(h: torch.Tensor) -> torch.Tensor:
         profile = torch.nn.functional.normalize(torch.nn.functional.embedding_bag(h, padded, mode="sum"), dim=1)

@@ -636,7 +636,8 @@ class QBert4Rec(nn.Module):
         (:meth:`neighbour_log_share`). With ``new_item_peers_before_repeat`` the peers' log P is read
         with the learned repeat shift (``repeat_weight``, which lowers the history's own items) taken
         back off: a new item is not a repeat of the history items it resembles, so it inherits their
-        P as the model puts it before that shift. With ``new_item_content`` = beta > 0 it adds ``beta *
+        P as the model puts it before that shift (a model without ``repeat_bias`` has no shift: the
+        switch then changes nothing). With ``new_item_content`` = beta > 0 it adds ``beta *
         cos(content of the item, sum of the content of the history tokens)`` (``tokens`` [B, L]:
         the model's input; content from :meth:`set_item_content`), which orders the new items of
         one cluster by their content. Under the first-code rule an item whose first code no trained

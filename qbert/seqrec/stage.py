@@ -107,10 +107,12 @@ class SeqRecConfig(Config):
             raise ValueError(f"new_item_neighbours ({self.new_item_neighbours}) is a part of the backoff rule: it "
                              f"needs new_items: backoff, item_id: none and head: catalogue (got {self.new_items}, "
                              f"{self.item_id}, {self.head})")
-        if self.new_item_peers_before_repeat and (self.new_items != "backoff" or not self.repeat_bias):
+        if self.new_item_peers_before_repeat and (self.new_items != "backoff" or not self.repeat_bias
+                                                  or self.item_id != "none" or self.head != "catalogue"):
             raise ValueError(f"new_item_peers_before_repeat reads the backoff rule's peers before the repeat "
-                             f"shift: it needs new_items: backoff and repeat_bias: true (got {self.new_items}, "
-                             f"repeat_bias {self.repeat_bias})")
+                             f"shift: it needs new_items: backoff, repeat_bias: true, item_id: none and head: "
+                             f"catalogue (got {self.new_items}, repeat_bias {self.repeat_bias}, {self.item_id}, "
+                             f"{self.head})")
         if self.new_items == "mixture" and (self.item_id != "none" or self.head != "catalogue"):
             raise ValueError(f"new_items: mixture mixes the catalogue softmax of the paper's model with a content "
                              f"softmax: it needs item_id: none and head: catalogue (got {self.item_id}, {self.head})")
