@@ -23,6 +23,22 @@ def _codes(n: int = 30, K: int = 3, C: int = 8, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, C, (n, K), generator=g)
 
 
+NEW = [3, 11, 17, 25]  # the untrained items of the tests of the new-item rules
+
+
+def _rule_and_plain(codes: torch.Tensor, kw: dict, **rule):
+    """(a model with the new-item ``rule``, the same weights without it, the [N] trained mask, [4, 6]
+    random history tokens), the items NEW untrained in both models."""
+    m = QBert4Rec(codes, **kw, **rule).eval()
+    plain = QBert4Rec(codes, **kw).eval()
+    plain.load_state_dict(m.state_dict())
+    trained = torch.ones(len(codes), dtype=torch.bool)
+    trained[NEW] = False
+    for model in (m, plain):
+        model.set_trained_items(trained.nonzero()[:, 0])
+    return m, plain, trained, torch.randint(1, len(codes) + 1, (4, 6), generator=torch.Generator().manual_seed(1))
+
+
 def _mode(use_id: bool) -> dict:
     """The old two settings: the hybrid (item-ID embedding and head) or pure semantic IDs, both with
     the per-level head."""
@@ -630,16 +646,10 @@ def test_the_backoff_to_content_neighbours_takes_the_mean_p_of_the_k_nearest_tra
     codes[:, 0] %= 7
     codes[11, 0] = 7  # item 11's first code is its own: the first-code rule leaves it its own score
     kw = {"num_codes": 8, "hidden": 16, "layers": 1, "heads": 2, "dropout": 0.0, "max_len": 10}
-    m = QBert4Rec(codes, **kw, new_items="backoff", new_item_weight=0.3, new_item_offset=1.2,
-                  new_item_neighbours=3).eval()
-    own = QBert4Rec(codes, **kw).eval()  # the paper's rule: the log P the backoff replaces
-    own.load_state_dict(m.state_dict())
-    trained = torch.ones(30, dtype=torch.bool)
-    new = [3, 11, 17, 25]
-    trained[new] = False
-    for model in (m, own):
-        model.set_trained_items(trained.nonzero()[:, 0])
-    hist = torch.randint(1, 31, (4, 6), generator=torch.Generator().manual_seed(1))
+    # own: the paper's rule, the log P the backoff replaces
+    m, own, trained, hist = _rule_and_plain(codes, kw, new_items="backoff", new_item_weight=0.3,
+                                            new_item_offset=1.2, new_item_neighbours=3)
+    new = NEW
     with pytest.raises(ValueError, match="set_item_content"):
         m.score(hist)
     content = torch.randn(30, 5)
@@ -688,18 +698,12 @@ def test_the_backoff_can_read_its_peers_p_before_the_learned_repeat_shift():
     codes = _codes(n=30)
     codes[:, 0] %= 5
     kw = {"num_codes": 8, "hidden": 16, "layers": 1, "heads": 2, "dropout": 0.0, "max_len": 10, "repeat_bias": True}
-    m = QBert4Rec(codes, **kw, new_items="backoff", new_item_weight=0.3, new_item_offset=1.2,
-                  new_item_peers_before_repeat=True).eval()
+    m, own, trained, hist = _rule_and_plain(codes, kw, new_items="backoff", new_item_weight=0.3,
+                                            new_item_offset=1.2, new_item_peers_before_repeat=True)
+    new = NEW
     with torch.no_grad():
-        m.repeat_raw.fill_(-0.4)  # a learned shift of -4 nats on the history's items
-    own = QBert4Rec(codes, **kw).eval()
-    own.load_state_dict(m.state_dict())
-    trained = torch.ones(30, dtype=torch.bool)
-    new = [3, 11, 17, 25]
-    trained[new] = False
-    for model in (m, own):
-        model.set_trained_items(trained.nonzero()[:, 0])
-    hist = torch.randint(1, 31, (4, 6), generator=torch.Generator().manual_seed(1))
+        for model in (m, own):
+            model.repeat_raw.fill_(-0.4)  # a learned shift of -4 nats on the history's items
     hist[0, -1] = 4  # token 4 = new item 3 in a history: it keeps its own (shifted) score as its own part
     seen = torch.zeros(4, 30).scatter_(1, hist - 1, 1.0)
     got, log_p = m.score(hist), own.score(hist)
@@ -931,16 +935,9 @@ def test_the_mixture_rule_scores_log_probabilities_of_known_then_new_items():
     torch.manual_seed(0)
     codes = _codes(n=30)
     kw = {"num_codes": 8, "hidden": 16, "layers": 1, "heads": 2, "dropout": 0.0, "max_len": 10}
-    m = QBert4Rec(codes, **kw, new_items="mixture", new_item_share=0.2, new_item_temperature=3.0,
-                  new_item_recency=1.5, new_item_cluster=0.5).eval()
-    plain = QBert4Rec(codes, **kw).eval()
-    plain.load_state_dict(m.state_dict())
-    trained = torch.ones(30, dtype=torch.bool)
-    new = [3, 11, 17, 25]
-    trained[new] = False
-    for model in (m, plain):
-        model.set_trained_items(trained.nonzero()[:, 0])
-    hist = torch.randint(1, 31, (4, 6), generator=torch.Generator().manual_seed(1))
+    m, plain, trained, hist = _rule_and_plain(codes, kw, new_items="mixture", new_item_share=0.2,
+                                              new_item_temperature=3.0, new_item_recency=1.5, new_item_cluster=0.5)
+    new = NEW
     hist[0, :3] = 0  # left padding carries no content
     hist[1, 2] = 11 + 1  # a new item already in the history
     nine = torch.tensor([[1, 2, 5, 6, 7, 8, 9, 10, 14]])  # known items only (tokens = item + 1)
