@@ -137,15 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                  for c in args.backoff_contents for off in args.backoff_offsets]
     settings += [("mixture", min(fit.share * scale, 0.999), fit, 0.0, 0, False) for fit in fits
                  for scale in args.mixture_scales]
-    settings += [("content_knn", None, 0.0, 0.0, 0, False)] if args.content_knn else []
     for rule, weight, offset, content, neighbours, before_repeat in settings:
-        if rule == "content_knn":
-            ranks = rank_targets(content_knn_scorer(target_content(cfg, data)), split.history("valid", 0, 1),
-                                 split.targets("valid"), split.num_items, protocols=("kept", "excluded"),
-                                 history_pad=0, history_shift=1)
-            rows.append(_row(rule, None, offset, content, neighbours, before_repeat, ranks, new, split))
-            print(rows[-1])
-            continue
         if rule == "mixture":  # weight: pi, offset: the fit
             offset.apply(model)
             model.new_item_share = weight
@@ -159,6 +151,12 @@ def main(argv: list[str] | None = None) -> int:
                                 cfg.finetune.precision)
         rows.append(_row(rule, None if rule == "own" else weight, offset, content, neighbours, before_repeat,
                          ranks, new, split))
+        print(rows[-1])
+    if args.content_knn:  # the baseline the rules are compared with, on the same valid users
+        ranks = rank_targets(content_knn_scorer(target_content(cfg, data)), split.history("valid", 0, 1),
+                             split.targets("valid"), split.num_items, protocols=("kept", "excluded"),
+                             history_pad=0, history_shift=1)
+        rows.append(_row("content_knn", None, 0.0, 0.0, 0, False, ranks, new, split))
         print(rows[-1])
     md = ["| rule | weight of own score (mixture: pi) | offset (mixture: fitted weights) | content weight | "
           "content neighbours | peers' P | new HR@10 | new NDCG@10 | new median rank | "

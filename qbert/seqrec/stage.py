@@ -97,22 +97,15 @@ class SeqRecConfig(Config):
         if self.content_dim and (self.head != "catalogue" or self.item_id == "input_and_head"):
             raise ValueError(f"content_dim ({self.content_dim}) adds to the catalogue head's item vectors: it needs "
                              f"head: catalogue and no item-ID head (got head {self.head}, item_id {self.item_id})")
-        if self.new_item_content > 0 and (self.new_items != "backoff" or self.item_id != "none"
-                                          or self.head != "catalogue"):
-            raise ValueError(f"new_item_content ({self.new_item_content}) is a term of the backoff rule: it needs "
-                             f"new_items: backoff, item_id: none and head: catalogue (got {self.new_items}, "
-                             f"{self.item_id}, {self.head})")
-        if self.new_item_neighbours > 0 and (self.new_items != "backoff" or self.item_id != "none"
-                                             or self.head != "catalogue"):
-            raise ValueError(f"new_item_neighbours ({self.new_item_neighbours}) is a part of the backoff rule: it "
-                             f"needs new_items: backoff, item_id: none and head: catalogue (got {self.new_items}, "
-                             f"{self.item_id}, {self.head})")
-        if self.new_item_peers_before_repeat and (self.new_items != "backoff" or not self.repeat_bias
-                                                  or self.item_id != "none" or self.head != "catalogue"):
-            raise ValueError(f"new_item_peers_before_repeat reads the backoff rule's peers before the repeat "
-                             f"shift: it needs new_items: backoff, repeat_bias: true, item_id: none and head: "
-                             f"catalogue (got {self.new_items}, repeat_bias {self.repeat_bias}, {self.item_id}, "
-                             f"{self.head})")
+        backoff_rule = self.new_items == "backoff" and self.item_id == "none" and self.head == "catalogue"
+        for name in ("new_item_content", "new_item_neighbours", "new_item_peers_before_repeat"):
+            if getattr(self, name) and not backoff_rule:
+                raise ValueError(f"{name} ({getattr(self, name)}) is a part of the backoff rule: it needs new_items: "
+                                 f"backoff, item_id: none and head: catalogue (got {self.new_items}, "
+                                 f"{self.item_id}, {self.head})")
+        if self.new_item_peers_before_repeat and not self.repeat_bias:
+            raise ValueError("new_item_peers_before_repeat reads the backoff rule's peers before the learned repeat "
+                             "shift: it needs repeat_bias: true")
         if self.new_items == "mixture" and (self.item_id != "none" or self.head != "catalogue"):
             raise ValueError(f"new_items: mixture mixes the catalogue softmax of the paper's model with a content "
                              f"softmax: it needs item_id: none and head: catalogue (got {self.item_id}, {self.head})")
