@@ -56,6 +56,25 @@ def test_rows_new_items_ranked_by_the_semantic_id_model_and_rescored_without_tra
     assert (back["new"]["item_macro_HR@10"], back["new"]["item_macro_NDCG@10"]) == \
         (pytest.approx(macro["HR@10"]), pytest.approx(macro["NDCG@10"]))
     assert own["new"]["median_rank"] > back["new"]["median_rank"]
+    # the frontier reads that probe: every rule row a point, each ratio to content kNN, the budget
+    frontier = _bench("new_item_frontier")
+    bound = min(own["known"]["NDCG@10"], back["known"]["NDCG@10"])
+    assert frontier.main([str(tmp_path / "new_item_offset.json"), "--reference-known", str(bound), "--budget", "0",
+                          "--name", "frontier", "--out-dir", str(tmp_path), "--plot", str(tmp_path / "f.png")]) == 0
+    front = json.loads((tmp_path / "frontier.json").read_text())
+
+    def four(r):  # new NDCG@10 and item-macro NDCG@10, history kept and excluded
+        return [r["new"]["NDCG@10"], r["new"]["item_macro_NDCG@10"],
+                r["excluded"]["new"]["NDCG@10"], r["excluded"]["new"]["item_macro_NDCG@10"]]
+
+    def ratio(r):
+        return min(a / b if b else float("inf") for a, b in zip(four(r), four(knn)))
+
+    assert [(r["label"], r["within_budget"]) for r in front["rows"]] == [
+        ("own", True), ("backoff w 0.25, first code", True)]
+    assert [r["min_ratio"] for r in front["rows"]] == pytest.approx([ratio(own), ratio(back)])
+    assert front["best"]["label"] == max(front["rows"], key=lambda r: r["min_ratio"])["label"]
+    assert front["beats_knn"] == (front["best"]["min_ratio"] > 1) and (tmp_path / "f.png").stat().st_size > 0
     # a ranking-only change is re-scored from model.pt, not re-trained
     stamp = (runs / "qbert4rec" / "model.pt").stat().st_mtime_ns
     assert bench.main(["--quick", "--runs-dir", str(runs), "--models", "qbert4rec",
@@ -205,6 +224,44 @@ def test_rows_new_items_ranked_by_the_semantic_id_model_and_rescored_without_tra
     assert bench.main(["--quick", "--runs-dir", str(runs), "--models", "qbert4rec-content",
                        "--content-set", "finetune.epochs=2"]) == 2  # would retrain into the qbert4rec run
     assert "error: --content-set: finetune.epochs would retrain" in capsys.readouterr().err
+
+
+def _probe_row(rule: str, offset: float, known: float, new: float, run: str = "runs/a") -> dict:
+    """A probe row (benchmarks/new_item_offset.py's shape) whose new-slice measures all equal ``new``."""
+    slice_ = {"NDCG@10": new, "item_macro_NDCG@10": new}
+    return {"rule": rule, "weight": 0.25, "delta": offset, "content": 0.0, "neighbours": 10,
+            "peers_before_repeat": False, "new": slice_, "known": {"NDCG@10": known}, "excluded": {"new": slice_}}
+
+
+def test_the_frontier_picks_the_best_rule_within_the_known_budget_and_names_bad_probes(tmp_path, capsys):
+    frontier = _bench("new_item_frontier")
+    probe = tmp_path / "probe.json"
+    rows = [_probe_row("backoff", 0.5, 0.120, 0.008), _probe_row("backoff", 1.0, 0.117, 0.012),
+            _probe_row("backoff", 1.5, 0.110, 0.030), _probe_row("content_knn", 0.0, 0.02, 0.010)]
+    probe.write_text(json.dumps({"rows": rows, "split": "valid", "run": "runs/a"}))
+    args = [str(probe), "--reference-known", "0.12", "--budget", "0.03", "--out-dir", str(tmp_path)]
+    assert frontier.main(args) == 0
+    front = json.loads((tmp_path / "new_item_frontier.json").read_text())
+    assert [r["within_budget"] for r in front["rows"]] == [True, True, False]  # bound 0.1164
+    assert front["best"]["offset"] == 1.0 and front["best"]["min_ratio"] == pytest.approx(1.2) and front["beats_knn"]
+    assert frontier.main([*args, "--budget", "0"]) == 0  # only the first row within: behind kNN
+    front = json.loads((tmp_path / "new_item_frontier.json").read_text())
+    assert front["best"]["offset"] == 0.5 and not front["beats_knn"]
+    capsys.readouterr()
+    bad = {"no_knn.json": {"rows": rows[:3], "split": "valid", "run": "runs/a"},
+           "test.json": {"rows": rows, "split": "test", "run": "runs/a"},
+           "kept_only.json": {"rows": [{k: v for k, v in rows[0].items() if k != "excluded"}, rows[3]],
+                              "split": "valid", "run": "runs/a"},
+           "other_run.json": {"rows": [rows[3]], "split": "valid", "run": "runs/b"}}
+    for name, content in bad.items():
+        (tmp_path / name).write_text(json.dumps(content))
+    for files, says in ((["no_knn.json"], "no content_knn row"), (["test.json"], "valid probes only"),
+                        (["kept_only.json"], "kept_only.json row 0"), (["missing.json"], "missing.json"),
+                        (["no_knn.json", "other_run.json"], "different runs")):
+        assert frontier.main([str(tmp_path / f) for f in files] + ["--out-dir", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and says in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # nothing written for bad input
 
 
 def test_an_unknown_row_is_refused_before_any_data_is_read(tmp_path, capsys):
