@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import yaml
 from test_benchmark_qbert4rec import _bench, one_thread  # noqa: F401 - the module's autouse fixture
@@ -75,6 +76,16 @@ def test_rows_new_items_ranked_by_the_semantic_id_model_and_rescored_without_tra
     assert [r["min_ratio"] for r in front["rows"]] == pytest.approx([ratio(own), ratio(back)])
     assert front["best"]["label"] == max(front["rows"], key=lambda r: r["min_ratio"])["label"]
     assert front["beats_knn"] == (front["best"]["min_ratio"] > 1) and (tmp_path / "f.png").stat().st_size > 0
+    # the diagnostics: with all weight on the item's own score the backoff orders new items as own log P
+    diag = _bench("new_item_diagnostics")
+    assert diag.main(["--run", str(runs / "qbert4rec"), "--backoff-weight", "1", "--out-dir", str(tmp_path)]) == 0
+    found = json.loads((tmp_path / "new_item_diagnostics.json").read_text())
+    scorers = found["order"]["scorers"]
+    assert scorers["backoff"] == scorers["own log P"] and scorers["own log P"]["users"] > 0
+    assert found["signal"]["users"] == own["new"]["users"] + own["known"]["users"]
+    assert found["signal"]["new_share"] == pytest.approx(own["new"]["users"] / found["signal"]["users"])
+    # planted clusters: the history's content points at the new target far better than chance
+    assert scorers["cos to the history (content kNN)"]["median_rank"] < found["order"]["new_items"] / 4
     # a ranking-only change is re-scored from model.pt, not re-trained
     stamp = (runs / "qbert4rec" / "model.pt").stat().st_mtime_ns
     assert bench.main(["--quick", "--runs-dir", str(runs), "--models", "qbert4rec",
@@ -262,6 +273,19 @@ def test_the_frontier_picks_the_best_rule_within_the_known_budget_and_names_bad_
         err = capsys.readouterr().err
         assert err.startswith("error: ") and says in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()  # nothing written for bad input
+
+
+def test_the_diagnostics_auc_is_the_share_of_correctly_ordered_pairs_ties_half(tmp_path, capsys):
+    diag = _bench("new_item_diagnostics")
+    assert diag.main(["--run", str(tmp_path / "no-run"), "--out-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --run ") and "no-run" in err and not (tmp_path / "out").exists()
+    auc = diag.auc
+    rng = np.random.default_rng(0)
+    score, label = rng.integers(0, 4, 300).astype(float), rng.random(300) < 0.3
+    pos, neg = score[label][:, None], score[~label][None, :]
+    assert auc(score, label) == pytest.approx(((pos > neg) + 0.5 * (pos == neg)).mean())
+    assert auc(np.arange(4.0), np.array([0, 0, 1, 1])) == 1.0 and np.isnan(auc(np.ones(3), np.ones(3)))
 
 
 def test_an_unknown_row_is_refused_before_any_data_is_read(tmp_path, capsys):
