@@ -196,7 +196,7 @@ def pipeline_row(cfg: PipelineConfig, data, run: Path, fit: bool = False) -> dic
                                 cfg.finetune.precision) for w in ("valid", "test")}
     return {"stage3_item_table": bool(model.item_indexed_parameters()),
             "slices": cold_start_report(split, ranks, cfg.data.cold_start)["slices"],
-            "concentration": _concentration(split, {w: r["kept"] for w, r in ranks.items()}),
+            "concentration": _concentration(split, ranks),
             "new_items": {"rule": model.new_items, "weight": model.new_item_weight, "offset": model.new_item_offset,
                           "content": model.new_item_content, "neighbours": model.new_item_neighbours,
                           "peers_before_repeat": model.new_item_peers_before_repeat,
@@ -212,12 +212,13 @@ def baseline_row(model: str, cfg: PipelineConfig, data, run: Path, quick: bool) 
                           **({"epochs": 3, "patience": 0} if quick else {"epochs": 100, "patience": 10}))
     metrics = (_finished(run, bcfg.resolved().to_dict())
                or run_baseline(bcfg, data.target, run, data_source=cfg.data.source))
-    ranks = pq.read_table(run / "test_ranks.parquet", columns=["target", "rank_history_kept"])
+    ranks = pq.read_table(run / "test_ranks.parquet", columns=["target", "rank_history_kept", "rank_history_excluded"])
     split = target_split(cfg, data)
     if not np.array_equal(ranks.column("target").to_numpy(), split.targets("test")):
         raise OtherDataset(f"{run / 'test_ranks.parquet'}: its test targets are not this split's")
     return {"stage3_item_table": True, "slices": metrics["cold_start"]["slices"],
-            "concentration": _concentration(split, {"test": ranks.column("rank_history_kept").to_numpy()})}
+            "concentration": _concentration(split, {"test": {p: ranks.column(f"rank_history_{p}").to_numpy()
+                                                             for p in ("kept", "excluded")}})}
 
 
 def heuristic_row(cfg: PipelineConfig, data, score_fn: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, Any]:
@@ -225,12 +226,14 @@ def heuristic_row(cfg: PipelineConfig, data, score_fn: Callable[[torch.Tensor], 
     ranks = {w: rank_targets(score_fn, split.history(w, 0, 1), split.targets(w), split.num_items,
                              protocols=("kept", "excluded"), history_pad=0, history_shift=1) for w in ("valid", "test")}
     return {"stage3_item_table": None, "slices": cold_start_report(split, ranks)["slices"],
-            "concentration": _concentration(split, {w: r["kept"] for w, r in ranks.items()})}
+            "concentration": _concentration(split, ranks)}
 
 
-def _concentration(split, ranks: dict[str, Any]) -> dict[str, Any]:
-    """Per split: how far single new targets carry the new slice (history kept; target_concentration)."""
-    return {w: target_concentration(r, split.targets(w), split.withheld) for w, r in ranks.items()}
+def _concentration(split, ranks: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per protocol (``kept``, ``excluded``) and split: how far single new targets carry the new slice
+    (target_concentration; ``ranks``: {split: {protocol: ranks}})."""
+    return {p: {w: target_concentration(r[p], split.targets(w), split.withheld) for w, r in ranks.items()}
+            for p in ("kept", "excluded")}
 
 
 def popularity_fn(cfg: PipelineConfig, data) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -317,19 +320,23 @@ def render(rows: list[dict[str, Any]]) -> str:
     conc = [r for r in rows if r["slice"] == "new" and (r.get("new_target_concentration") or {}).get("test")]
     if conc:
         lines += ["", "New-target users of test, history kept: how far single items carry the slice's HR@10 "
-                  "(`new_target_concentration`).", "",
+                  "(`new_target_concentration`); the item-macro scores also with history excluded "
+                  "(`new_target_concentration_excl_history`; n/a: a row scored before it was recorded).", "",
                   "| dataset | model | draw | users | hits | distinct targets | most frequent target: users, hits "
-                  "| most hit target: users, hits | item-macro HR@10 | item-macro NDCG@10 |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| most hit target: users, hits | item-macro HR@10 | item-macro NDCG@10 "
+                  "| item-macro HR@10 (history excl.) | item-macro NDCG@10 (history excl.) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in conc:
             c = r["new_target_concentration"]["test"]
             if not c["users"]:
                 continue
             f, h = c["most_frequent_target"], c["most_hit_target"]
             most_hit = f"{h['item']}: {h['users']}, {h['hits']}" if c["hits"] else "none"
+            excl = (r.get("new_target_concentration_excl_history") or {}).get("test", {}).get("item_macro")
             lines.append(f"| {r['dataset']} | {r['model']} | {_draw(r)} | {c['users']} | {c['hits']} | {c['distinct_targets']} | "
                          f"{f['item']}: {f['users']}, {f['hits']} | {most_hit} | "
-                         f"{c['item_macro']['HR@10']:.4f} | {c['item_macro']['NDCG@10']:.4f} |")
+                         f"{c['item_macro']['HR@10']:.4f} | {c['item_macro']['NDCG@10']:.4f} | "
+                         + (f"{excl['HR@10']:.4f} | {excl['NDCG@10']:.4f} |" if excl else "n/a | n/a |"))
     return "\n".join(lines) + "\n"
 
 
@@ -499,7 +506,9 @@ def main(argv: list[str] | None = None) -> int:
                          "valid": res["slices"]["valid"]["history_kept"][slice_name],
                          "valid_excl_history": res["slices"]["valid"]["history_excluded"][slice_name],
                          **({"new_items": res["new_items"]} if res.get("new_items") else {}),
-                         **({"new_target_concentration": res["concentration"]} if slice_name == "new" else {})})
+                         **({"new_target_concentration": res["concentration"]["kept"],
+                             "new_target_concentration_excl_history": res["concentration"]["excluded"]}
+                            if slice_name == "new" else {})})
     out = args.runs_dir if args.quick else DEFAULT_OUT
     print(render(write_results(out, rows)))
     return 2 if failed else 0

@@ -4,6 +4,7 @@ popularity cannot, a finished run is re-scored rather than re-trained, bad input
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -27,10 +28,11 @@ def test_rows_new_items_ranked_by_the_semantic_id_model_and_rescored_without_tra
     rule = by[("qbert4rec", "new")]["new_items"]
     assert rule["rule"] == "backoff" and rule["untrained"] == metrics["stages"]["finetune"]["untrained_items"]
     assert rule["untrained"] >= metrics["cold_start"]["new_items"] > 0
-    for r in rows:  # the concentration of the new slice adds up to the slice's HR@10
+    for r in rows:  # the concentration of the new slice adds up to the slice's HR@10, under each protocol
         if r["slice"] == "new":
-            for w in ("valid", "test"):
-                c, hr = r["new_target_concentration"][w], r[w]["HR@10"]
+            for w, (field, slices) in itertools.product(("valid", "test"), (
+                    ("new_target_concentration", ""), ("new_target_concentration_excl_history", "_excl_history"))):
+                c, hr = r[field][w], r[w + slices]["HR@10"]
                 assert c["users"] == r[w]["users"] and 1 <= c["distinct_targets"] <= c["users"]
                 assert c["hits"] == round(c["users"] * hr) >= (c["most_hit_target"] or {"hits": 0})["hits"]
                 assert (c["most_hit_target"] is None) == (c["hits"] == 0)
@@ -53,9 +55,12 @@ def test_rows_new_items_ranked_by_the_semantic_id_model_and_rescored_without_tra
         assert probed["excluded"]["new"]["NDCG@10"] == pytest.approx(by[(row, "new")]["valid_excl_history"]["NDCG@10"])
         assert probed["excluded"]["known"]["HR@10"] == pytest.approx(by[(row, "known")]["valid_excl_history"]["HR@10"])
     assert knn["excluded"]["known"]["HR@10"] > knn["known"]["HR@10"]  # its top 10s held history items
-    macro = by[("qbert4rec", "new")]["new_target_concentration"]["valid"]["item_macro"]
-    assert (back["new"]["item_macro_HR@10"], back["new"]["item_macro_NDCG@10"]) == \
-        (pytest.approx(macro["HR@10"]), pytest.approx(macro["NDCG@10"]))
+    for probed, row in ((back, "qbert4rec"), (knn, "content_knn")):  # item-macro too, under both protocols
+        for field, slices in (("new_target_concentration", probed["new"]),
+                              ("new_target_concentration_excl_history", probed["excluded"]["new"])):
+            macro = by[(row, "new")][field]["valid"]["item_macro"]
+            assert (slices["item_macro_HR@10"], slices["item_macro_NDCG@10"]) == \
+                (pytest.approx(macro["HR@10"]), pytest.approx(macro["NDCG@10"]))
     assert own["new"]["median_rank"] > back["new"]["median_rank"]
     # the frontier reads that probe: every rule row a point, each ratio to content kNN, the budget
     frontier = _bench("new_item_frontier")
@@ -198,6 +203,8 @@ def test_rows_new_items_ranked_by_the_semantic_id_model_and_rescored_without_tra
     c = sas["new_target_concentration"]["test"]
     assert c["users"] == sas["test"]["users"] and set(sas["new_target_concentration"]) == {"test"}
     assert c["hits"] == round(c["users"] * sas["test"]["HR@10"])
+    excl = sas["new_target_concentration_excl_history"]["test"]
+    assert excl["hits"] == round(excl["users"] * sas["test_excl_history"]["HR@10"])
     # one RUNS_DIR per dataset: a run of other data there is refused, neither read nor replaced
     capsys.readouterr()
     stamp = (runs / "hybrid" / "model.pt").stat().st_mtime_ns
@@ -342,6 +349,15 @@ def test_rows_of_several_draws_are_named_and_averaged_per_draw_share():
     assert "| a | x | 0.1 | 0, 1 | new | 100, 90 | 0.3000 ± 0.1414 | 0.1500 ± 0.0707 | 0.4000 ± 0.1414 |" in md
     assert "over draws" not in bench.render(rows[2:])
     assert "| a | x | no | 0.1 / 3 | new | 0 | nan | nan |" in md
+    # the concentration table: item-macro under both protocols; n/a for a row scored before the second
+    conc = {"users": 4, "hits": 1, "distinct_targets": 2, "most_frequent_target": {"item": 7, "users": 3, "hits": 0},
+            "most_hit_target": {"item": 8, "users": 1, "hits": 1}, "item_macro": {"HR@10": 0.5, "NDCG@10": 0.25}}
+    old = {**row("x", "new", 0, 0.2), "new_target_concentration": {"test": conc}}
+    both = {**old, "model": "z", "new_target_concentration_excl_history":
+            {"test": {**conc, "item_macro": {"HR@10": 0.5, "NDCG@10": 0.3}}}}
+    md = bench.render([old, both])
+    assert "| a | x | 0.1 / 0 | 4 | 1 | 2 | 7: 3, 0 | 8: 1, 1 | 0.5000 | 0.2500 | n/a | n/a |" in md
+    assert "| a | z | 0.1 / 0 | 4 | 1 | 2 | 7: 3, 0 | 8: 1, 1 | 0.5000 | 0.2500 | 0.5000 | 0.3000 |" in md
 
 
 def test_results_are_merged_and_written_under_a_lock_a_second_process_cannot_take(tmp_path, monkeypatch):
