@@ -41,6 +41,7 @@ sys.path.insert(0, str(REPO))
 from qbert.pipeline import PipelineConfig, load_data  # noqa: E402
 from qbert.pipeline.data import target_split  # noqa: E402
 from qbert.pipeline.runs import rescoring_model, run_content  # noqa: E402
+from qbert.seqrec.new_items import content_knn_scorer  # noqa: E402
 from qbert.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
 from qbert.utils.runtime import benchmark_meta, pick_device  # noqa: E402
 
@@ -93,17 +94,17 @@ def measure(model, split, batch_size: int, device) -> tuple[np.ndarray, dict[str
     content = model.item_content  # [N + 2, D] unit rows, 0 = padding (tokens are item + 1)
     targets = torch.as_tensor(np.asarray(split.targets("valid")), device=device)
     history = torch.as_tensor(split.history("valid", 0, 1, max_len=model.max_len - 1))
+    knn = content_knn_scorer(content[1: n + 1])  # content kNN's score: cosine to the history's content
     rule = model.new_items
     feats, ranks = [], {s: [] for s in SCORERS}
     for lo in range(0, len(history), batch_size):
         h, t = history[lo: lo + batch_size].to(device), targets[lo: lo + batch_size]
         model.new_items = "own"
         own = model.score_parts(h)[0]
-        model.new_items = "backoff"
-        backoff = model.score_parts(h)[0]
+        backoff = model.new_item_scores(own, model.append_mask(h))  # the backoff rule on the same log P
         seen = torch.zeros(len(h), n + 1, dtype=torch.bool, device=device).scatter_(1, h, True)[:, 1:]
         cos_last = content[h[:, -1]] @ content[1: n + 1].T  # padding row is zero: an empty history scores 0
-        cos_hist = F.normalize(F.embedding_bag(h, content, mode="sum"), dim=1) @ content[1: n + 1].T
+        cos_hist = knn(h)
         length = (h > 0).sum(1)
         in_hist_new = ((~trained)[(h - 1).clamp(min=0)] & (h > 0)).sum(1)
         p_trained = own.masked_fill(~trained, float("-inf"))
